@@ -1,0 +1,47 @@
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+namespace spear::cli {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  SPEAR_CHECK(in.good(), "cannot open " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  SPEAR_CHECK(!in.bad(), "cannot read " + path);
+  return ss.str();
+}
+
+namespace {
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+Progress::Progress(std::string label) : label_(std::move(label)), tty_(isatty(STDERR_FILENO)) {}
+
+void Progress::update(int64_t done, int64_t total, const std::string& extra) {
+  double t = now_s();
+  // A terminal gets a live line; a log gets a line every 10 s.
+  if (done != total && last_ >= 0 && t - last_ < (tty_ ? 0.25 : 10.0)) return;
+  last_ = t;
+  std::fprintf(stderr, "%s%s: %lld/%lld %s%s", tty_ ? "\r" : "", label_.c_str(),
+               static_cast<long long>(done), static_cast<long long>(total), extra.c_str(),
+               tty_ ? "   " : "\n");
+  open_line_ = tty_;
+  std::fflush(stderr);
+}
+
+void Progress::finish() {
+  if (open_line_) std::fprintf(stderr, "\n");
+  open_line_ = false;
+}
+
+}  // namespace spear::cli

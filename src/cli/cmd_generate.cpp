@@ -1,0 +1,76 @@
+// spear generate --model DIR --prompt TEXT: greedy or sampled text, streamed.
+#include <cstdio>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "engine/generate.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear::cli {
+
+void register_generate(CLI::App& app) {
+  auto* cmd = app.add_subcommand("generate", "Generate text from a prompt (streamed to stdout)");
+  struct Opts {
+    std::string model, prompt;
+    int64_t max_tokens = 64;
+    SamplingParams s;
+    bool json = false, ignore_eos = false;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("--model", o->model, "Model directory")->required();
+  cmd->add_option("--prompt,-p", o->prompt, "Prompt text")->required();
+  cmd->add_option("--max-tokens,-n", o->max_tokens, "Tokens to generate")->capture_default_str();
+  cmd->add_option("--temperature,-t", o->s.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", o->s.top_k, "Keep the k most likely tokens (0 = all)");
+  cmd->add_option("--top-p", o->s.top_p, "Nucleus sampling mass (1 = off)");
+  cmd->add_option("--seed", o->s.seed, "Random seed for sampling");
+  cmd->add_flag("--ignore-eos", o->ignore_eos, "Keep going past end-of-sequence tokens");
+  cmd->add_flag("--json", o->json, "Print {\"prompt_ids\", \"ids\", \"text\"} at the end");
+  cmd->callback([o] {
+    SPEAR_CHECK(o->max_tokens >= 0 && o->max_tokens <= 1 << 20, "generate: bad --max-tokens");
+    namespace fs = std::filesystem;
+    Tokenizer tok = Tokenizer::from_file((fs::path(o->model) / "tokenizer.json").string());
+    auto model = LlamaModel::load(o->model);
+    std::vector<int32_t> prompt = tok.encode(o->prompt, true);
+    GenerateOptions g;
+    g.max_new_tokens = o->max_tokens;
+    g.sampling = o->s;
+    g.stop_at_eos = !o->ignore_eos;
+    StreamDecoder stream(tok);
+    if (!o->json) {
+      std::fputs(o->prompt.c_str(), stdout);
+      std::fflush(stdout);
+      g.on_token = [&](int32_t id) {
+        std::string piece = stream.push(id);
+        std::fputs(piece.c_str(), stdout);
+        std::fflush(stdout);
+        return true;
+      };
+    }
+    GenerateResult r = generate(*model, prompt, g);
+    if (o->json) {
+      std::vector<int32_t> all = prompt;
+      all.insert(all.end(), r.ids.begin(), r.ids.end());
+      nlohmann::json j{{"prompt_ids", prompt},
+                       {"ids", all},
+                       {"new_ids", r.ids},
+                       {"text", tok.decode(all)},
+                       {"completion", tok.decode(r.ids)},
+                       {"stopped_at_eos", r.stopped_at_eos},
+                       {"prefill_seconds", r.prefill_seconds},
+                       {"decode_seconds", r.decode_seconds}};
+      std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+      return;
+    }
+    std::fputs(stream.finish().c_str(), stdout);
+    std::fputs("\n", stdout);
+    double tps = r.ids.size() > 1 ? (r.ids.size() - 1) / std::max(r.decode_seconds, 1e-9) : 0;
+    std::fprintf(stderr, "[%zu prompt tokens in %.3f s; %zu generated, %.1f tok/s decode]\n",
+                 prompt.size(), r.prefill_seconds, r.ids.size(), tps);
+  });
+}
+
+}  // namespace spear::cli

@@ -1,0 +1,67 @@
+// spear info MODEL: parameters, dtypes and bytes of a checkpoint.
+#include <cstdio>
+#include <filesystem>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "io/model_config.h"
+#include "io/safetensors.h"
+
+namespace spear::cli {
+
+void register_info(CLI::App& app) {
+  auto* cmd = app.add_subcommand("info", "Show a model's architecture, parameters, dtypes and bytes");
+  auto model = std::make_shared<std::string>();
+  auto as_json = std::make_shared<bool>(false);
+  cmd->add_option("model,--model", *model, "Model directory (Hugging Face format)")->required();
+  cmd->add_flag("--json", *as_json, "Print one JSON object");
+  cmd->callback([=] {
+    namespace fs = std::filesystem;
+    ModelConfig cfg = ModelConfig::load((fs::path(*model) / "config.json").string());
+    TensorStore store = TensorStore::open(*model);
+    std::map<std::string, int64_t> params_by_dtype, bytes_by_dtype;
+    int64_t params = 0, bytes = 0;
+    for (const std::string& n : store.names()) {
+      const TensorView& t = store.get(n);
+      std::string d(dtype_name(t.dtype));
+      params_by_dtype[d] += t.numel();
+      bytes_by_dtype[d] += static_cast<int64_t>(t.nbytes);
+      params += t.numel();
+      bytes += static_cast<int64_t>(t.nbytes);
+    }
+    nlohmann::json j;
+    j["path"] = *model;
+    j["architecture"] = cfg.architecture;
+    j["config"] = cfg.to_json();
+    j["parameters"] = params;
+    j["parameters_by_config"] = cfg.num_parameters();
+    j["tensor_count"] = store.names().size();
+    j["tensor_bytes"] = bytes;
+    j["mapped_bytes"] = store.mapped_bytes();
+    j["shards"] = store.files().size();
+    j["dtypes"] = nlohmann::json::object();
+    for (auto& [d, n] : params_by_dtype)
+      j["dtypes"][d] = {{"parameters", n}, {"bytes", bytes_by_dtype[d]}};
+    j["f32_resident_bytes"] = cfg.num_parameters() * 4;
+    if (*as_json) {
+      std::printf("%s\n", j.dump().c_str());
+      return;
+    }
+    std::printf("model         %s\n", model->c_str());
+    std::printf("architecture  %s: %lld layers, dim %lld, %lld heads (%lld kv) of %lld, ffn %lld, "
+                "vocab %lld%s\n",
+                cfg.architecture.c_str(), (long long)cfg.num_layers, (long long)cfg.hidden_size,
+                (long long)cfg.num_heads, (long long)cfg.num_kv_heads, (long long)cfg.head_dim,
+                (long long)cfg.intermediate_size, (long long)cfg.vocab_size,
+                cfg.tie_word_embeddings ? ", tied head" : "");
+    std::printf("parameters    %lld (%.2fM)\n", (long long)params, params / 1e6);
+    for (auto& [d, n] : params_by_dtype)
+      std::printf("  %-5s       %lld parameters, %lld bytes\n", d.c_str(), (long long)n,
+                  (long long)bytes_by_dtype[d]);
+    std::printf("files         %zu, %zu bytes mapped\n", store.files().size(), store.mapped_bytes());
+  });
+}
+
+}  // namespace spear::cli

@@ -1,0 +1,30 @@
+#pragma once
+// Each subcommand of the `spear` CLI registers itself on the app; the callback
+// runs the command and throws spear::Error on failure (main() prints it once).
+#include <CLI/CLI.hpp>
+
+namespace spear::cli {
+
+void register_info(CLI::App& app);
+void register_tokenize(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_ppl(CLI::App& app);
+
+// Reads a whole text file; throws spear::Error naming it when it cannot.
+std::string read_text_file(const std::string& path);
+
+// Progress on stderr for long runs, at most a few lines per second.
+class Progress {
+ public:
+  explicit Progress(std::string label);
+  void update(int64_t done, int64_t total, const std::string& extra = "");
+  void finish();
+
+ private:
+  std::string label_;
+  double last_ = -1;
+  bool tty_;
+  bool open_line_ = false;
+};
+
+}  // namespace spear::cli

@@ -1,0 +1,273 @@
+#include "model/llama.h"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <set>
+
+#include <omp.h>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "model/ops.h"
+
+namespace spear {
+
+namespace {
+constexpr std::string_view kModuleNames[] = {"self_attn.q_proj", "self_attn.k_proj",
+                                             "self_attn.v_proj", "self_attn.o_proj",
+                                             "mlp.gate_proj",    "mlp.up_proj",
+                                             "mlp.down_proj"};
+}  // namespace
+
+std::string_view module_name(Module m) { return kModuleNames[static_cast<int>(m)]; }
+
+bool parse_module_name(std::string_view s, Module* out) {
+  for (int i = 0; i < 7; ++i)
+    if (kModuleNames[i] == s) {
+      *out = static_cast<Module>(i);
+      return true;
+    }
+  return false;
+}
+
+// ---- loading ------------------------------------------------------------------
+
+namespace {
+
+struct Expected {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + ")";
+}
+
+std::vector<float> read_f32(const TensorStore& store, const Expected& e) {
+  const TensorView& t = store.get(e.name);
+  return to_f32(t);
+}
+
+}  // namespace
+
+std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& dir) {
+  namespace fs = std::filesystem;
+  SPEAR_CHECK(fs::is_directory(dir), "model directory not found: " + dir);
+  ModelConfig cfg = ModelConfig::load((fs::path(dir) / "config.json").string());
+  TensorStore store = TensorStore::open(dir);
+
+  const int64_t D = cfg.hidden_size, H = cfg.intermediate_size;
+  std::vector<Expected> expected;
+  expected.push_back({"model.embed_tokens.weight", {cfg.vocab_size, D}});
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    std::string p = "model.layers." + std::to_string(l) + ".";
+    expected.push_back({p + "input_layernorm.weight", {D}});
+    expected.push_back({p + "post_attention_layernorm.weight", {D}});
+    const std::vector<int64_t> shapes[7] = {{cfg.q_dim(), D}, {cfg.kv_dim(), D}, {cfg.kv_dim(), D},
+                                            {D, cfg.q_dim()}, {H, D},            {H, D},
+                                            {D, H}};
+    for (int m = 0; m < 7; ++m)
+      expected.push_back({p + std::string(kModuleNames[m]) + ".weight", shapes[m]});
+  }
+  expected.push_back({"model.norm.weight", {D}});
+  const bool separate_head = !cfg.tie_word_embeddings;
+  if (separate_head) expected.push_back({"lm_head.weight", {cfg.vocab_size, D}});
+
+  // Check everything before allocating anything.
+  std::set<std::string> known;
+  for (const Expected& e : expected) {
+    SPEAR_CHECK(store.has(e.name), dir + ": missing tensor '" + e.name + "'");
+    const TensorView& t = store.get(e.name);
+    SPEAR_CHECK(t.dtype == DType::F32 || t.dtype == DType::F16 || t.dtype == DType::BF16,
+                dir + ": tensor '" + e.name + "' has dtype " + std::string(dtype_name(t.dtype)) +
+                    "; expected F32, F16 or BF16");
+    SPEAR_CHECK(t.shape == e.shape, dir + ": tensor '" + e.name + "' has shape " +
+                                        shape_str(t.shape) + ", config.json implies " +
+                                        shape_str(e.shape));
+    known.insert(e.name);
+  }
+  for (const std::string& n : store.names())
+    if (!known.count(n) && n != "lm_head.weight" && n.find("rotary_emb") == std::string::npos)
+      std::fprintf(stderr, "spear: warning: ignoring unexpected tensor '%s'\n", n.c_str());
+
+  size_t k = 0;
+  std::vector<float> embed = read_f32(store, expected[k++]);
+  std::vector<LayerWeights> layers(cfg.num_layers);
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    LayerWeights& L = layers[l];
+    L.attn_norm = read_f32(store, expected[k++]);
+    L.ffn_norm = read_f32(store, expected[k++]);
+    for (int m = 0; m < 7; ++m) {
+      const Expected& e = expected[k++];
+      L.modules[m] = std::make_unique<DenseLinear>(e.shape[0], e.shape[1], read_f32(store, e));
+    }
+  }
+  std::vector<float> final_norm = read_f32(store, expected[k++]);
+  std::vector<float> head;
+  if (separate_head) head = read_f32(store, expected[k++]);
+  return std::make_unique<LlamaModel>(std::move(cfg), std::move(embed), std::move(layers),
+                                      std::move(final_norm), std::move(head));
+}
+
+LlamaModel::LlamaModel(ModelConfig cfg, std::vector<float> embed, std::vector<LayerWeights> layers,
+                       std::vector<float> final_norm, std::vector<float> lm_head)
+    : cfg_(std::move(cfg)),
+      embed_(std::move(embed)),
+      layers_(std::move(layers)),
+      final_norm_(std::move(final_norm)),
+      lm_head_(std::move(lm_head)),
+      rope_(cfg_.rope, cfg_.head_dim) {
+  SPEAR_CHECK(static_cast<int64_t>(embed_.size()) == cfg_.vocab_size * cfg_.hidden_size,
+              "model: embedding size does not match the config");
+  SPEAR_CHECK(static_cast<int64_t>(layers_.size()) == cfg_.num_layers,
+              "model: layer count does not match the config");
+  SPEAR_CHECK(lm_head_.empty() ||
+                  static_cast<int64_t>(lm_head_.size()) == cfg_.vocab_size * cfg_.hidden_size,
+              "model: lm_head size does not match the config");
+  rope_.reserve(cfg_.max_position_embeddings);
+}
+
+int64_t LlamaModel::weight_bytes() const {
+  int64_t b = static_cast<int64_t>(embed_.size() + final_norm_.size() + lm_head_.size()) * 4;
+  for (const LayerWeights& L : layers_) {
+    b += static_cast<int64_t>(L.attn_norm.size() + L.ffn_norm.size()) * 4;
+    for (const auto& m : L.modules) b += m->weight_bytes();
+  }
+  return b;
+}
+
+// ---- forward -----------------------------------------------------------------
+
+void LlamaModel::forward(std::span<const SeqChunk> chunks, float* logits) const {
+  const int64_t D = cfg_.hidden_size, HD = cfg_.head_dim, NH = cfg_.num_heads,
+                NKV = cfg_.num_kv_heads, QD = cfg_.q_dim(), KVD = cfg_.kv_dim(),
+                FF = cfg_.intermediate_size, V = cfg_.vocab_size;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+
+  // Token rows of all chunks, concatenated. row_seq/row_pos say where each row
+  // belongs; every chunk must fit its KV store.
+  int64_t T = 0, max_pos = 0;
+  for (const SeqChunk& c : chunks) {
+    SPEAR_CHECK(c.kv && c.n_tokens > 0 && c.start_pos >= 0, "forward: empty or invalid chunk");
+    SPEAR_CHECK(c.start_pos + c.n_tokens <= c.kv->capacity(),
+                "forward: sequence of " + std::to_string(c.start_pos + c.n_tokens) +
+                    " tokens exceeds its KV capacity of " + std::to_string(c.kv->capacity()));
+    for (int64_t i = 0; i < c.n_tokens; ++i)
+      SPEAR_CHECK(c.tokens[i] >= 0 && c.tokens[i] < V,
+                  "forward: token id " + std::to_string(c.tokens[i]) + " is outside the vocabulary");
+    T += c.n_tokens;
+    max_pos = std::max(max_pos, c.start_pos + c.n_tokens);
+  }
+  if (T == 0) return;
+  rope_.reserve(max_pos);
+  std::vector<int32_t> row_chunk(T);
+  std::vector<int64_t> row_pos(T);
+  for (int64_t ci = 0, r = 0; ci < static_cast<int64_t>(chunks.size()); ++ci)
+    for (int64_t i = 0; i < chunks[ci].n_tokens; ++i, ++r) {
+      row_chunk[r] = static_cast<int32_t>(ci);
+      row_pos[r] = chunks[ci].start_pos + i;
+    }
+
+  std::vector<float> x(T * D);       // (T, dim) residual stream
+  std::vector<float> xn(T * D);      // (T, dim) normed input of a block
+  std::vector<float> q(T * QD);      // (T, n_heads*head_dim)
+  std::vector<float> kbuf(T * KVD);  // (T, n_kv_heads*head_dim)
+  std::vector<float> vbuf(T * KVD);  // (T, n_kv_heads*head_dim)
+  std::vector<float> att(T * QD);    // (T, n_heads*head_dim) attention output
+  std::vector<float> proj(T * D);    // (T, dim) o_proj / down_proj output
+  std::vector<float> gate(T * FF);   // (T, hidden)
+  std::vector<float> up(T * FF);     // (T, hidden)
+
+  for (int64_t r = 0, ci = 0; ci < static_cast<int64_t>(chunks.size()); ++ci)
+    for (int64_t i = 0; i < chunks[ci].n_tokens; ++i, ++r)
+      std::copy_n(&embed_[static_cast<int64_t>(chunks[ci].tokens[i]) * D], D, &x[r * D]);
+  trace("hidden.0", x.data(), T, D);
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+  const int64_t group = NH / NKV;
+  std::string pre;
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const LayerWeights& L = layers_[l];
+    if (trace_) pre = "layers." + std::to_string(l) + ".";
+
+    // --- attention block
+    rmsnorm(x.data(), L.attn_norm.data(), xn.data(), T, D, eps);
+    trace(pre + "attn_norm", xn.data(), T, D);
+    L.at(Module::Q).forward(xn.data(), T, q.data());
+    L.at(Module::K).forward(xn.data(), T, kbuf.data());
+    L.at(Module::V).forward(xn.data(), T, vbuf.data());
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < T; ++r) {
+      rope_.apply(&q[r * QD], NH, row_pos[r]);
+      rope_.apply(&kbuf[r * KVD], NKV, row_pos[r]);
+      KVStore* kv = chunks[row_chunk[r]].kv;
+      std::copy_n(&kbuf[r * KVD], KVD, kv->key(l, row_pos[r]));
+      std::copy_n(&vbuf[r * KVD], KVD, kv->value(l, row_pos[r]));
+    }
+    trace(pre + "q", q.data(), T, QD);
+    trace(pre + "k", kbuf.data(), T, KVD);
+    trace(pre + "v", vbuf.data(), T, KVD);
+
+    // Causal attention: row r attends to positions [0, row_pos[r]] of its own sequence.
+#pragma omp parallel
+    {
+      std::vector<float> scores;
+#pragma omp for collapse(2) schedule(dynamic, 4)
+      for (int64_t r = 0; r < T; ++r)
+        for (int64_t h = 0; h < NH; ++h) {
+          KVStore* kv = chunks[row_chunk[r]].kv;
+          const int64_t n_ctx = row_pos[r] + 1;
+          const int64_t kvh = h / group;
+          const float* qh = &q[r * QD + h * HD];
+          scores.resize(n_ctx);
+          for (int64_t j = 0; j < n_ctx; ++j)
+            scores[j] = dot(qh, kv->key(l, j) + kvh * HD, HD) * scale;
+          softmax(scores.data(), n_ctx);
+          float* out = &att[r * QD + h * HD];
+          std::fill_n(out, HD, 0.0f);
+          for (int64_t j = 0; j < n_ctx; ++j) axpy(scores[j], kv->value(l, j) + kvh * HD, out, HD);
+        }
+    }
+    trace(pre + "attn_out", att.data(), T, QD);
+    L.at(Module::O).forward(att.data(), T, proj.data());
+    for (int64_t i = 0; i < T * D; ++i) x[i] += proj[i];
+
+    // --- SwiGLU block
+    rmsnorm(x.data(), L.ffn_norm.data(), xn.data(), T, D, eps);
+    trace(pre + "ffn_norm", xn.data(), T, D);
+    L.at(Module::Gate).forward(xn.data(), T, gate.data());
+    L.at(Module::Up).forward(xn.data(), T, up.data());
+    silu_mul(gate.data(), up.data(), T * FF);
+    trace(pre + "mlp.down_proj.in", gate.data(), T, FF);
+    L.at(Module::Down).forward(gate.data(), T, proj.data());
+    for (int64_t i = 0; i < T * D; ++i) x[i] += proj[i];
+    if (trace_ && l + 1 < cfg_.num_layers) trace("hidden." + std::to_string(l + 1), x.data(), T, D);
+  }
+
+  // Final norm and head, only for the rows whose logits were asked for.
+  std::vector<int64_t> rows;
+  for (int64_t r = 0, ci = 0; ci < static_cast<int64_t>(chunks.size()); ++ci) {
+    const SeqChunk& c = chunks[ci];
+    for (int64_t i = 0; i < c.n_tokens; ++i, ++r)
+      if (c.all_logits || i + 1 == c.n_tokens) rows.push_back(r);
+  }
+  const int64_t R = static_cast<int64_t>(rows.size());
+  std::vector<float> h(R * D);  // (R, dim)
+  for (int64_t i = 0; i < R; ++i) std::copy_n(&x[rows[i] * D], D, &h[i * D]);
+  rmsnorm(h.data(), final_norm_.data(), h.data(), R, D, eps);
+  if (trace_) trace("hidden." + std::to_string(cfg_.num_layers), h.data(), R, D);
+  if (logits) matmul_nt(h.data(), lm_head_.empty() ? embed_.data() : lm_head_.data(), logits, R, D, V);
+}
+
+std::vector<float> LlamaModel::forward(const int32_t* tokens, int64_t n, KVStore& kv,
+                                       int64_t start_pos, bool all_logits) const {
+  SeqChunk c{&kv, tokens, n, start_pos, all_logits};
+  std::vector<float> logits((all_logits ? n : 1) * cfg_.vocab_size);
+  forward(std::span<const SeqChunk>(&c, 1), logits.data());
+  return logits;
+}
+
+}  // namespace spear

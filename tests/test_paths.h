@@ -1,0 +1,27 @@
+#pragma once
+// Where tests find their inputs: the repository (always) and ../shared (optional,
+// for the larger model; tests needing it skip with a message when it is absent).
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+namespace spear::test {
+
+inline std::string source_dir() { return SPEAR_SOURCE_DIR; }
+inline std::string cli_path() { return SPEAR_CLI_PATH; }
+inline std::string tiny_model_dir() { return source_dir() + "/models/stories260K-hf"; }
+inline std::string data_dir() { return source_dir() + "/data"; }
+
+// $SPEAR_SHARED_DIR, else ../shared next to the checkout; empty if neither exists.
+inline std::string shared_dir() {
+  if (const char* e = std::getenv("SPEAR_SHARED_DIR"); e && *e) return e;
+  std::filesystem::path p = std::filesystem::path(source_dir()).parent_path() / "shared";
+  return std::filesystem::exists(p / "models") ? p.string() : std::string();
+}
+inline std::string mixlm_dir() {
+  std::string s = shared_dir();
+  if (s.empty() || !std::filesystem::exists(s + "/models/mixlm-19m/config.json")) return {};
+  return s + "/models/mixlm-19m";
+}
+
+}  // namespace spear::test
