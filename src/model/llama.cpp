@@ -180,6 +180,7 @@ void LlamaModel::forward(std::span<const SeqChunk> chunks, float* logits) const 
   std::vector<float> proj(T * D);    // (T, dim) o_proj / down_proj output
   std::vector<float> gate(T * FF);   // (T, hidden)
   std::vector<float> up(T * FF);     // (T, hidden)
+  std::vector<float> kpanel, vpanel;  // per chunk: (n_kv_heads, n_ctx, head_dim)
 
   for (int64_t r = 0, ci = 0; ci < static_cast<int64_t>(chunks.size()); ++ci)
     for (int64_t i = 0; i < chunks[ci].n_tokens; ++i, ++r)
@@ -212,24 +213,41 @@ void LlamaModel::forward(std::span<const SeqChunk> chunks, float* logits) const 
     trace(pre + "v", vbuf.data(), T, KVD);
 
     // Causal attention: row r attends to positions [0, row_pos[r]] of its own sequence.
-#pragma omp parallel
-    {
-      std::vector<float> scores;
-#pragma omp for collapse(2) schedule(dynamic, 4)
-      for (int64_t r = 0; r < T; ++r)
-        for (int64_t h = 0; h < NH; ++h) {
-          KVStore* kv = chunks[row_chunk[r]].kv;
-          const int64_t n_ctx = row_pos[r] + 1;
-          const int64_t kvh = h / group;
-          const float* qh = &q[r * QD + h * HD];
-          scores.resize(n_ctx);
-          for (int64_t j = 0; j < n_ctx; ++j)
-            scores[j] = dot(qh, kv->key(l, j) + kvh * HD, HD) * scale;
-          softmax(scores.data(), n_ctx);
-          float* out = &att[r * QD + h * HD];
-          std::fill_n(out, HD, 0.0f);
-          for (int64_t j = 0; j < n_ctx; ++j) axpy(scores[j], kv->value(l, j) + kvh * HD, out, HD);
+    // Each chunk's keys and values are first gathered per kv head into contiguous
+    // (n_ctx, head_dim) panels, so the inner loops run over plain memory whatever
+    // the KV store's layout (contiguous or paged).
+    for (int64_t ci = 0, row0 = 0; ci < static_cast<int64_t>(chunks.size()); ++ci) {
+      const SeqChunk& c = chunks[ci];
+      const int64_t n_ctx_max = c.start_pos + c.n_tokens;
+      kpanel.resize(NKV * n_ctx_max * HD);  // (n_kv_heads, n_ctx, head_dim)
+      vpanel.resize(NKV * n_ctx_max * HD);  // (n_kv_heads, n_ctx, head_dim)
+#pragma omp parallel for schedule(static)
+      for (int64_t j = 0; j < n_ctx_max; ++j) {
+        const float* kr = c.kv->key(l, j);
+        const float* vr = c.kv->value(l, j);
+        for (int64_t g = 0; g < NKV; ++g) {
+          std::copy_n(kr + g * HD, HD, &kpanel[(g * n_ctx_max + j) * HD]);
+          std::copy_n(vr + g * HD, HD, &vpanel[(g * n_ctx_max + j) * HD]);
         }
+      }
+#pragma omp parallel
+      {
+        std::vector<float> scores(n_ctx_max);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t i = 0; i < c.n_tokens; ++i)
+          for (int64_t h = 0; h < NH; ++h) {
+            const int64_t r = row0 + i, n_ctx = c.start_pos + i + 1, kvh = h / group;
+            const float* qh = &q[r * QD + h * HD];
+            const float* kp = &kpanel[kvh * n_ctx_max * HD];
+            const float* vp = &vpanel[kvh * n_ctx_max * HD];
+            for (int64_t j = 0; j < n_ctx; ++j) scores[j] = dot(qh, kp + j * HD, HD) * scale;
+            softmax(scores.data(), n_ctx);
+            float* out = &att[r * QD + h * HD];
+            std::fill_n(out, HD, 0.0f);
+            for (int64_t j = 0; j < n_ctx; ++j) axpy(scores[j], vp + j * HD, out, HD);
+          }
+      }
+      row0 += c.n_tokens;
     }
     trace(pre + "attn_out", att.data(), T, QD);
     L.at(Module::O).forward(att.data(), T, proj.data());
