@@ -1,0 +1,148 @@
+#pragma once
+// spear's CUDA W4A16 GEMM (issue 4): y = x Q(W)^T  [+ B (gamma(A x) * A x)]  with 4-bit
+// weights (per output channel or groups of a multiple of 128; asymmetric or symmetric),
+// fp16 or bf16 activations, fp32 accumulation, and an optional low-rank Error
+// Compensator (EC) fused into the epilogue.
+//
+// FlashInfer-style API: plain device pointers, an explicit workspace, a cudaStream_t, and
+// a cudaError_t back (cudaErrorInvalidValue for bad arguments). Nothing allocates or
+// synchronizes inside w4a16_gemm; every call is CUDA-graph capturable.
+// Layouts: src/quant/gpu_layout.h (built on the CPU by repack_w4 / repack_ec_a / _b);
+// kernels and derivations: docs/KERNELS.md.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace spear {
+struct GpuW4Layout;
+}
+
+namespace spear::cuda {
+
+enum class Act : int { kF16 = 0, kBF16 = 1 };
+
+// The EC gate, applied per rank coordinate j to u = A x (per token):
+//   kIdentity: v_j = u_j                      (a static low-rank correction)
+//   kSigmoid2: v_j = 2 sigmoid(g_j u_j + c_j) u_j   (= u_j when g = c = 0)
+// Pluggable: a new elementwise gate is one more enum value and one case in apply_gate
+// (w4a16_device.cuh).
+enum class Gate : int { kIdentity = 0, kSigmoid2 = 1 };
+
+// A 4-bit weight matrix on the device, in GpuW4Layout's layout.
+struct W4Matrix {
+  const void* qweight = nullptr;   // (N_pad/16, K_pad/64, 32, 16 bytes), 16-byte aligned
+  const float* scales = nullptr;   // (G, N_pad) fp32
+  const uint8_t* zeros = nullptr;  // (G, N_pad) zero points (8 for symmetric)
+  int N = 0, K = 0;                // logical shape: y has N columns, x has K
+  int N_pad = 0, K_pad = 0;        // multiples of 16 and 128
+  int group = 0;                   // 0 = per output channel, else a multiple of 128
+  int G = 1;                       // number of groups
+};
+
+// The EC factors on the device, in the activation dtype (fp16 with Act::kF16, bf16 with
+// Act::kBF16).
+struct EcTerm {
+  const void* a = nullptr;         // A (r, K) as repack_ec_a: (r_pad/16, K_pad/64, 4, 32, 8), 16-byte aligned
+  const void* b = nullptr;         // B (N, r) as repack_ec_b: (N_pad, r_pad) row-major, 16-byte aligned
+  const float* gate_g = nullptr;   // (r_pad) fp32; needed for kSigmoid2 (padding: 0)
+  const float* gate_c = nullptr;   // (r_pad) fp32
+  int r = 0, r_pad = 0;            // r_pad = 16 ceil(r / 16) <= 128
+  Gate gate = Gate::kSigmoid2;
+};
+
+enum class Kernel : int { kDecode = 0, kPrefill = 1 };
+// kFused: one kernel computes u = A x from the x it loads for the GEMM, waits for all of
+//   u inside the launch, and applies gamma and B in the epilogue (decode kernel only).
+// kSplit: a small kernel computes u (all M), then the GEMM adds B (gamma(u) * u) in its
+//   epilogue. Two launches (plus a memset of u).
+enum class EcMode : int { kFused = 1, kSplit = 2 };
+
+struct KernelConfig {
+  Kernel kernel = Kernel::kDecode;
+  int nt = 1;      // decode: 16-row blocks per warp (1, 2, 4)
+  int tg = 1;      // decode: 8-token groups (1, 2, 4, 8); needs M <= 8 tg; nt * tg <= 8
+  int warps = 8;   // decode: warps per block (1..8)
+  int splits = 1;  // decode: blocks along K (1..K_pad/128)
+  int bm = 128;    // prefill: tokens per block (64 or 128)
+  EcMode ec = EcMode::kFused;  // used only with an EcTerm; prefill is always split
+  std::string str() const;
+  static bool parse(const std::string& s, KernelConfig* out);
+};
+
+// Workspace: one buffer per stream, zeroed once by w4a16_workspace_init; every call
+// leaves it zeroed again. Size for the largest M that will be used.
+size_t w4a16_workspace_bytes(int max_m, const W4Matrix& w, const EcTerm* ec);
+cudaError_t w4a16_workspace_init(void* ws, size_t bytes, cudaStream_t stream);
+
+// y (M, N) = x (M, K) Q(W)^T [+ EC]. x: row stride ldx elements; y: row stride ldy.
+// 16-byte loads of x are used when K, ldx are multiples of 8 and x is 16-byte aligned;
+// otherwise the decode kernel reads element by element (the prefill kernel refuses).
+cudaError_t w4a16_gemm(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
+                       void* y, int64_t ldy, const KernelConfig& cfg, void* ws, size_t ws_bytes,
+                       cudaStream_t stream);
+
+// Programmatic dependent launch (Hopper) of the decode kernel: it may start while the
+// previous kernel in the stream drains, fetching its weights, and waits (griddepcontrol)
+// before it reads x or the workspace. On by default; $SPEAR_W4A16_PDL=0 or
+// w4a16_set_pdl(false) turns it off (process-wide).
+void w4a16_set_pdl(bool on);
+bool w4a16_pdl();
+
+// True when cfg can run this problem (checked again by w4a16_gemm).
+bool w4a16_config_ok(const KernelConfig& cfg, const void* x, int64_t ldx, int M, const W4Matrix& w,
+                     const EcTerm* ec);
+// A reasonable config without measurements.
+KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num_sms, bool x_vec);
+
+// ---- dispatcher: a table measured on the GPU, cached on disk keyed by GPU name -----------
+// Key: (act, M bucket, K, N, r, group); M bucket = M rounded up to a power of two.
+// File: one line per entry "key config us", header "# spear w4a16 <gpu name>".
+class W4A16Dispatcher {
+ public:
+  // cache_path "": $SPEAR_W4A16_CACHE if set, else $HOME/.cache/spear/w4a16-<gpu>.txt.
+  explicit W4A16Dispatcher(std::string cache_path = "");
+  cudaError_t init(int device = -1);  // reads the GPU name and SM count, loads the cache
+  const std::string& gpu_name() const { return gpu_; }
+  const std::string& cache_path() const { return path_; }
+  int num_sms() const { return sms_; }
+  static std::string key(Act act, int M, const W4Matrix& w, const EcTerm* ec);
+  // The cached config for this shape when there is one, else the heuristic.
+  KernelConfig select(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
+                      bool* from_cache = nullptr) const;
+  cudaError_t run(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
+                  int64_t ldy, void* ws, size_t ws_bytes, cudaStream_t stream) const;
+  // Times every candidate config on these buffers (y is overwritten), stores the fastest
+  // in the table under this shape's key. With ec, fused and split are both candidates.
+  cudaError_t autotune(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
+                       int64_t ldy, void* ws, size_t ws_bytes, cudaStream_t stream, KernelConfig* best = nullptr,
+                       float* best_us = nullptr, int reps = 20);
+  // The configs autotune tries for this problem (valid ones only).
+  std::vector<KernelConfig> candidates(const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec) const;
+  // Stores a measurement made elsewhere (e.g. by CUDA-graph replay with rotated weights),
+  // keeping the faster of it and any entry already under this key.
+  void record(Act act, int M, const W4Matrix& w, const EcTerm* ec, const KernelConfig& cfg, float us);
+  bool save() const;  // writes the table; false on an I/O error
+  size_t size() const { return table_.size(); }
+
+ private:
+  std::string path_, gpu_;
+  int sms_ = 132;
+  struct Entry {
+    KernelConfig cfg;
+    float us;
+  };
+  std::map<std::string, Entry> table_;
+};
+
+// ---- device copies of the CPU layouts (convenience; not needed by the kernels) --------
+cudaError_t w4_upload(const spear::GpuW4Layout& l, W4Matrix* out);  // cudaMalloc + copy
+void w4_free(W4Matrix* w);
+// a_tiled/b_padded from repack_ec_a/_b; g/c: r values (padded with 0 to r_pad).
+cudaError_t ec_upload(const std::vector<uint16_t>& a_tiled, const std::vector<uint16_t>& b_padded,
+                      const float* g, const float* c, int r, Gate gate, EcTerm* out);
+void ec_free(EcTerm* ec);
+
+}  // namespace spear::cuda

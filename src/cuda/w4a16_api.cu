@@ -1,0 +1,558 @@
+// Host side of the W4A16 GEMM: argument checks, workspace, launches, the dispatcher with
+// its autotuned on-disk table, device uploads.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "cuda/w4a16.h"
+#include "cuda/w4a16_kernels.cuh"
+#include "quant/gpu_layout.h"
+
+namespace spear::cuda {
+
+using detail::DecodeParams;
+using detail::PrefillParams;
+
+namespace detail {
+namespace {
+int g_pdl = -1;  // -1: not read yet
+}
+bool pdl_enabled() {
+  if (g_pdl < 0) {
+    const char* e = std::getenv("SPEAR_W4A16_PDL");
+    g_pdl = (e && *e == '0') ? 0 : 1;
+  }
+  return g_pdl == 1;
+}
+}  // namespace detail
+
+void w4a16_set_pdl(bool on) { detail::g_pdl = on ? 1 : 0; }
+bool w4a16_pdl() { return detail::pdl_enabled(); }
+
+namespace {
+
+constexpr int kFusedMaxM = 64;  // the decode kernel's largest token tile (tg = 8)
+
+size_t align256(size_t v) { return (v + 255) / 256 * 256; }
+
+struct WsLayout {
+  unsigned* ctrl;
+  unsigned* cnt;
+  float* u_fused;
+  float* ws_y;
+  float* u_split;
+  size_t fixed_bytes;
+  WsLayout(void* ws, const W4Matrix& w, const EcTerm* ec) {
+    char* b = static_cast<char*>(ws);
+    const int r_pad = ec ? ec->r_pad : 0;
+    size_t off = 0;
+    ctrl = reinterpret_cast<unsigned*>(b + off);
+    off += 256;
+    cnt = reinterpret_cast<unsigned*>(b + off);
+    off += align256(sizeof(unsigned) * (w.N_pad / 16));
+    u_fused = reinterpret_cast<float*>(b + off);
+    off += align256(sizeof(float) * kFusedMaxM * r_pad);
+    ws_y = reinterpret_cast<float*>(b + off);
+    off += align256(sizeof(float) * kFusedMaxM * static_cast<size_t>(w.N_pad));
+    u_split = reinterpret_cast<float*>(b + off);
+    fixed_bytes = off;
+  }
+};
+
+bool x_vec_ok(const void* x, int64_t ldx, int K) {
+  return K % 8 == 0 && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
+bool weights_ok(const W4Matrix& w) {
+  if (!w.qweight || !w.scales || !w.zeros || w.N <= 0 || w.K <= 0) return false;
+  if (w.N_pad != round_up(w.N, 16) || w.K_pad != round_up(w.K, kGpuKUnit)) return false;
+  if (reinterpret_cast<uintptr_t>(w.qweight) % 16 != 0) return false;
+  if (w.group == 0) return w.G == 1;
+  return w.group > 0 && w.group % kGpuKUnit == 0 && w.G == (w.K + w.group - 1) / w.group;
+}
+
+bool ec_ok(const EcTerm* ec, const W4Matrix& w) {
+  if (!ec) return true;
+  if (!ec->a || !ec->b || ec->r <= 0 || ec->r_pad != round_up(ec->r, 16) || ec->r_pad > 128) return false;
+  if (reinterpret_cast<uintptr_t>(ec->a) % 16 || reinterpret_cast<uintptr_t>(ec->b) % 16) return false;
+  if (ec->gate == Gate::kSigmoid2) return ec->gate_g && ec->gate_c;
+  return ec->gate == Gate::kIdentity;
+}
+
+int pow2_at_least(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+template <typename T>
+cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y, int64_t ldy,
+                      const KernelConfig& cfg, void* ws, cudaStream_t stream) {
+  WsLayout L(ws, w, ec);
+  const bool vec = x_vec_ok(x, ldx, w.K);
+  const int KU = w.K_pad / kGpuKUnit;
+  const int upg = w.group ? w.group / kGpuKUnit : KU;
+  const EcMode mode = ec ? (cfg.kernel == Kernel::kPrefill ? EcMode::kSplit : cfg.ec) : EcMode::kFused;
+  cudaError_t e;
+
+  DecodeParams d{};
+  d.x = x;
+  d.ldx = ldx;
+  d.y = y;
+  d.ldy = ldy;
+  d.M = M;
+  d.N = w.N;
+  d.K = w.K;
+  d.qw = static_cast<const uint4*>(w.qweight);
+  d.scales = w.scales;
+  d.zeros = w.zeros;
+  d.N_pad = w.N_pad;
+  d.KB = w.K_pad / 64;
+  d.KU = KU;
+  d.upg = upg;
+  d.x_vec = vec;
+  d.ctrl = L.ctrl;
+  d.ws_cnt = L.cnt;
+  d.ws_y = L.ws_y;
+  if (ec) {
+    d.ec_a = static_cast<const uint4*>(ec->a);
+    d.ec_b = ec->b;
+    d.gate_g = ec->gate_g;
+    d.gate_c = ec->gate_c;
+    d.gate = static_cast<int>(ec->gate);
+    d.r_pad = ec->r_pad;
+  }
+
+  if (ec && mode == EcMode::kSplit) {  // u = A x for all M tokens first
+    const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+    const int mchunks = (M + tg * 8 - 1) / (tg * 8);
+    const int a_tiles = ec->r_pad / 16;
+    int dev = 0, sms = 132;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    int chunks = std::clamp((2 * sms + a_tiles * mchunks - 1) / (a_tiles * mchunks), 1, KU);
+    d.a_units = (KU + chunks - 1) / chunks;
+    d.a_chunks = (KU + d.a_units - 1) / d.a_units;
+    d.u = L.u_split;
+    if ((e = cudaMemsetAsync(L.u_split, 0, sizeof(float) * M * ec->r_pad, stream)) != cudaSuccess) return e;
+    if ((e = detail::launch_ec_u<T>(d, tg, a_tiles * d.a_chunks, mchunks, 256, stream)) != cudaSuccess) return e;
+  }
+
+  if (cfg.kernel == Kernel::kPrefill) {
+    PrefillParams pp{};
+    pp.x = x;
+    pp.ldx = ldx;
+    pp.y = y;
+    pp.ldy = ldy;
+    pp.M = M;
+    pp.N = w.N;
+    pp.K = w.K;
+    pp.qw = d.qw;
+    pp.scales = w.scales;
+    pp.zeros = w.zeros;
+    pp.N_pad = w.N_pad;
+    pp.KB = d.KB;
+    pp.KU = KU;
+    pp.upg = upg;
+    if (ec) {
+      pp.ec = 2;
+      pp.ec_b = ec->b;
+      pp.u = L.u_split;
+      pp.gate_g = ec->gate_g;
+      pp.gate_c = ec->gate_c;
+      pp.gate = d.gate;
+      pp.r_pad = ec->r_pad;
+    }
+    return detail::launch_prefill<T>(pp, cfg.bm, w.group != 0, stream);
+  }
+
+  // Decode, in chunks of 8 tg tokens (one chunk whenever M <= 8 tg).
+  const int chunk = 8 * cfg.tg;
+  const int NB = w.N_pad / 16;
+  d.NG = (NB + cfg.nt - 1) / cfg.nt;
+  d.splits = cfg.splits;
+  for (int t0 = 0; t0 < M; t0 += chunk) {
+    DecodeParams c = d;
+    c.M = std::min(chunk, M - t0);
+    c.x = static_cast<const T*>(x) + static_cast<int64_t>(t0) * ldx;
+    c.y = static_cast<T*>(y) + static_cast<int64_t>(t0) * ldy;
+    int grid = c.NG * c.splits;
+    size_t smem = 0;
+    if (ec) {
+      smem = sizeof(float) * c.M * ec->r_pad + 2 * static_cast<size_t>(16 * cfg.nt) * ec->r_pad;
+      if (mode == EcMode::kFused) {
+        c.ec = 1;
+        c.u = L.u_fused;
+        // A items about an eighth of a weight item, at most 4 units: they run first and
+        // finish before the weight items reach their epilogue.
+        const int a_units = std::clamp(cfg.nt * KU / (8 * cfg.splits), 1, std::min(4, KU));
+        c.a_units = a_units;
+        c.a_chunks = (KU + a_units - 1) / a_units;
+        c.nA = (ec->r_pad / 16) * c.a_chunks;
+        grid += c.nA;
+      } else {
+        c.ec = 2;
+        c.u = L.u_split + static_cast<int64_t>(t0) * ec->r_pad;
+      }
+    }
+    if ((e = detail::launch_decode<T>(c, cfg.nt, cfg.tg, w.group != 0, grid, cfg.warps * 32, smem, stream)) !=
+        cudaSuccess)
+      return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+std::string KernelConfig::str() const {
+  std::ostringstream o;
+  if (kernel == Kernel::kDecode)
+    o << "decode nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits;
+  else
+    o << "prefill bm=" << bm;
+  o << " ec=" << (ec == EcMode::kFused ? "fused" : "split");
+  return o.str();
+}
+
+bool KernelConfig::parse(const std::string& s, KernelConfig* out) {
+  std::istringstream in(s);
+  std::string tok;
+  KernelConfig c;
+  if (!(in >> tok)) return false;
+  if (tok == "decode")
+    c.kernel = Kernel::kDecode;
+  else if (tok == "prefill")
+    c.kernel = Kernel::kPrefill;
+  else
+    return false;
+  while (in >> tok) {
+    const auto eq = tok.find('=');
+    if (eq == std::string::npos) return false;
+    const std::string k = tok.substr(0, eq), v = tok.substr(eq + 1);
+    if (k == "ec") {
+      if (v == "fused")
+        c.ec = EcMode::kFused;
+      else if (v == "split")
+        c.ec = EcMode::kSplit;
+      else
+        return false;
+      continue;
+    }
+    char* end = nullptr;
+    const long n = std::strtol(v.c_str(), &end, 10);
+    if (!end || *end || n <= 0 || n > 1 << 20) return false;
+    if (k == "nt")
+      c.nt = static_cast<int>(n);
+    else if (k == "tg")
+      c.tg = static_cast<int>(n);
+    else if (k == "warps")
+      c.warps = static_cast<int>(n);
+    else if (k == "splits")
+      c.splits = static_cast<int>(n);
+    else if (k == "bm")
+      c.bm = static_cast<int>(n);
+    else
+      return false;
+  }
+  *out = c;
+  return true;
+}
+
+size_t w4a16_workspace_bytes(int max_m, const W4Matrix& w, const EcTerm* ec) {
+  WsLayout L(nullptr, w, ec);
+  const int r_pad = ec ? ec->r_pad : 0;
+  return L.fixed_bytes + align256(sizeof(float) * static_cast<size_t>(std::max(max_m, 1)) * r_pad);
+}
+
+cudaError_t w4a16_workspace_init(void* ws, size_t bytes, cudaStream_t stream) {
+  return cudaMemsetAsync(ws, 0, bytes, stream);
+}
+
+bool w4a16_config_ok(const KernelConfig& c, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec) {
+  if (M < 0 || !weights_ok(w) || !ec_ok(ec, w)) return false;
+  if (ec && (ec->r_pad != 0) && false) return false;
+  const int KU = w.K_pad / kGpuKUnit;
+  if (c.kernel == Kernel::kPrefill) return (c.bm == 64 || c.bm == 128) && x_vec_ok(x, ldx, w.K);
+  if (c.kernel != Kernel::kDecode) return false;
+  const bool nt_ok = c.nt == 1 || c.nt == 2 || c.nt == 4;
+  const bool tg_ok = c.tg == 1 || c.tg == 2 || c.tg == 4 || c.tg == 8;
+  if (!nt_ok || !tg_ok || c.nt * c.tg > 8) return false;
+  if (c.warps < 1 || c.warps > 8 || c.splits < 1 || c.splits > KU) return false;
+  if (ec && c.ec != EcMode::kFused && c.ec != EcMode::kSplit) return false;
+  return true;
+}
+
+cudaError_t w4a16_gemm(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
+                       int64_t ldy, const KernelConfig& cfg, void* ws, size_t ws_bytes, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  if (!x || !y || !ws || ldx < w.K || ldy < w.N) return cudaErrorInvalidValue;
+  if (!w4a16_config_ok(cfg, x, ldx, M, w, ec)) return cudaErrorInvalidValue;
+  if (ws_bytes < w4a16_workspace_bytes(M, w, ec)) return cudaErrorInvalidValue;
+  if (act == Act::kF16) return run_typed<__half>(x, ldx, M, w, ec, y, ldy, cfg, ws, stream);
+  if (act == Act::kBF16) return run_typed<__nv_bfloat16>(x, ldx, M, w, ec, y, ldy, cfg, ws, stream);
+  return cudaErrorInvalidValue;
+}
+
+KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num_sms, bool x_vec) {
+  KernelConfig c;
+  const int KU = std::max(1, w.K_pad / static_cast<int>(kGpuKUnit));
+  if (M > 64 && x_vec) {
+    c.kernel = Kernel::kPrefill;
+    c.bm = M <= 128 ? 64 : 128;
+    c.ec = EcMode::kSplit;
+    return c;
+  }
+  c.kernel = Kernel::kDecode;
+  c.tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  c.nt = 1;
+  const int NB = std::max(1, w.N_pad / 16);
+  c.splits = std::clamp((3 * num_sms + NB - 1) / NB, 1, std::max(1, KU / 4));
+  c.warps = std::clamp(KU / c.splits, 1, 8);
+  c.ec = EcMode::kFused;
+  return c;
+}
+
+// ---- dispatcher ----------------------------------------------------------------------
+
+W4A16Dispatcher::W4A16Dispatcher(std::string cache_path) : path_(std::move(cache_path)) {}
+
+cudaError_t W4A16Dispatcher::init(int device) {
+  cudaError_t e;
+  if (device < 0 && (e = cudaGetDevice(&device)) != cudaSuccess) return e;
+  cudaDeviceProp prop;
+  if ((e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess) return e;
+  gpu_ = prop.name;
+  sms_ = prop.multiProcessorCount;
+  if (path_.empty()) {
+    if (const char* p = std::getenv("SPEAR_W4A16_CACHE"); p && *p) {
+      path_ = p;
+    } else {
+      std::string safe;
+      for (char ch : gpu_) safe += (std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_');
+      const char* home = std::getenv("HOME");
+      path_ = std::string(home && *home ? home : ".") + "/.cache/spear/w4a16-" + safe + ".txt";
+    }
+  }
+  table_.clear();
+  std::ifstream in(path_);
+  std::string line;
+  bool header_ok = false;
+  while (std::getline(in, line)) {
+    if (line.rfind("# spear w4a16 ", 0) == 0) {
+      header_ok = line.substr(14) == gpu_;  // a table measured on another GPU is ignored
+      continue;
+    }
+    if (!header_ok || line.empty() || line[0] == '#') continue;
+    // key | config | us
+    const auto a = line.find(" | "), b = line.rfind(" | ");
+    if (a == std::string::npos || b == a) continue;
+    Entry en;
+    if (!KernelConfig::parse(line.substr(a + 3, b - a - 3), &en.cfg)) continue;
+    en.us = std::strtof(line.c_str() + b + 3, nullptr);
+    table_[line.substr(0, a)] = en;
+  }
+  return cudaSuccess;
+}
+
+std::string W4A16Dispatcher::key(Act act, int M, const W4Matrix& w, const EcTerm* ec) {
+  std::ostringstream o;
+  o << (act == Act::kF16 ? "f16" : "bf16") << " M" << pow2_at_least(std::max(M, 1)) << " K" << w.K << " N" << w.N
+    << " r" << (ec ? ec->r_pad : 0) << " g" << w.group;
+  return o.str();
+}
+
+KernelConfig W4A16Dispatcher::select(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w,
+                                     const EcTerm* ec, bool* from_cache) const {
+  if (from_cache) *from_cache = false;
+  auto it = table_.find(key(act, M, w, ec));
+  if (it != table_.end()) {
+    KernelConfig c = it->second.cfg;
+    if (c.kernel == Kernel::kDecode) {  // a bucket's tg may exceed what a smaller M needs
+      const int need = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+      if (c.tg > need && c.nt * need <= 8) c.tg = need;
+    }
+    if (w4a16_config_ok(c, x, ldx, M, w, ec)) {
+      if (from_cache) *from_cache = true;
+      return c;
+    }
+  }
+  return w4a16_heuristic(M, w, ec, sms_, x_vec_ok(x, ldx, w.K));
+}
+
+cudaError_t W4A16Dispatcher::run(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
+                                 void* y, int64_t ldy, void* ws, size_t ws_bytes, cudaStream_t stream) const {
+  return w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, select(act, x, ldx, M, w, ec), ws, ws_bytes, stream);
+}
+
+std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx, int M, const W4Matrix& w,
+                                                       const EcTerm* ec) const {
+  std::vector<KernelConfig> cands;
+  const int KU = w.K_pad / static_cast<int>(kGpuKUnit);
+  const bool vec = x_vec_ok(x, ldx, w.K);
+  if (M <= 64) {
+    const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+    for (int nt : {1, 2, 4}) {
+      if (nt * tg > 8) continue;
+      for (int splits : {1, 2, 3, 4, 6, 8}) {
+        if (splits > KU) continue;
+        for (int warps : {4, 8}) {
+          if (KU / splits < warps / 2) continue;  // most warps would idle
+          for (EcMode m : {EcMode::kFused, EcMode::kSplit}) {
+            if (!ec && m == EcMode::kSplit) continue;
+            KernelConfig c;
+            c.kernel = Kernel::kDecode;
+            c.nt = nt;
+            c.tg = tg;
+            c.splits = splits;
+            c.warps = warps;
+            c.ec = m;
+            cands.push_back(c);
+          }
+        }
+      }
+    }
+  }
+  if (vec && M >= 16)
+    for (int bm : {64, 128}) {
+      KernelConfig c;
+      c.kernel = Kernel::kPrefill;
+      c.bm = bm;
+      c.ec = EcMode::kSplit;
+      cands.push_back(c);
+    }
+  std::vector<KernelConfig> ok;
+  for (const KernelConfig& c : cands)
+    if (w4a16_config_ok(c, x, ldx, M, w, ec)) ok.push_back(c);
+  return ok;
+}
+
+void W4A16Dispatcher::record(Act act, int M, const W4Matrix& w, const EcTerm* ec, const KernelConfig& cfg, float us) {
+  const std::string k = key(act, M, w, ec);
+  auto it = table_.find(k);
+  if (it == table_.end() || us < it->second.us) table_[k] = Entry{cfg, us};
+}
+
+cudaError_t W4A16Dispatcher::autotune(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w,
+                                      const EcTerm* ec, void* y, int64_t ldy, void* ws, size_t ws_bytes,
+                                      cudaStream_t stream, KernelConfig* best, float* best_us, int reps) {
+  std::vector<KernelConfig> cands = candidates(x, ldx, M, w, ec);
+  const bool vec = x_vec_ok(x, ldx, w.K);
+  if (cands.empty()) cands.push_back(w4a16_heuristic(M, w, ec, sms_, vec));
+  cudaEvent_t e0, e1;
+  cudaError_t e;
+  if ((e = cudaEventCreate(&e0)) != cudaSuccess) return e;
+  if ((e = cudaEventCreate(&e1)) != cudaSuccess) return e;
+  float best_t = 1e30f;
+  KernelConfig best_c = cands[0];
+  for (const KernelConfig& c : cands) {
+    if (!w4a16_config_ok(c, x, ldx, M, w, ec)) continue;
+    bool failed = false;
+    for (int i = 0; i < 3 && !failed; ++i)
+      failed = w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, c, ws, ws_bytes, stream) != cudaSuccess;
+    if (failed) continue;
+    cudaEventRecord(e0, stream);
+    for (int i = 0; i < reps; ++i) w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, c, ws, ws_bytes, stream);
+    cudaEventRecord(e1, stream);
+    if ((e = cudaEventSynchronize(e1)) != cudaSuccess) break;
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    const float us = ms * 1000.f / reps;
+    if (us < best_t) {
+      best_t = us;
+      best_c = c;
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  if (e != cudaSuccess) return e;
+  table_[key(act, M, w, ec)] = Entry{best_c, best_t};
+  if (best) *best = best_c;
+  if (best_us) *best_us = best_t;
+  return cudaGetLastError();
+}
+
+bool W4A16Dispatcher::save() const {
+  std::error_code ec;
+  const std::filesystem::path p(path_);
+  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
+  std::ofstream out(path_);
+  if (!out) return false;
+  out << "# spear w4a16 " << gpu_ << "\n# key | config | us (autotuned)\n";
+  for (const auto& [k, v] : table_) out << k << " | " << v.cfg.str() << " | " << v.us << "\n";
+  return static_cast<bool>(out);
+}
+
+// ---- uploads ---------------------------------------------------------------------------
+
+cudaError_t w4_upload(const GpuW4Layout& l, W4Matrix* out) {
+  W4Matrix w;
+  void *q = nullptr, *s = nullptr, *z = nullptr;
+  cudaError_t e;
+  if ((e = cudaMalloc(&q, l.qweight.size())) != cudaSuccess) return e;
+  if ((e = cudaMalloc(&s, l.scales.size() * sizeof(float))) != cudaSuccess) return e;
+  if ((e = cudaMalloc(&z, l.zeros.size())) != cudaSuccess) return e;
+  cudaMemcpy(q, l.qweight.data(), l.qweight.size(), cudaMemcpyHostToDevice);
+  cudaMemcpy(s, l.scales.data(), l.scales.size() * sizeof(float), cudaMemcpyHostToDevice);
+  if ((e = cudaMemcpy(z, l.zeros.data(), l.zeros.size(), cudaMemcpyHostToDevice)) != cudaSuccess) return e;
+  w.qweight = q;
+  w.scales = static_cast<float*>(s);
+  w.zeros = static_cast<uint8_t*>(z);
+  w.N = static_cast<int>(l.N);
+  w.K = static_cast<int>(l.K);
+  w.N_pad = static_cast<int>(l.N_pad);
+  w.K_pad = static_cast<int>(l.K_pad);
+  w.group = static_cast<int>(l.group);
+  w.G = static_cast<int>(l.G);
+  *out = w;
+  return cudaSuccess;
+}
+
+void w4_free(W4Matrix* w) {
+  cudaFree(const_cast<void*>(w->qweight));
+  cudaFree(const_cast<float*>(w->scales));
+  cudaFree(const_cast<uint8_t*>(w->zeros));
+  *w = W4Matrix{};
+}
+
+cudaError_t ec_upload(const std::vector<uint16_t>& a_tiled, const std::vector<uint16_t>& b_padded, const float* g,
+                      const float* c, int r, Gate gate, EcTerm* out) {
+  EcTerm t;
+  t.r = r;
+  t.r_pad = static_cast<int>(round_up(r, 16));
+  t.gate = gate;
+  void *a = nullptr, *b = nullptr;
+  float *gg = nullptr, *gc = nullptr;
+  cudaError_t e;
+  if ((e = cudaMalloc(&a, a_tiled.size() * 2)) != cudaSuccess) return e;
+  if ((e = cudaMalloc(&b, b_padded.size() * 2)) != cudaSuccess) return e;
+  if ((e = cudaMalloc(&gg, t.r_pad * sizeof(float))) != cudaSuccess) return e;
+  if ((e = cudaMalloc(&gc, t.r_pad * sizeof(float))) != cudaSuccess) return e;
+  std::vector<float> hg(t.r_pad, 0.f), hc(t.r_pad, 0.f);
+  for (int j = 0; j < r; ++j) {
+    hg[j] = g ? g[j] : 0.f;
+    hc[j] = c ? c[j] : 0.f;
+  }
+  cudaMemcpy(a, a_tiled.data(), a_tiled.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(b, b_padded.data(), b_padded.size() * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(gg, hg.data(), t.r_pad * sizeof(float), cudaMemcpyHostToDevice);
+  if ((e = cudaMemcpy(gc, hc.data(), t.r_pad * sizeof(float), cudaMemcpyHostToDevice)) != cudaSuccess) return e;
+  t.a = a;
+  t.b = b;
+  t.gate_g = gg;
+  t.gate_c = gc;
+  *out = t;
+  return cudaSuccess;
+}
+
+void ec_free(EcTerm* ec) {
+  cudaFree(const_cast<void*>(ec->a));
+  cudaFree(const_cast<void*>(ec->b));
+  cudaFree(const_cast<float*>(ec->gate_g));
+  cudaFree(const_cast<float*>(ec->gate_c));
+  *ec = EcTerm{};
+}
+
+}  // namespace spear::cuda

@@ -1,0 +1,8 @@
+// fp16 instantiations of the W4A16 kernels.
+#include "cuda/w4a16_launch.cuh"
+
+namespace spear::cuda::detail {
+template cudaError_t launch_decode<__half>(const DecodeParams&, int, int, bool, int, int, size_t, cudaStream_t);
+template cudaError_t launch_ec_u<__half>(const DecodeParams&, int, int, int, int, cudaStream_t);
+template cudaError_t launch_prefill<__half>(const PrefillParams&, int, bool, cudaStream_t);
+}  // namespace spear::cuda::detail

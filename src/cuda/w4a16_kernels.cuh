@@ -1,0 +1,599 @@
+#pragma once
+// The W4A16 kernels. Decode (M <= 64): each warp streams 16-row blocks of W4 along K
+// straight from global memory (16-byte loads, L1 bypassed) and feeds mma.sync with x read
+// from L1; fused EC computes u = A x in the same launch. Prefill: a cp.async multistage
+// tiled tensor-core GEMM (BN = 128 outputs x BM tokens x 128 of K per stage).
+// See docs/KERNELS.md.
+#include "cuda/w4a16_device.cuh"
+
+namespace spear::cuda::detail {
+
+struct DecodeParams {
+  const void* x;
+  int64_t ldx;
+  void* y;
+  int64_t ldy;
+  int M, N, K;
+  const uint4* qw;
+  const float* scales;
+  const uint8_t* zeros;
+  int N_pad, KB, KU, upg;  // k-blocks (64), units (128), units per group
+  int NG, splits;          // 16*nt-row groups, K splits
+  float* ws_y;             // (M, N_pad) split-K partial sums (zero between calls)
+  unsigned* ws_cnt;        // (NG) split-K arrival counters (zero between calls)
+  int ec;                  // 0 none, 1 fused, 2 u given
+  const uint4* ec_a;
+  const void* ec_b;
+  const float* gate_g;
+  const float* gate_c;
+  int gate, r_pad;
+  int a_chunks, a_units, nA;  // A items: (r_pad/16) tiles x a_chunks chunks of a_units units
+  float* u;                   // fused: (M, r_pad) accumulators (zero between calls); split: input
+  unsigned* ctrl;             // fused: [0] ticket [1] A items done [2] blocks finished
+  int x_vec;
+};
+
+// x fragments (B operand) of one 64-wide k-block for TG token groups: lane (g, q) takes
+// x[token 8 tg + g][k0 + 16 q .. + 16), 2 x 16 bytes (see gpu_layout.h).
+template <typename T, int TG>
+__device__ __forceinline__ void load_x(const T* __restrict__ x, int64_t ldx, int M, int K, bool vec, int k0, int lane,
+                                       uint4 (&xv)[TG][2]) {
+  const int g = lane >> 2, kq = k0 + (lane & 3) * 16;
+#pragma unroll
+  for (int tg = 0; tg < TG; ++tg) {
+    const int t = tg * 8 + g;
+    xv[tg][0] = make_uint4(0, 0, 0, 0);
+    xv[tg][1] = make_uint4(0, 0, 0, 0);
+    if (t < M) {
+      const T* row = x + static_cast<int64_t>(t) * ldx;
+      if (vec) {
+        if (kq < K) xv[tg][0] = __ldg(reinterpret_cast<const uint4*>(row + kq));
+        if (kq + 8 < K) xv[tg][1] = __ldg(reinterpret_cast<const uint4*>(row + kq + 8));
+      } else {
+        const unsigned short* r16 = reinterpret_cast<const unsigned short*>(row);
+        uint32_t w[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int k = kq + 2 * j;
+          const uint32_t a = k < K ? r16[k] : 0u, b = k + 1 < K ? r16[k + 1] : 0u;
+          w[j] = a | (b << 16);
+        }
+        xv[tg][0] = make_uint4(w[0], w[1], w[2], w[3]);
+        xv[tg][1] = make_uint4(w[4], w[5], w[6], w[7]);
+      }
+    }
+  }
+}
+
+// B-operand registers of sub-tile s from the lane's 16 x values.
+__device__ __forceinline__ uint32_t xb0(const uint4 (&v)[2], int s) { return word_of(v[s >> 1], (s & 1) * 2); }
+__device__ __forceinline__ uint32_t xb1(const uint4 (&v)[2], int s) { return word_of(v[s >> 1], (s & 1) * 2 + 1); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t zero_pair(const uint8_t* zeros, int idx) {
+  const float z = Traits<T>::kMagicF + static_cast<float>(zeros[idx]);
+  return Traits<T>::pack2(z, z);
+}
+
+// u[t][ja*16 + row] += sum_k A[ja*16+row][k] x[t][k] over one A item (a 16-row tile and a
+// chunk of K), for M <= 8 TG tokens. red: >= 16 * 8 TG floats of zeroed shared memory.
+template <typename T, int TG>
+__device__ void a_item(const DecodeParams& p, const T* __restrict__ x, int M, float* u, int item, float* red) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int ja = item / p.a_chunks, kc = item % p.a_chunks;
+  const int u0 = kc * p.a_units, u1 = min(p.KU, u0 + p.a_units);
+  float acc[TG][4];
+#pragma unroll
+  for (int tg = 0; tg < TG; ++tg) acc[tg][0] = acc[tg][1] = acc[tg][2] = acc[tg][3] = 0.f;
+  for (int un = u0 + warp; un < u1; un += nw) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kb = 2 * un + h;
+      uint4 av[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        av[s] = ld_stream(p.ec_a + ((static_cast<int64_t>(ja) * p.KB + kb) * 4 + s) * 32 + lane);
+      uint4 xv[TG][2];
+      load_x<T, TG>(x, p.ldx, M, p.K, p.x_vec, kb * 64, lane, xv);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t a[4] = {av[s].x, av[s].y, av[s].z, av[s].w};
+#pragma unroll
+        for (int tg = 0; tg < TG; ++tg) mma16816<T>(acc[tg], a, xb0(xv[tg], s), xb1(xv[tg], s));
+      }
+    }
+  }
+  constexpr int TM = TG * 8;
+#pragma unroll
+  for (int tg = 0; tg < TG; ++tg) {
+    atomicAdd(&red[g * TM + tg * 8 + 2 * q], acc[tg][0]);
+    atomicAdd(&red[g * TM + tg * 8 + 2 * q + 1], acc[tg][1]);
+    atomicAdd(&red[(g + 8) * TM + tg * 8 + 2 * q], acc[tg][2]);
+    atomicAdd(&red[(g + 8) * TM + tg * 8 + 2 * q + 1], acc[tg][3]);
+  }
+  __syncthreads();
+  for (int i = tid; i < 16 * M; i += blockDim.x) {
+    const int t = i / 16, row = i % 16;
+    atomicAdd(&u[t * p.r_pad + ja * 16 + row], red[row * TM + t]);
+  }
+  __threadfence();
+  __syncthreads();
+}
+
+// Weight stream of one work item: 16*NT rows, units [u_begin, u_end), warps interleaved.
+template <typename T, int NT, int TG, bool GROUPED>
+__device__ __forceinline__ void w_stream(const DecodeParams& p, int nb0, int u_begin, int u_end,
+                                         float (&acc)[NT][TG][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2;
+  const int NB = p.N_pad >> 4;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  uint32_t zr0[NT], zr1[NT];
+  float sc0[NT], sc1[NT];
+  auto load_w = [&](int un, uint4 (&wv)[NT][2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int nb = min(nb0 + nt, NB - 1);  // clamped: rows past N_pad are discarded later
+      const uint4* base = p.qw + (static_cast<int64_t>(nb) * p.KB + 2 * un) * 32 + lane;
+      wv[nt][0] = ld_stream(base);
+      wv[nt][1] = ld_stream(base + 32);
+    }
+  };
+  // One unit (128 of K, two 64-wide k-blocks) of NT 16-row blocks.
+  auto compute = [&](int un, const uint4 (&wv)[NT][2]) {
+    float tmp[NT][TG][4];
+    if (GROUPED) {
+      const int grp = un / p.upg;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int n = min(nb0 + nt, NB - 1) * 16 + g;
+        const int idx = grp * p.N_pad + n;
+        zr0[nt] = zero_pair<T>(p.zeros, idx);
+        zr1[nt] = zero_pair<T>(p.zeros, idx + 8);
+        sc0[nt] = p.scales[idx];
+        sc1[nt] = p.scales[idx + 8];
+#pragma unroll
+        for (int tg = 0; tg < TG; ++tg) tmp[nt][tg][0] = tmp[nt][tg][1] = tmp[nt][tg][2] = tmp[nt][tg][3] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 xv[TG][2];
+      load_x<T, TG>(x, p.ldx, p.M, p.K, p.x_vec, (2 * un + h) * 64, lane, xv);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t a[4];
+          dequant_word<T>(word_of(wv[nt][h], s), zr0[nt], zr1[nt], a);
+#pragma unroll
+          for (int tg = 0; tg < TG; ++tg) {
+            if (GROUPED)
+              mma16816<T>(tmp[nt][tg], a, xb0(xv[tg], s), xb1(xv[tg], s));
+            else
+              mma16816<T>(acc[nt][tg], a, xb0(xv[tg], s), xb1(xv[tg], s));
+          }
+        }
+      }
+    }
+    if (GROUPED) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int tg = 0; tg < TG; ++tg) {
+          acc[nt][tg][0] += sc0[nt] * tmp[nt][tg][0];
+          acc[nt][tg][1] += sc0[nt] * tmp[nt][tg][1];
+          acc[nt][tg][2] += sc1[nt] * tmp[nt][tg][2];
+          acc[nt][tg][3] += sc1[nt] * tmp[nt][tg][3];
+        }
+    }
+  };
+  // Software pipeline: the next unit's weights are in flight while this one computes.
+  int un = u_begin + warp;
+  uint4 wcur[NT][2];
+  if (un < u_end) load_w(un, wcur);
+  // Per-channel zero points and scales after the first weight loads are issued.
+  if (!GROUPED) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = min(nb0 + nt, NB - 1) * 16 + g;
+      zr0[nt] = zero_pair<T>(p.zeros, n);
+      zr1[nt] = zero_pair<T>(p.zeros, n + 8);
+      sc0[nt] = p.scales[n];
+      sc1[nt] = p.scales[n + 8];
+    }
+  }
+  // Weights, zero points and scales never depend on the previous kernel: with
+  // programmatic dependent launch they are fetched while it drains; x only after this.
+  grid_dep_wait();
+  for (; un < u_end; un += nw) {
+    uint4 wnxt[NT][2];
+    if (un + nw < u_end) load_w(un + nw, wnxt);
+    compute(un, wcur);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      wcur[nt][0] = wnxt[nt][0];
+      wcur[nt][1] = wnxt[nt][1];
+    }
+  }
+  if (!GROUPED) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int tg = 0; tg < TG; ++tg) {
+        acc[nt][tg][0] *= sc0[nt];
+        acc[nt][tg][1] *= sc0[nt];
+        acc[nt][tg][2] *= sc1[nt];
+        acc[nt][tg][3] *= sc1[nt];
+      }
+  }
+}
+
+// y[t][n] for the rows [n_base, n_base + nrows) from red[(n - n_base) * TM + t], plus the
+// EC term sum_j B[n][j] v[t][j] with v (M, r_pad) in shared memory.
+template <typename T>
+__device__ __forceinline__ void store_rows(const DecodeParams& p, int n_base, int nrows, int TM, const float* red,
+                                           const float* vsm, const T* bsm) {
+  T* y = static_cast<T*>(p.y);
+  for (int i = threadIdx.x; i < nrows * p.M; i += blockDim.x) {
+    const int t = i / nrows, nl = i % nrows, n = n_base + nl;
+    if (n >= p.N) continue;
+    float v = red[nl * TM + t];
+    if (p.ec) {
+      const uint4* brow = reinterpret_cast<const uint4*>(bsm + nl * p.r_pad);
+      const float* vt = vsm + t * p.r_pad;
+      for (int j8 = 0; j8 < p.r_pad / 8; ++j8) {
+        const uint4 b = brow[j8];
+        const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          v += Traits<T>::lo(bw[e]) * vt[j8 * 8 + 2 * e];
+          v += Traits<T>::hi(bw[e]) * vt[j8 * 8 + 2 * e + 1];
+        }
+      }
+    }
+    y[static_cast<int64_t>(t) * p.ldy + n] = Traits<T>::from_f(v);
+  }
+}
+
+template <typename T, int NT, int TG, bool GROUPED>
+__global__ void __launch_bounds__(256) w4_decode_kernel(const DecodeParams p) {
+  extern __shared__ __align__(16) float vsm[];  // EC: v (M, r_pad) floats, then B rows (ROWS, r_pad) in T
+  constexpr int TM = TG * 8, ROWS = NT * 16;
+  __shared__ float red[ROWS * TM];
+  __shared__ int s_item, s_last, s_fin;
+  const int tid = threadIdx.x;
+  int item = blockIdx.x;
+  grid_dep_launch();  // the next kernel may start scheduling (it waits before reading our output)
+  if (p.ec == 1) {
+    grid_dep_wait();  // the fused-EC state in the workspace belongs to the previous call until it ends
+    if (tid == 0) s_item = static_cast<int>(atomicAdd(&p.ctrl[0], 1u));
+  }
+  for (int i = tid; i < ROWS * TM; i += blockDim.x) red[i] = 0.f;
+  __syncthreads();
+  if (p.ec == 1) item = s_item;
+
+  if (p.ec == 1 && item < p.nA) {
+    a_item<T, TG>(p, static_cast<const T*>(p.x), p.M, p.u, item, red);
+    if (tid == 0) atomicAdd(&p.ctrl[1], 1u);
+  } else {
+    const int w = item - (p.ec == 1 ? p.nA : 0);
+    const int ng = w / p.splits, ks = w % p.splits;
+    const int nb0 = ng * NT;
+    T* bsm = reinterpret_cast<T*>(vsm + p.M * p.r_pad);
+    if (p.ec) {  // B rows of this block, fetched while the weights stream (B has N_pad rows)
+      const int chunks = ROWS * p.r_pad / 8;
+      const int rows_left = (p.N_pad >> 4) - nb0;  // 16-row blocks that exist
+      for (int c = tid; c < chunks; c += blockDim.x) {
+        const int row = c / (p.r_pad / 8);
+        const bool ok = (row >> 4) < rows_left;
+        const T* src = static_cast<const T*>(p.ec_b) + (static_cast<int64_t>(nb0) * 16 + (ok ? row : 0)) * p.r_pad +
+                       (c % (p.r_pad / 8)) * 8;
+        cp_async16(smem_u32(bsm + row * p.r_pad + (c % (p.r_pad / 8)) * 8), src, ok);
+      }
+      cp_async_commit();
+    }
+    const int u_begin = static_cast<int>(static_cast<int64_t>(p.KU) * ks / p.splits);
+    const int u_end = static_cast<int>(static_cast<int64_t>(p.KU) * (ks + 1) / p.splits);
+    float acc[NT][TG][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int tg = 0; tg < TG; ++tg) acc[nt][tg][0] = acc[nt][tg][1] = acc[nt][tg][2] = acc[nt][tg][3] = 0.f;
+    w_stream<T, NT, TG, GROUPED>(p, nb0, u_begin, u_end, acc);
+    const int lane = tid & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int tg = 0; tg < TG; ++tg) {
+        float* r0 = red + (nt * 16 + g) * TM + tg * 8 + 2 * q;
+        float* r1 = r0 + 8 * TM;
+        atomicAdd(r0, acc[nt][tg][0]);
+        atomicAdd(r0 + 1, acc[nt][tg][1]);
+        atomicAdd(r1, acc[nt][tg][2]);
+        atomicAdd(r1 + 1, acc[nt][tg][3]);
+      }
+    __syncthreads();
+    const int n_base = nb0 * 16;
+    bool mine = true;
+    if (p.splits > 1) {
+      for (int i = tid; i < ROWS * p.M; i += blockDim.x) {
+        const int t = i / ROWS, nl = i % ROWS, n = n_base + nl;
+        if (n < p.N) atomicAdd(&p.ws_y[static_cast<int64_t>(t) * p.N_pad + n], red[nl * TM + t]);
+      }
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) s_last = atomicAdd(&p.ws_cnt[ng], 1u) == static_cast<unsigned>(p.splits - 1);
+      __syncthreads();
+      mine = s_last;
+      if (mine) {
+        __threadfence();
+        for (int i = tid; i < ROWS * p.M; i += blockDim.x) {
+          const int t = i / ROWS, nl = i % ROWS, n = n_base + nl;
+          if (n < p.N) {
+            float* cell = &p.ws_y[static_cast<int64_t>(t) * p.N_pad + n];
+            red[nl * TM + t] = __ldcg(cell);
+            __stcg(cell, 0.f);
+          }
+        }
+        if (tid == 0) p.ws_cnt[ng] = 0u;
+        __syncthreads();
+      }
+    }
+    if (p.ec) cp_async_wait<0>();
+    if (mine) {
+      if (p.ec) {
+        if (p.ec == 1) {
+          if (tid == 0)
+            while (ld_acquire(&p.ctrl[1]) < static_cast<unsigned>(p.nA)) __nanosleep(100);
+          __syncthreads();
+        }
+        for (int i = tid; i < p.M * p.r_pad; i += blockDim.x) {
+          const float uu = __ldcg(&p.u[i]);
+          vsm[i] = apply_gate(p.gate, uu, p.gate_g, p.gate_c, i % p.r_pad);
+        }
+        __syncthreads();
+      }
+      store_rows<T>(p, n_base, ROWS, TM, red, vsm, bsm);
+    }
+  }
+  if (p.ec == 1) {  // the last block to finish leaves the fused-EC state zeroed
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      s_fin = atomicAdd(&p.ctrl[2], 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (s_fin) {
+      __threadfence();
+      for (int i = tid; i < p.M * p.r_pad; i += blockDim.x) __stcg(&p.u[i], 0.f);
+      if (tid == 0) {
+        p.ctrl[0] = 0u;
+        p.ctrl[1] = 0u;
+        p.ctrl[2] = 0u;
+      }
+    }
+  }
+}
+
+// Split EC, step 1: u (M, r_pad) += A x for one (A item, 8 TG-token chunk); u zeroed first.
+template <typename T, int TG>
+__global__ void __launch_bounds__(256) ec_u_kernel(const DecodeParams p) {
+  __shared__ float red[16 * TG * 8];
+  for (int i = threadIdx.x; i < 16 * TG * 8; i += blockDim.x) red[i] = 0.f;
+  __syncthreads();
+  const int t0 = blockIdx.y * TG * 8;
+  const T* x = static_cast<const T*>(p.x) + static_cast<int64_t>(t0) * p.ldx;
+  a_item<T, TG>(p, x, min(TG * 8, p.M - t0), p.u + static_cast<int64_t>(t0) * p.r_pad, blockIdx.x, red);
+}
+
+// ---------------------------------------------------------------------------------------
+// Prefill: block tile 128 outputs (8 blocks of 16) x BM tokens, 128 of K per stage,
+// STAGES-deep cp.async pipeline, 8 warps as 2 (outputs, 64 each) x 4 (tokens, BM/4 each).
+struct PrefillParams {
+  const void* x;
+  int64_t ldx;
+  void* y;
+  int64_t ldy;
+  int M, N, K;
+  const uint4* qw;
+  const float* scales;
+  const uint8_t* zeros;
+  int N_pad, KB, KU, upg;
+  int ec;  // 0 none, 2 u given
+  const void* ec_b;
+  const float* u;
+  const float* gate_g;
+  const float* gate_c;
+  int gate, r_pad;
+};
+
+constexpr int kPrefillStages = 4;
+template <int BM>
+constexpr int prefill_smem_bytes() {
+  return kPrefillStages * (8 * 2 * 512 + BM * 256);
+}
+
+template <typename T, bool GROUPED, int BM>
+__global__ void __launch_bounds__(256, 1) w4_prefill_kernel(const PrefillParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int S = kPrefillStages, WBYTES = 8 * 2 * 512, XBYTES = BM * 256, TGW = BM / 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int wn = warp & 1, wm = warp >> 1;
+  const int NB = p.N_pad >> 4;
+  const int nb0 = blockIdx.x * 8, m0 = blockIdx.y * BM;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const uint32_t sbase = smem_u32(smem);
+
+  auto load_stage = [&](int slot, int un) {
+    const uint32_t sw = sbase + slot * (WBYTES + XBYTES), sx = sw + WBYTES;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256;
+      const int nbl = c >> 6, kb2 = (c >> 5) & 1, ln = c & 31;
+      const int nb = nb0 + nbl;
+      const bool ok = nb < NB;
+      const uint4* src = p.qw + (static_cast<int64_t>(ok ? nb : 0) * p.KB + 2 * un + kb2) * 32 + ln;
+      cp_async16(sw + c * 16, src, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < BM * 16 / 256; ++i) {
+      const int c = tid + i * 256;
+      const int t = c >> 4, ch = c & 15;
+      const int k = un * 128 + ch * 8;
+      const bool ok = (m0 + t < p.M) && (k < p.K);
+      const T* src = ok ? x + static_cast<int64_t>(m0 + t) * p.ldx + k : x;
+      cp_async16(sx + t * 256 + ((ch ^ (t & 7)) << 4), src, ok);
+    }
+  };
+
+  float acc[4][TGW][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int tg = 0; tg < TGW; ++tg) acc[i][tg][0] = acc[i][tg][1] = acc[i][tg][2] = acc[i][tg][3] = 0.f;
+
+  uint32_t zr0[4], zr1[4], sh0[4], sh1[4];
+  auto load_meta = [&](int grp) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = min(nb0 + wn * 4 + i, NB - 1) * 16 + g;
+      const int idx = grp * p.N_pad + n;
+      zr0[i] = zero_pair<T>(p.zeros, idx);
+      zr1[i] = zero_pair<T>(p.zeros, idx + 8);
+      if (GROUPED) {
+        sh0[i] = Traits<T>::pack2(p.scales[idx], p.scales[idx]);
+        sh1[i] = Traits<T>::pack2(p.scales[idx + 8], p.scales[idx + 8]);
+      }
+    }
+  };
+  load_meta(0);
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < p.KU) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int un = 0; un < p.KU; ++un) {
+    cp_async_wait<S - 2>();
+    __syncthreads();
+    {
+      const int nx = un + S - 1;
+      if (nx < p.KU) load_stage(nx % S, nx);
+      cp_async_commit();
+    }
+    if (GROUPED && un > 0 && (un % p.upg) == 0) load_meta(un / p.upg);
+    const int slot = un % S;
+    const uint32_t sw = sbase + slot * (WBYTES + XBYTES), sx = sw + WBYTES;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 wv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wv[i] = lds128(sw + (((wn * 4 + i) * 2 + h) * 32 + lane) * 16);
+      uint4 xv[TGW][2];
+#pragma unroll
+      for (int tg = 0; tg < TGW; ++tg) {
+        const int t = wm * (BM / 4) + tg * 8 + g;
+        const int ch = h * 8 + q * 2;
+        xv[tg][0] = lds128(sx + t * 256 + ((ch ^ (t & 7)) << 4));
+        xv[tg][1] = lds128(sx + t * 256 + (((ch + 1) ^ (t & 7)) << 4));
+      }
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          uint32_t a[4];
+          dequant_word<T>(word_of(wv[i], s), zr0[i], zr1[i], a);
+          if (GROUPED) {
+            a[0] = Traits<T>::mul2(a[0], sh0[i]);
+            a[1] = Traits<T>::mul2(a[1], sh1[i]);
+            a[2] = Traits<T>::mul2(a[2], sh0[i]);
+            a[3] = Traits<T>::mul2(a[3], sh1[i]);
+          }
+#pragma unroll
+          for (int tg = 0; tg < TGW; ++tg) mma16816<T>(acc[i][tg], a, xb0(xv[tg], s), xb1(xv[tg], s));
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  if (!GROUPED) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = min(nb0 + wn * 4 + i, NB - 1) * 16 + g;
+      const float s0 = p.scales[n], s1 = p.scales[n + 8];
+#pragma unroll
+      for (int tg = 0; tg < TGW; ++tg) {
+        acc[i][tg][0] *= s0;
+        acc[i][tg][1] *= s0;
+        acc[i][tg][2] *= s1;
+        acc[i][tg][3] *= s1;
+      }
+    }
+  }
+  if (p.ec) {  // y += B v with v = gamma(u) * u, as r_pad/16 more k16 steps of mma
+    T* vs = reinterpret_cast<T*>(smem);  // (BM, r_pad + 8) in T; +8 staggers banks
+    const int ldv = p.r_pad + 8;
+    for (int i = tid; i < BM * p.r_pad; i += 256) {
+      const int t = i / p.r_pad, j = i % p.r_pad;
+      float v = 0.f;
+      if (m0 + t < p.M) {
+        const float uu = p.u[static_cast<int64_t>(m0 + t) * p.r_pad + j];
+        v = apply_gate(p.gate, uu, p.gate_g, p.gate_c, j);
+      }
+      vs[t * ldv + j] = Traits<T>::from_f(v);
+    }
+    __syncthreads();
+    const T* B = static_cast<const T*>(p.ec_b);
+    for (int jt = 0; jt < p.r_pad / 16; ++jt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int nb = nb0 + wn * 4 + i;
+        if (nb >= NB) continue;
+        const T* b0 = B + static_cast<int64_t>(nb * 16 + g) * p.r_pad + jt * 16 + 2 * q;
+        const T* b1 = b0 + 8 * p.r_pad;
+        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(b0), *reinterpret_cast<const uint32_t*>(b1),
+                               *reinterpret_cast<const uint32_t*>(b0 + 8), *reinterpret_cast<const uint32_t*>(b1 + 8)};
+#pragma unroll
+        for (int tg = 0; tg < TGW; ++tg) {
+          const T* vr = vs + (wm * (BM / 4) + tg * 8 + g) * ldv + jt * 16 + 2 * q;
+          mma16816<T>(acc[i][tg], a, *reinterpret_cast<const uint32_t*>(vr),
+                      *reinterpret_cast<const uint32_t*>(vr + 8));
+        }
+      }
+    }
+  }
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int n0 = (nb0 + wn * 4 + i) * 16 + g;
+#pragma unroll
+    for (int tg = 0; tg < TGW; ++tg) {
+      const int t0 = m0 + wm * (BM / 4) + tg * 8 + 2 * q;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = n0 + (e >> 1) * 8, t = t0 + (e & 1);
+        if (n < p.N && t < p.M) y[static_cast<int64_t>(t) * p.ldy + n] = Traits<T>::from_f(acc[i][tg][e]);
+      }
+    }
+  }
+}
+
+// Programmatic dependent launch of the decode kernel (w4a16_set_pdl; default on unless
+// $SPEAR_W4A16_PDL=0).
+bool pdl_enabled();
+
+// Launchers, instantiated per activation type in w4a16_f16.cu / w4a16_bf16.cu.
+template <typename T>
+cudaError_t launch_decode(const DecodeParams& p, int nt, int tg, bool grouped, int grid, int threads, size_t smem,
+                          cudaStream_t s);
+template <typename T>
+cudaError_t launch_ec_u(const DecodeParams& p, int tg, int grid_x, int grid_y, int threads, cudaStream_t s);
+template <typename T>
+cudaError_t launch_prefill(const PrefillParams& p, int bm, bool grouped, cudaStream_t s);
+
+}  // namespace spear::cuda::detail
