@@ -1,0 +1,154 @@
+// The `spear` binary end to end: JSON outputs, and bad input ending in one clear
+// error line and a non-zero exit (never a crash).
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "test_paths.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+struct CliRun {
+  int status = -1;  // exit code, or 128+signal
+  std::string out, err;
+};
+
+CliRun run_cli(const std::string& args) {
+  fs::path err_file = fs::temp_directory_path() / ("spear_cli_err_" + std::to_string(getpid()));
+  std::string cmd = spear::test::cli_path() + " " + args + " 2>" + err_file.string();
+  CliRun r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  std::ifstream e(err_file);
+  std::stringstream ss;
+  ss << e.rdbuf();
+  r.err = ss.str();
+  fs::remove(err_file);
+  return r;
+}
+
+// A scratch copy of the tiny model that a test may damage.
+fs::path scratch_model(const std::string& tag) {
+  fs::path d = fs::temp_directory_path() / ("spear_cli_" + tag + "_" + std::to_string(getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
+    fs::copy_file(fs::path(spear::test::tiny_model_dir()) / f, d / f);
+  return d;
+}
+
+void write(const fs::path& p, const std::string& s) {
+  std::ofstream o(p, std::ios::binary | std::ios::trunc);
+  o << s;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void expect_clean_error(const CliRun& r, const std::string& needle) {
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_EQ(r.err.rfind("spear: error: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.err;
+}
+
+}  // namespace
+
+TEST(Cli, JsonOutputs) {
+  const std::string model = spear::test::tiny_model_dir();
+  CliRun t = run_cli("tokenize --model " + model + " --text 'Once upon a time' --json");
+  ASSERT_EQ(t.status, 0) << t.err;
+  EXPECT_EQ(json::parse(t.out)["ids"], json::parse("[1, 403, 407, 261, 378]"));
+
+  CliRun g = run_cli("generate --model " + model + " --prompt 'Once upon a time' -n 24 --json");
+  ASSERT_EQ(g.status, 0) << g.err;
+  json gj = json::parse(g.out);
+  json ref = json::parse(slurp(fs::path(model) / "reference.json"));
+  EXPECT_EQ(gj["prompt_ids"], json::parse("[1, 403, 407, 261, 378]"));
+  EXPECT_EQ(gj["ids"], ref["generate"][0]["greedy_ids"]);
+  EXPECT_EQ(gj["text"], ref["generate"][0]["greedy_text"]);
+
+  CliRun p = run_cli("ppl --model " + model + " --data " + spear::test::data_dir() +
+                  "/tinystories/tinystories_val.txt --ctx 256 --max-windows 4 --json");
+  ASSERT_EQ(p.status, 0) << p.err;
+  json pj = json::parse(p.out);
+  EXPECT_EQ(pj["predicted_tokens"], 4 * 255);
+  EXPECT_GT(pj["ppl"].get<double>(), 1.0);
+  EXPECT_LT(pj["ppl"].get<double>(), 20.0);
+
+  CliRun k = run_cli("ppl --model " + model + " --ref-model " + model + " --data " +
+                  spear::test::data_dir() + "/tinystories/tinystories_val.txt --ctx 128 --max-windows 1 --json");
+  ASSERT_EQ(k.status, 0) << k.err;
+  EXPECT_NEAR(json::parse(k.out)["mean_kl"].get<double>(), 0.0, 1e-9);
+
+  CliRun i = run_cli("info " + model + " --json");
+  ASSERT_EQ(i.status, 0) << i.err;
+  json ij = json::parse(i.out);
+  EXPECT_EQ(ij["parameters"].get<int64_t>(), ij["parameters_by_config"].get<int64_t>());
+  EXPECT_EQ(ij["dtypes"]["F32"]["bytes"].get<int64_t>(), 4 * ij["parameters"].get<int64_t>());
+}
+
+TEST(Cli, BadInputGivesOneClearError) {
+  const std::string model = spear::test::tiny_model_dir();
+  const std::string data = spear::test::data_dir() + "/tinystories/tinystories_sample.txt";
+  expect_clean_error(run_cli("ppl --model /nonexistent/model --data " + data), "not found");
+  expect_clean_error(run_cli("ppl --model " + model + " --data /nonexistent.txt"), "cannot open");
+  expect_clean_error(run_cli("ppl --model " + model + " --data " + data + " --ctx 4096"),
+                     "exceeds the model's context");
+
+  fs::path d = scratch_model("trunc");
+  fs::resize_file(d / "model.safetensors", fs::file_size(d / "model.safetensors") - 100);
+  expect_clean_error(run_cli("generate --model " + d.string() + " --prompt hi"), "model.safetensors");
+
+  d = scratch_model("shape");
+  std::string cfg = slurp(d / "config.json");
+  cfg.replace(cfg.find("\"intermediate_size\": 172"), 24, "\"intermediate_size\": 170");
+  write(d / "config.json", cfg);
+  expect_clean_error(run_cli("generate --model " + d.string() + " --prompt hi"), "shape");
+
+  d = scratch_model("arch");
+  cfg = slurp(d / "config.json");
+  cfg.replace(cfg.find("LlamaForCausalLM"), 16, "GPT2LMHeadModel0");
+  write(d / "config.json", cfg);
+  expect_clean_error(run_cli("generate --model " + d.string() + " --prompt hi"),
+                     "unsupported architecture");
+
+  d = scratch_model("cfgjson");
+  write(d / "config.json", "{\"hidden_size\": 64,");
+  expect_clean_error(run_cli("info " + d.string()), "not valid JSON");
+
+  d = scratch_model("tokjson");
+  write(d / "tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": 5}}");
+  expect_clean_error(run_cli("tokenize --model " + d.string() + " --text hi"), "tokenizer");
+
+  d = scratch_model("dtype");
+  // Rewrite the header's dtype of the first tensor from F32 to I32 (same byte size).
+  std::string st = slurp(d / "model.safetensors");
+  size_t at = st.find("\"F32\"");
+  ASSERT_NE(at, std::string::npos);
+  st.replace(at, 5, "\"I32\"");
+  write(d / "model.safetensors", st);
+  expect_clean_error(run_cli("generate --model " + d.string() + " --prompt hi"), "dtype");
+
+  CliRun bad_flag = run_cli("ppl --model " + model + " --ctx notanumber --data " + data);
+  EXPECT_NE(bad_flag.status, 0);
+  EXPECT_LT(bad_flag.status, 128);
+}
