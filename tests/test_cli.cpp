@@ -152,3 +152,17 @@ TEST(Cli, BadInputGivesOneClearError) {
   EXPECT_NE(bad_flag.status, 0);
   EXPECT_LT(bad_flag.status, 128);
 }
+
+TEST(Cli, DumpDiffsAgainstReferenceHiddenStates) {
+  const std::string model = spear::test::tiny_model_dir();
+  fs::path out = fs::temp_directory_path() / ("spear_dump_" + std::to_string(getpid()) + ".safetensors");
+  CliRun r = run_cli("dump --model " + model + " --compare " + model +
+                     "/hidden_states.safetensors --out " + out.string() + " --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  json j = json::parse(r.out);
+  ASSERT_EQ(j["diff"].size(), 6u);
+  for (auto& [name, d] : j["diff"].items()) EXPECT_LT(d["max_abs_diff"].get<double>(), 1e-4) << name;
+  EXPECT_GT(j["tensors"].get<int>(), 6 * 5);  // hidden states plus per-layer intermediates
+  EXPECT_TRUE(fs::exists(out));
+  fs::remove(out);
+}
