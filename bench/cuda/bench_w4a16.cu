@@ -6,12 +6,17 @@
 // and a 2 GiB device copy) and cuBLAS FP16 on the same shapes, and the EC variants:
 // fused, split, naive (W4 + cuBLAS u = x A^T + gate kernel + cuBLAS y += v B^T) and plain.
 //
-//   bench_w4a16 [--quick] [--md FILE] [--cache FILE]
+// Each reported decode config is also checked against a reference config (decode nt=1,
+// register stream, split EC) on the same inputs: relative L2 difference in the log.
+//
+//   bench_w4a16 [--quick | --decode] [--md FILE] [--cache FILE]
+//   --decode: M in {1, 16, 64}, EC r = 32 at M in {1, 16}, group-128 at M = 1 only.
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -225,11 +230,13 @@ struct Best {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, decode_only = false;
   std::string md_path, cache_path;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick"))
       quick = true;
+    else if (!std::strcmp(argv[i], "--decode"))
+      decode_only = true;
     else if (!std::strcmp(argv[i], "--md") && i + 1 < argc)
       md_path = argv[++i];
     else if (!std::strcmp(argv[i], "--cache") && i + 1 < argc)
@@ -312,20 +319,62 @@ int main(int argc, char** argv) {
   std::vector<int> Ms = {1, 2, 4, 8, 16, 32, 64, 128, 512, 2048};
   std::vector<int> ec_Ms = {1, 16, 64, 512};
   std::vector<int> ranks = {16, 32, 64};
+  std::vector<int> group_Ms = {1, 16, 512};
   if (quick) {
     Ms = {1, 16, 64, 512};
     ec_Ms = {1, 512};
     ranks = {32};
   }
+  if (decode_only) {
+    Ms = {1, 16, 64};
+    ec_Ms = {1, 16};
+    ranks = {32};
+    group_Ms = {1};
+  }
   const size_t rot = 256ull << 20;
   const int max_m = 2048;
   const int maxK = 11008, maxN = 22016;
-  __half *x, *y, *u16;
+  __half *x, *y, *u16, *y2;
   CK(cudaMalloc(&x, (size_t)max_m * maxK * 2));
   CK(cudaMalloc(&y, (size_t)max_m * maxN * 2));
+  CK(cudaMalloc(&y2, (size_t)64 * maxN * 2));
   CK(cudaMalloc(&u16, (size_t)max_m * 128 * 2));
   fill_h<<<1024, 256>>>(x, (size_t)max_m * maxK, 1.0f, 77);
   CK(cudaGetLastError());
+
+  // Relative L2 difference between cfg and a reference config on the same inputs (M <= 64).
+  int check_failures = 0;
+  auto check = [&](const char* what, const KernelConfig& cfg, const W4Matrix& w, const EcTerm* ec, int M, int K,
+                   int N) {
+    if (M > 64 || cfg.kernel != Kernel::kDecode) return;
+    KernelConfig ref;
+    ref.tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+    ref.ec = EcMode::kSplit;
+    const size_t wsb = w4a16_workspace_bytes(M, w, ec);
+    void* ws;
+    CK(cudaMalloc(&ws, wsb));
+    CK(w4a16_workspace_init(ws, wsb, g_stream));
+    CK(w4a16_gemm(Act::kF16, x, K, M, w, ec, y, N, cfg, ws, wsb, g_stream));
+    CK(w4a16_gemm(Act::kF16, x, K, M, w, ec, y2, N, ref, ws, wsb, g_stream));
+    std::vector<__half> a((size_t)M * N), b((size_t)M * N);
+    CK(cudaMemcpyAsync(a.data(), y, a.size() * 2, cudaMemcpyDeviceToHost, g_stream));
+    CK(cudaMemcpyAsync(b.data(), y2, b.size() * 2, cudaMemcpyDeviceToHost, g_stream));
+    CK(cudaStreamSynchronize(g_stream));
+    CK(cudaFree(ws));
+    double num = 0, den = 0;
+    bool finite = true;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double va = __half2float(a[i]), vb = __half2float(b[i]);
+      finite = finite && std::isfinite(va);
+      num += (va - vb) * (va - vb);
+      den += vb * vb;
+    }
+    const double rel = std::sqrt(num / std::max(den, 1e-30));
+    const bool ok = finite && rel <= 1e-2;
+    if (!ok) ++check_failures;
+    std::printf("check %s K=%d N=%d M=%d %s vs reference: rel %.2e%s\n", what, K, N, M, cfg.str().c_str(), rel,
+                ok ? "" : "  CHECK FAILED");
+  };
 
   // Results kept for the summary.
   struct Row {
@@ -365,6 +414,7 @@ int main(int argc, char** argv) {
         if (us < best.us) best = {c, us};
       }
       disp.record(Act::kF16, M, set.w[0], nullptr, best.cfg, best.us);
+      check("w4", best.cfg, set.w[0], nullptr, M, s.K, s.N);
       w4a16_set_pdl(false);  // the same config launched without programmatic dependent launch
       const float nopdl = time_graph(calls, [&](int i) {
         CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, best.cfg, ws, wsb, g_stream));
@@ -396,7 +446,7 @@ int main(int argc, char** argv) {
     void* ws;
     CK(cudaMalloc(&ws, wsb));
     CK(w4a16_workspace_init(ws, wsb, g_stream));
-    for (int M : std::vector<int>{1, 16, 512}) {
+    for (int M : group_Ms) {
       Best best;
       for (const KernelConfig& c : disp.candidates(x, s.K, M, set.w[0], nullptr)) {
         const float us = time_graph(calls, [&](int i) {
@@ -453,6 +503,8 @@ int main(int argc, char** argv) {
         }
         const Best& win = fused.us <= split.us ? fused : split;
         disp.record(Act::kF16, M, set.w[0], &set.ec[0], win.cfg, win.us);
+        if (fused.us < 1e29f) check("ec-fused", fused.cfg, set.w[0], &set.ec[0], M, s.K, s.N);
+        check("ec-split", split.cfg, set.w[0], &set.ec[0], M, s.K, s.N);
         // Naive: plain W4, then cuBLAS u = x A^T, the gate, cuBLAS y += v B^T.
         const float one = 1.f, zero = 0.f;
         const float naive = time_graph(calls, [&](int i) {
@@ -549,6 +601,7 @@ int main(int argc, char** argv) {
       std::fclose(f);
     }
   }
+  std::printf("\nconfig checks failed: %d\n", check_failures);
   if (disp.save()) std::printf("\nautotuned table saved to %s (%zu entries)\n", disp.cache_path().c_str(), disp.size());
   return 0;
 }

@@ -54,8 +54,10 @@ struct EcTerm {
 };
 
 enum class Kernel : int { kDecode = 0, kPrefill = 1 };
-// kFused: one kernel computes u = A x from the x it loads for the GEMM, waits for all of
-//   u inside the launch, and applies gamma and B in the epilogue (decode kernel only).
+// kFused: one kernel computes u = A x from the x it loads for the GEMM (one warp per
+//   16-rank x 128-input tile, right after griddepcontrol.wait), waits for all of u in its
+//   epilogue, and applies gamma and B there (decode kernel only; needs the whole grid
+//   resident at once, otherwise w4a16_gemm runs it as kSplit).
 // kSplit: a small kernel computes u (all M), then the GEMM adds B (gamma(u) * u) in its
 //   epilogue. Two launches (plus a memset of u).
 enum class EcMode : int { kFused = 1, kSplit = 2 };
@@ -66,6 +68,8 @@ struct KernelConfig {
   int tg = 1;      // decode: 8-token groups (1, 2, 4, 8); needs M <= 8 tg; nt * tg <= 8
   int warps = 8;   // decode: warps per block (1..8)
   int splits = 1;  // decode: blocks along K (1..K_pad/128)
+  int bulk = 0;    // decode, tg <= 2: 1 = each block's weight slice streamed into shared memory by
+                   // cp.async.bulk (TMA) copies issued at entry; 0 = per-lane register loads
   int bm = 128;    // prefill: tokens per block (64 or 128)
   EcMode ec = EcMode::kFused;  // used only with an EcTerm; prefill is always split
   std::string str() const;

@@ -82,6 +82,36 @@ bool ec_ok(const EcTerm* ec, const W4Matrix& w) {
   return ec->gate == Gate::kIdentity;
 }
 
+// Dynamic shared memory of a decode launch: the bulk weight slice, then v and B rows.
+constexpr size_t kBulkSmemLimit = 216 * 1024;  // leaves room for static smem under 227 KB
+int max_units_of(const KernelConfig& c, const W4Matrix& w) {
+  const int KU = w.K_pad / static_cast<int>(kGpuKUnit);
+  return (KU + c.splits - 1) / c.splits;
+}
+size_t decode_smem(const KernelConfig& c, int M, const W4Matrix& w, const EcTerm* ec) {
+  size_t s = c.bulk ? static_cast<size_t>(c.nt) * max_units_of(c, w) * 1024 : 0;
+  if (ec) {
+    const int chunk = std::min(std::max(M, 1), 8 * c.tg);
+    s += sizeof(float) * chunk * ec->r_pad + 2 * static_cast<size_t>(16 * c.nt) * ec->r_pad;
+  }
+  return s;
+}
+
+// The fused EC waits inside the launch for A items held by other blocks: it needs the
+// whole grid resident at once, and every A item (16 ranks x 128 inputs) on its own warp.
+template <typename T>
+bool fused_fits(const KernelConfig& c, int M, const W4Matrix& w, const EcTerm* ec) {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return false;
+  const int KU = w.K_pad / static_cast<int>(kGpuKUnit);
+  const int nA = (ec->r_pad / 16) * KU;
+  const int grid = (w.N_pad / 16 + c.nt - 1) / c.nt * c.splits + (nA + c.warps - 1) / c.warps;
+  const int per_sm =
+      detail::decode_blocks_per_sm<T>(c.nt, c.tg, w.group != 0, c.bulk != 0, c.warps * 32, decode_smem(c, M, w, ec));
+  return grid <= per_sm * sms;
+}
+
 int pow2_at_least(int v) {
   int p = 1;
   while (p < v) p <<= 1;
@@ -95,7 +125,12 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
   const bool vec = x_vec_ok(x, ldx, w.K);
   const int KU = w.K_pad / kGpuKUnit;
   const int upg = w.group ? w.group / kGpuKUnit : KU;
-  const EcMode mode = ec ? (cfg.kernel == Kernel::kPrefill ? EcMode::kSplit : cfg.ec) : EcMode::kFused;
+  EcMode mode = ec ? (cfg.kernel == Kernel::kPrefill ? EcMode::kSplit : cfg.ec) : EcMode::kFused;
+  const int NB = w.N_pad / 16;
+  const int NG = (NB + cfg.nt - 1) / cfg.nt;
+  int sms = 132;
+  // (config_ok checked this with the fp16 instantiation; the bf16 one may differ)
+  if (ec && mode == EcMode::kFused && !fused_fits<T>(cfg, M, w, ec)) mode = EcMode::kSplit;
   cudaError_t e;
 
   DecodeParams d{};
@@ -130,7 +165,7 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
     const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
     const int mchunks = (M + tg * 8 - 1) / (tg * 8);
     const int a_tiles = ec->r_pad / 16;
-    int dev = 0, sms = 132;
+    int dev = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     int chunks = std::clamp((2 * sms + a_tiles * mchunks - 1) / (a_tiles * mchunks), 1, KU);
@@ -171,35 +206,31 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
 
   // Decode, in chunks of 8 tg tokens (one chunk whenever M <= 8 tg).
   const int chunk = 8 * cfg.tg;
-  const int NB = w.N_pad / 16;
-  d.NG = (NB + cfg.nt - 1) / cfg.nt;
+  d.NG = NG;
   d.splits = cfg.splits;
+  d.max_units = max_units_of(cfg, w);
+  d.w_smem = cfg.bulk ? cfg.nt * d.max_units * 1024 : 0;
   for (int t0 = 0; t0 < M; t0 += chunk) {
     DecodeParams c = d;
     c.M = std::min(chunk, M - t0);
     c.x = static_cast<const T*>(x) + static_cast<int64_t>(t0) * ldx;
     c.y = static_cast<T*>(y) + static_cast<int64_t>(t0) * ldy;
     int grid = c.NG * c.splits;
-    size_t smem = 0;
+    const size_t smem = decode_smem(cfg, c.M, w, ec);
     if (ec) {
-      smem = sizeof(float) * c.M * ec->r_pad + 2 * static_cast<size_t>(16 * cfg.nt) * ec->r_pad;
       if (mode == EcMode::kFused) {
         c.ec = 1;
         c.u = L.u_fused;
-        // A items about an eighth of a weight item, at most 4 units: they run first and
-        // finish before the weight items reach their epilogue.
-        const int a_units = std::clamp(cfg.nt * KU / (8 * cfg.splits), 1, std::min(4, KU));
-        c.a_units = a_units;
-        c.a_chunks = (KU + a_units - 1) / a_units;
-        c.nA = (ec->r_pad / 16) * c.a_chunks;
-        grid += c.nA;
+        c.nA = (ec->r_pad / 16) * KU;                 // one warp per 16 ranks x 128 inputs
+        c.a_blocks = (c.nA + cfg.warps - 1) / cfg.warps;  // blocks of their own, first in the grid
+        grid += c.a_blocks;
       } else {
         c.ec = 2;
         c.u = L.u_split + static_cast<int64_t>(t0) * ec->r_pad;
       }
     }
-    if ((e = detail::launch_decode<T>(c, cfg.nt, cfg.tg, w.group != 0, grid, cfg.warps * 32, smem, stream)) !=
-        cudaSuccess)
+    if ((e = detail::launch_decode<T>(c, cfg.nt, cfg.tg, w.group != 0, cfg.bulk != 0, grid, cfg.warps * 32, smem,
+                                      stream)) != cudaSuccess)
       return e;
   }
   return cudaSuccess;
@@ -210,7 +241,7 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
 std::string KernelConfig::str() const {
   std::ostringstream o;
   if (kernel == Kernel::kDecode)
-    o << "decode nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits;
+    o << "decode nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits << (bulk ? " bulk=1" : "");
   else
     o << "prefill bm=" << bm;
   o << " ec=" << (ec == EcMode::kFused ? "fused" : "split");
@@ -254,6 +285,8 @@ bool KernelConfig::parse(const std::string& s, KernelConfig* out) {
       c.splits = static_cast<int>(n);
     else if (k == "bm")
       c.bm = static_cast<int>(n);
+    else if (k == "bulk")
+      c.bulk = static_cast<int>(n);
     else
       return false;
   }
@@ -282,7 +315,9 @@ bool w4a16_config_ok(const KernelConfig& c, const void* x, int64_t ldx, int M, c
   if (!nt_ok || !tg_ok || c.nt * c.tg > 8) return false;
   if (c.warps < 1 || c.warps > 8 || c.splits < 1 || c.splits > KU) return false;
   if (ec && c.ec != EcMode::kFused && c.ec != EcMode::kSplit) return false;
-  return true;
+  if (c.bulk != 0 && c.bulk != 1) return false;
+  if (c.bulk && (c.tg > 2 || decode_smem(c, M, w, ec) > kBulkSmemLimit)) return false;
+  return true;  // (a fused EC whose grid cannot be resident at once runs split: run_typed)
 }
 
 cudaError_t w4a16_gemm(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
@@ -312,6 +347,15 @@ KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num
   c.splits = std::clamp((3 * num_sms + NB - 1) / NB, 1, std::max(1, KU / 4));
   c.warps = std::clamp(KU / c.splits, 1, 8);
   c.ec = EcMode::kFused;
+  if (M <= 16) {  // bulk (TMA) weight stream: at least one block per SM, slices <= 64 KB
+    KernelConfig b = c;
+    b.bulk = 1;
+    b.warps = 8;
+    b.splits = 1;
+    while (b.splits < KU && (NB * b.splits < num_sms || max_units_of(b, w) > 64)) ++b.splits;
+    if (decode_smem(b, M, w, ec) <= kBulkSmemLimit) c = b;
+  }
+  if (ec && !fused_fits<__half>(c, M, w, ec)) c.ec = EcMode::kSplit;
   return c;
 }
 
@@ -414,6 +458,28 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
         }
       }
     }
+    if (tg <= 2)  // bulk (TMA) weight stream
+      for (int nt : {1, 2, 4}) {
+        if (nt * tg > 8) continue;
+        for (int splits : {1, 2, 3, 4, 6, 8, 12, 16}) {
+          if (splits > KU) continue;
+          for (int warps : {4, 8}) {
+            if (KU / splits < warps / 2) continue;
+            for (EcMode m : {EcMode::kFused, EcMode::kSplit}) {
+              if (!ec && m == EcMode::kSplit) continue;
+              KernelConfig c;
+              c.kernel = Kernel::kDecode;
+              c.nt = nt;
+              c.tg = tg;
+              c.splits = splits;
+              c.warps = warps;
+              c.bulk = 1;
+              c.ec = m;
+              cands.push_back(c);
+            }
+          }
+        }
+      }
   }
   if (vec && M >= 16)
     for (int bm : {64, 128}) {
@@ -424,8 +490,10 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
       cands.push_back(c);
     }
   std::vector<KernelConfig> ok;
-  for (const KernelConfig& c : cands)
-    if (w4a16_config_ok(c, x, ldx, M, w, ec)) ok.push_back(c);
+  for (const KernelConfig& c : cands)  // fused candidates only where they really run fused
+    if (w4a16_config_ok(c, x, ldx, M, w, ec) &&
+        !(ec && c.kernel == Kernel::kDecode && c.ec == EcMode::kFused && !fused_fits<__half>(c, M, w, ec)))
+      ok.push_back(c);
   return ok;
 }
 

@@ -2,7 +2,8 @@
 #include "cuda/w4a16_launch.cuh"
 
 namespace spear::cuda::detail {
-template cudaError_t launch_decode<__half>(const DecodeParams&, int, int, bool, int, int, size_t, cudaStream_t);
+template cudaError_t launch_decode<__half>(const DecodeParams&, int, int, bool, bool, int, int, size_t, cudaStream_t);
+template int decode_blocks_per_sm<__half>(int, int, bool, bool, int, size_t);
 template cudaError_t launch_ec_u<__half>(const DecodeParams&, int, int, int, int, cudaStream_t);
 template cudaError_t launch_prefill<__half>(const PrefillParams&, int, bool, cudaStream_t);
 }  // namespace spear::cuda::detail

@@ -27,10 +27,14 @@ struct DecodeParams {
   const float* gate_g;
   const float* gate_c;
   int gate, r_pad;
-  int a_chunks, a_units, nA;  // A items: (r_pad/16) tiles x a_chunks chunks of a_units units
+  int a_chunks, a_units;      // split EC (ec_u_kernel): (r_pad/16) tiles x a_chunks chunks of a_units units
+  int nA, a_blocks;           // fused EC: nA = (r_pad/16) KU one-warp items on the first a_blocks
+                              //   blocks (item i: block i % a_blocks, warp i / a_blocks)
   float* u;                   // fused: (M, r_pad) accumulators (zero between calls); split: input
-  unsigned* ctrl;             // fused: [0] ticket [1] A items done [2] blocks finished
+  unsigned* ctrl;             // fused: [1] A items done [2] blocks that have read u
   int x_vec;
+  int max_units;              // bulk: units (1 KB per 16-row block) of the largest K split
+  int w_smem;                 // bulk: bytes of the weight slice at the start of dynamic smem (else 0)
 };
 
 // x fragments (B operand) of one 64-wide k-block for TG token groups: lane (g, q) takes
@@ -121,10 +125,67 @@ __device__ void a_item(const DecodeParams& p, const T* __restrict__ x, int M, fl
   __syncthreads();
 }
 
+// Fused EC, one A item per warp: u[t][16 ja + row] += A[16 ja + row][unit un] . x[t][unit un]
+// for a 16-rank x 128-input tile (item = ja * KU + un). The A fragments are loaded before
+// griddepcontrol.wait (A does not depend on the previous kernel); the products go
+// straight to u with global float atomics, then the warp counts its item done (release).
+__device__ __forceinline__ void a_warp_load(const DecodeParams& p, int item, uint4 (&av)[2][4]) {
+  const int lane = threadIdx.x & 31;
+  const int ja = item / p.KU, un = item % p.KU;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+      av[h][s] = ld_stream(p.ec_a + ((static_cast<int64_t>(ja) * p.KB + 2 * un + h) * 4 + s) * 32 + lane);
+}
+template <typename T, int TG>
+__device__ __forceinline__ void a_warp_item(const DecodeParams& p, int item, const uint4 (&av)[2][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int ja = item / p.KU, un = item % p.KU;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  float acc[TG][4];
+#pragma unroll
+  for (int tg = 0; tg < TG; ++tg) acc[tg][0] = acc[tg][1] = acc[tg][2] = acc[tg][3] = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint4 xv[TG][2];
+    load_x<T, TG>(x, p.ldx, p.M, p.K, p.x_vec, (2 * un + h) * 64, lane, xv);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t a[4] = {av[h][s].x, av[h][s].y, av[h][s].z, av[h][s].w};
+#pragma unroll
+      for (int tg = 0; tg < TG; ++tg) mma16816<T>(acc[tg], a, xb0(xv[tg], s), xb1(xv[tg], s));
+    }
+  }
+  float* u = p.u + ja * 16 + g;
+#pragma unroll
+  for (int tg = 0; tg < TG; ++tg) {
+    const int t = tg * 8 + 2 * q;
+    if (t < p.M) {
+      atomicAdd(u + static_cast<int64_t>(t) * p.r_pad, acc[tg][0]);
+      atomicAdd(u + static_cast<int64_t>(t) * p.r_pad + 8, acc[tg][2]);
+    }
+    if (t + 1 < p.M) {
+      atomicAdd(u + static_cast<int64_t>(t + 1) * p.r_pad, acc[tg][1]);
+      atomicAdd(u + static_cast<int64_t>(t + 1) * p.r_pad + 8, acc[tg][3]);
+    }
+  }
+  __threadfence();
+  __syncwarp();
+  if (lane == 0) atomicAdd(&p.ctrl[1], 1u);
+}
+
+constexpr int kBulkStages = 8;  // mbarriers per block in the bulk-copy variant
+
 // Weight stream of one work item: 16*NT rows, units [u_begin, u_end), warps interleaved.
-template <typename T, int NT, int TG, bool GROUPED>
+// BULK = false: each lane loads its 16 bytes per tile into registers, one unit ahead.
+// BULK = true: thread 0 issues the item's whole weight slice as cp.async.bulk copies into
+//   shared memory at entry (kBulkStages stages, one mbarrier each; NT contiguous runs of
+//   K per stage), before griddepcontrol.wait; warps then read 16-byte fragments with LDS.128.
+// (Fused EC: the A items run on blocks of their own, see w4_decode_kernel.)
+template <typename T, int NT, int TG, bool GROUPED, bool BULK>
 __device__ __forceinline__ void w_stream(const DecodeParams& p, int nb0, int u_begin, int u_end,
-                                         float (&acc)[NT][TG][4]) {
+                                         float (&acc)[NT][TG][4], unsigned char* wsm, uint64_t* bars) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2;
   const int NB = p.N_pad >> 4;
@@ -189,12 +250,7 @@ __device__ __forceinline__ void w_stream(const DecodeParams& p, int nb0, int u_b
         }
     }
   };
-  // Software pipeline: the next unit's weights are in flight while this one computes.
-  int un = u_begin + warp;
-  uint4 wcur[NT][2];
-  if (un < u_end) load_w(un, wcur);
-  // Per-channel zero points and scales after the first weight loads are issued.
-  if (!GROUPED) {
+  auto load_channel_meta = [&]() {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int n = min(nb0 + nt, NB - 1) * 16 + g;
@@ -203,18 +259,62 @@ __device__ __forceinline__ void w_stream(const DecodeParams& p, int nb0, int u_b
       sc0[nt] = p.scales[n];
       sc1[nt] = p.scales[n + 8];
     }
-  }
-  // Weights, zero points and scales never depend on the previous kernel: with
-  // programmatic dependent launch they are fetched while it drains; x only after this.
-  grid_dep_wait();
-  for (; un < u_end; un += nw) {
-    uint4 wnxt[NT][2];
-    if (un + nw < u_end) load_w(un + nw, wnxt);
-    compute(un, wcur);
+  };
+  if constexpr (BULK) {
+    const int nU = u_end - u_begin;
+    const int S = min(kBulkStages, nU);
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < S; ++s) mbar_init(smem_u32(&bars[s]), 1u);
+      mbar_fence_init();
+      const uint64_t pol = l2_evict_first();
+      const int present = min(NT, NB - nb0);
+      for (int s = 0; s < S; ++s) {
+        const int s0 = s * nU / S, s1 = (s + 1) * nU / S;
+        const uint32_t bar = smem_u32(&bars[s]);
+        mbar_expect_tx(bar, static_cast<unsigned>(present * (s1 - s0) * 1024));
+        for (int nt = 0; nt < present; ++nt) {
+          const uint4* src = p.qw + (static_cast<int64_t>(nb0 + nt) * p.KB + 2 * (u_begin + s0)) * 32;
+          bulk_g2s(smem_u32(wsm + (static_cast<size_t>(nt) * p.max_units + s0) * 1024), src,
+                   static_cast<unsigned>((s1 - s0) * 1024), bar, pol);
+        }
+      }
+    }
+    if (!GROUPED) load_channel_meta();
+    __syncthreads();  // barriers initialised before anyone waits on them
+    grid_dep_wait();
+    const uint32_t wbase = smem_u32(wsm);
+    int s = 0;
+    for (int i = warp; i < nU; i += nw) {
+      while ((s + 1) * nU / S <= i) ++s;
+      mbar_wait(smem_u32(&bars[s]), 0u);
+      uint4 wv[NT][2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      wcur[nt][0] = wnxt[nt][0];
-      wcur[nt][1] = wnxt[nt][1];
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t a = wbase + ((nt * p.max_units + i) * 2) * 512 + lane * 16;
+        wv[nt][0] = lds128(a);
+        wv[nt][1] = lds128(a + 512);
+      }
+      compute(u_begin + i, wv);
+    }
+  } else {
+    // Software pipeline: the next unit's weights are in flight while this one computes.
+    int un = u_begin + warp;
+    uint4 wcur[NT][2];
+    if (un < u_end) load_w(un, wcur);
+    // Per-channel zero points and scales after the first weight loads are issued.
+    if (!GROUPED) load_channel_meta();
+    // Weights, zero points and scales never depend on the previous kernel: with
+    // programmatic dependent launch they are fetched while it drains; x only after this.
+    grid_dep_wait();
+    for (; un < u_end; un += nw) {
+      uint4 wnxt[NT][2];
+      if (un + nw < u_end) load_w(un + nw, wnxt);
+      compute(un, wcur);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        wcur[nt][0] = wnxt[nt][0];
+        wcur[nt][1] = wnxt[nt][1];
+      }
     }
   }
   if (!GROUPED) {
@@ -257,119 +357,127 @@ __device__ __forceinline__ void store_rows(const DecodeParams& p, int n_base, in
   }
 }
 
-template <typename T, int NT, int TG, bool GROUPED>
+template <typename T, int NT, int TG, bool GROUPED, bool BULK>
 __global__ void __launch_bounds__(256) w4_decode_kernel(const DecodeParams p) {
-  extern __shared__ __align__(16) float vsm[];  // EC: v (M, r_pad) floats, then B rows (ROWS, r_pad) in T
+  // Dynamic shared memory: [BULK: weight slice, NT x max_units KB] then, with an EC,
+  // v (M, r_pad) floats and the block's B rows (ROWS, r_pad) in T.
+  extern __shared__ __align__(128) unsigned char dsm[];
   constexpr int TM = TG * 8, ROWS = NT * 16;
   __shared__ float red[ROWS * TM];
-  __shared__ int s_item, s_last, s_fin;
+  __shared__ __align__(8) uint64_t bars[BULK ? kBulkStages : 1];
+  __shared__ int s_last, s_fin;
   const int tid = threadIdx.x;
-  int item = blockIdx.x;
-  grid_dep_launch();  // the next kernel may start scheduling (it waits before reading our output)
-  if (p.ec == 1) {
-    grid_dep_wait();  // the fused-EC state in the workspace belongs to the previous call until it ends
-    if (tid == 0) s_item = static_cast<int>(atomicAdd(&p.ctrl[0], 1u));
-  }
-  for (int i = tid; i < ROWS * TM; i += blockDim.x) red[i] = 0.f;
-  __syncthreads();
-  if (p.ec == 1) item = s_item;
-
-  if (p.ec == 1 && item < p.nA) {
-    a_item<T, TG>(p, static_cast<const T*>(p.x), p.M, p.u, item, red);
-    if (tid == 0) atomicAdd(&p.ctrl[1], 1u);
-  } else {
-    const int w = item - (p.ec == 1 ? p.nA : 0);
-    const int ng = w / p.splits, ks = w % p.splits;
-    const int nb0 = ng * NT;
-    T* bsm = reinterpret_cast<T*>(vsm + p.M * p.r_pad);
-    if (p.ec) {  // B rows of this block, fetched while the weights stream (B has N_pad rows)
-      const int chunks = ROWS * p.r_pad / 8;
-      const int rows_left = (p.N_pad >> 4) - nb0;  // 16-row blocks that exist
-      for (int c = tid; c < chunks; c += blockDim.x) {
-        const int row = c / (p.r_pad / 8);
-        const bool ok = (row >> 4) < rows_left;
-        const T* src = static_cast<const T*>(p.ec_b) + (static_cast<int64_t>(nb0) * 16 + (ok ? row : 0)) * p.r_pad +
-                       (c % (p.r_pad / 8)) * 8;
-        cp_async16(smem_u32(bsm + row * p.r_pad + (c % (p.r_pad / 8)) * 8), src, ok);
-      }
-      cp_async_commit();
+  // The next kernel may start (it runs its own prologue, then waits for our completion
+  // before it reads x, y or the workspace).
+  grid_dep_launch();
+  if (p.ec == 1 && static_cast<int>(blockIdx.x) < p.a_blocks) {
+    // Fused EC: the first a_blocks blocks hold the A items, one per warp (item = block +
+    // a_blocks * warp): A fetched before griddepcontrol.wait, x and the mma after it; done
+    // long before the weight blocks reach their epilogue.
+    const int a_item_id = blockIdx.x + p.a_blocks * (tid >> 5);
+    if (a_item_id >= p.nA) {
+      grid_dep_wait();
+      return;
     }
-    const int u_begin = static_cast<int>(static_cast<int64_t>(p.KU) * ks / p.splits);
-    const int u_end = static_cast<int>(static_cast<int64_t>(p.KU) * (ks + 1) / p.splits);
-    float acc[NT][TG][4];
+    uint4 av[2][4];
+    a_warp_load(p, a_item_id, av);
+    grid_dep_wait();
+    a_warp_item<T, TG>(p, a_item_id, av);
+    return;
+  }
+  const int item = blockIdx.x - (p.ec == 1 ? p.a_blocks : 0);
+  for (int i = tid; i < ROWS * TM; i += blockDim.x) red[i] = 0.f;
+  // (made visible by the __syncthreads after the weight stream)
+
+  float* vsm = reinterpret_cast<float*>(dsm + p.w_smem);
+  const int ng = item / p.splits, ks = item % p.splits;
+  const int nb0 = ng * NT;
+  T* bsm = reinterpret_cast<T*>(vsm + p.M * p.r_pad);
+  if (p.ec) {  // B rows of this block, fetched while the weights stream (B has N_pad rows)
+    const int chunks = ROWS * p.r_pad / 8;
+    const int rows_left = (p.N_pad >> 4) - nb0;  // 16-row blocks that exist
+    for (int c = tid; c < chunks; c += blockDim.x) {
+      const int row = c / (p.r_pad / 8);
+      const bool ok = (row >> 4) < rows_left;
+      const T* src = static_cast<const T*>(p.ec_b) + (static_cast<int64_t>(nb0) * 16 + (ok ? row : 0)) * p.r_pad +
+                     (c % (p.r_pad / 8)) * 8;
+      cp_async16(smem_u32(bsm + row * p.r_pad + (c % (p.r_pad / 8)) * 8), src, ok);
+    }
+    cp_async_commit();
+  }
+  const int u_begin = static_cast<int>(static_cast<int64_t>(p.KU) * ks / p.splits);
+  const int u_end = static_cast<int>(static_cast<int64_t>(p.KU) * (ks + 1) / p.splits);
+  float acc[NT][TG][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int tg = 0; tg < TG; ++tg) acc[nt][tg][0] = acc[nt][tg][1] = acc[nt][tg][2] = acc[nt][tg][3] = 0.f;
-    w_stream<T, NT, TG, GROUPED>(p, nb0, u_begin, u_end, acc);
-    const int lane = tid & 31, g = lane >> 2, q = lane & 3;
+    for (int tg = 0; tg < TG; ++tg) acc[nt][tg][0] = acc[nt][tg][1] = acc[nt][tg][2] = acc[nt][tg][3] = 0.f;
+  w_stream<T, NT, TG, GROUPED, BULK>(p, nb0, u_begin, u_end, acc, dsm, bars);
+  __syncthreads();  // red zeroed by all threads
+  const int lane = tid & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int tg = 0; tg < TG; ++tg) {
-        float* r0 = red + (nt * 16 + g) * TM + tg * 8 + 2 * q;
-        float* r1 = r0 + 8 * TM;
-        atomicAdd(r0, acc[nt][tg][0]);
-        atomicAdd(r0 + 1, acc[nt][tg][1]);
-        atomicAdd(r1, acc[nt][tg][2]);
-        atomicAdd(r1 + 1, acc[nt][tg][3]);
-      }
+    for (int tg = 0; tg < TG; ++tg) {
+      float* r0 = red + (nt * 16 + g) * TM + tg * 8 + 2 * q;
+      float* r1 = r0 + 8 * TM;
+      atomicAdd(r0, acc[nt][tg][0]);
+      atomicAdd(r0 + 1, acc[nt][tg][1]);
+      atomicAdd(r1, acc[nt][tg][2]);
+      atomicAdd(r1 + 1, acc[nt][tg][3]);
+    }
+  __syncthreads();
+  const int n_base = nb0 * 16;
+  bool mine = true;
+  if (p.splits > 1) {
+    for (int i = tid; i < ROWS * p.M; i += blockDim.x) {
+      const int t = i / ROWS, nl = i % ROWS, n = n_base + nl;
+      if (n < p.N) atomicAdd(&p.ws_y[static_cast<int64_t>(t) * p.N_pad + n], red[nl * TM + t]);
+    }
+    __threadfence();
     __syncthreads();
-    const int n_base = nb0 * 16;
-    bool mine = true;
-    if (p.splits > 1) {
+    if (tid == 0) s_last = atomicAdd(&p.ws_cnt[ng], 1u) == static_cast<unsigned>(p.splits - 1);
+    __syncthreads();
+    mine = s_last;
+    if (mine) {
+      __threadfence();
       for (int i = tid; i < ROWS * p.M; i += blockDim.x) {
         const int t = i / ROWS, nl = i % ROWS, n = n_base + nl;
-        if (n < p.N) atomicAdd(&p.ws_y[static_cast<int64_t>(t) * p.N_pad + n], red[nl * TM + t]);
+        if (n < p.N) {
+          float* cell = &p.ws_y[static_cast<int64_t>(t) * p.N_pad + n];
+          red[nl * TM + t] = __ldcg(cell);
+          __stcg(cell, 0.f);
+        }
       }
-      __threadfence();
+      if (tid == 0) p.ws_cnt[ng] = 0u;
       __syncthreads();
-      if (tid == 0) s_last = atomicAdd(&p.ws_cnt[ng], 1u) == static_cast<unsigned>(p.splits - 1);
-      __syncthreads();
-      mine = s_last;
-      if (mine) {
-        __threadfence();
-        for (int i = tid; i < ROWS * p.M; i += blockDim.x) {
-          const int t = i / ROWS, nl = i % ROWS, n = n_base + nl;
-          if (n < p.N) {
-            float* cell = &p.ws_y[static_cast<int64_t>(t) * p.N_pad + n];
-            red[nl * TM + t] = __ldcg(cell);
-            __stcg(cell, 0.f);
-          }
-        }
-        if (tid == 0) p.ws_cnt[ng] = 0u;
-        __syncthreads();
-      }
-    }
-    if (p.ec) cp_async_wait<0>();
-    if (mine) {
-      if (p.ec) {
-        if (p.ec == 1) {
-          if (tid == 0)
-            while (ld_acquire(&p.ctrl[1]) < static_cast<unsigned>(p.nA)) __nanosleep(100);
-          __syncthreads();
-        }
-        for (int i = tid; i < p.M * p.r_pad; i += blockDim.x) {
-          const float uu = __ldcg(&p.u[i]);
-          vsm[i] = apply_gate(p.gate, uu, p.gate_g, p.gate_c, i % p.r_pad);
-        }
-        __syncthreads();
-      }
-      store_rows<T>(p, n_base, ROWS, TM, red, vsm, bsm);
     }
   }
-  if (p.ec == 1) {  // the last block to finish leaves the fused-EC state zeroed
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence();
-      s_fin = atomicAdd(&p.ctrl[2], 1u) == gridDim.x - 1;
+  if (p.ec) cp_async_wait<0>();
+  if (!mine) return;
+  unsigned seen = 0;
+  if (p.ec) {
+    if (p.ec == 1) {  // u complete: every A item counted (their warps run early in the launch)
+      if (tid == 0)
+        while (ld_acquire(&p.ctrl[1]) < static_cast<unsigned>(p.nA)) __nanosleep(32);
+      __syncthreads();
     }
+    for (int i = tid; i < p.M * p.r_pad; i += blockDim.x) {
+      const float uu = __ldcg(&p.u[i]);
+      vsm[i] = apply_gate(p.gate, uu, p.gate_g, p.gate_c, i % p.r_pad);
+    }
+    __syncthreads();  // also: this block's reads of u are complete
+    // Fused: count this block as a reader of u; the last reader zeroes u and the counters.
+    if (p.ec == 1 && tid == 0) seen = atomicAdd(&p.ctrl[2], 1u);
+  }
+  store_rows<T>(p, n_base, ROWS, TM, red, vsm, bsm);
+  if (p.ec == 1) {
+    if (tid == 0) s_fin = seen == static_cast<unsigned>(p.NG - 1);
     __syncthreads();
     if (s_fin) {
       __threadfence();
       for (int i = tid; i < p.M * p.r_pad; i += blockDim.x) __stcg(&p.u[i], 0.f);
       if (tid == 0) {
-        p.ctrl[0] = 0u;
         p.ctrl[1] = 0u;
         p.ctrl[2] = 0u;
       }
@@ -589,8 +697,11 @@ bool pdl_enabled();
 
 // Launchers, instantiated per activation type in w4a16_f16.cu / w4a16_bf16.cu.
 template <typename T>
-cudaError_t launch_decode(const DecodeParams& p, int nt, int tg, bool grouped, int grid, int threads, size_t smem,
-                          cudaStream_t s);
+cudaError_t launch_decode(const DecodeParams& p, int nt, int tg, bool grouped, bool bulk, int grid, int threads,
+                          size_t smem, cudaStream_t s);
+// Blocks of this decode instantiation that fit on one SM at once (0 on error).
+template <typename T>
+int decode_blocks_per_sm(int nt, int tg, bool grouped, bool bulk, int threads, size_t smem);
 template <typename T>
 cudaError_t launch_ec_u(const DecodeParams& p, int tg, int grid_x, int grid_y, int threads, cudaStream_t s);
 template <typename T>

@@ -1,13 +1,30 @@
 #pragma once
 // Launcher bodies, included once per activation type (w4a16_f16.cu, w4a16_bf16.cu) so the
 // two sets of kernel instantiations compile in parallel.
+#include <mutex>
+
 #include "cuda/w4a16_kernels.cuh"
 
 namespace spear::cuda::detail {
 
-template <typename T, int NT, int TG>
-static cudaError_t decode_nt_tg(const DecodeParams& p, bool grouped, int grid, int threads, size_t smem,
-                                cudaStream_t s) {
+constexpr int kMaxDecodeSmem = 227 * 1024;  // sm_90 opt-in limit per block
+
+template <typename Kern>
+static cudaError_t allow_big_smem(Kern k) {
+  cudaFuncAttributes a;
+  cudaError_t e = cudaFuncGetAttributes(&a, k);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kMaxDecodeSmem - static_cast<int>(a.sharedSizeBytes));
+}
+
+template <typename T, int NT, int TG, bool GROUPED, bool BULK>
+static cudaError_t decode_inst(const DecodeParams& p, int grid, int threads, size_t smem, cudaStream_t s) {
+  auto kern = w4_decode_kernel<T, NT, TG, GROUPED, BULK>;
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [&] { attr_err = allow_big_smem(kern); });
+  if (attr_err != cudaSuccess) return attr_err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(threads);
@@ -18,22 +35,53 @@ static cudaError_t decode_nt_tg(const DecodeParams& p, bool grouped, int grid, i
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  if (grouped) return cudaLaunchKernelEx(&cfg, w4_decode_kernel<T, NT, TG, true>, p);
-  return cudaLaunchKernelEx(&cfg, w4_decode_kernel<T, NT, TG, false>, p);
+  return cudaLaunchKernelEx(&cfg, kern, p);
+}
+
+template <typename T, int NT, int TG, bool GROUPED, bool BULK>
+static int decode_occ(int threads, size_t smem) {
+  auto kern = w4_decode_kernel<T, NT, TG, GROUPED, BULK>;
+  static std::once_flag once;
+  std::call_once(once, [&] { allow_big_smem(kern); });
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, smem) != cudaSuccess) return 0;
+  return n;
+}
+
+// The bulk (TMA) variant is instantiated for M <= 16 (tg 1, 2) only.
+#define SPEAR_DEC_ALL(F, ...)                                                                  \
+  if (bulk) {                                                                                  \
+    if (tg == 1 && nt == 1) return grouped ? F<T, 1, 1, true, true>(__VA_ARGS__) : F<T, 1, 1, false, true>(__VA_ARGS__); \
+    if (tg == 1 && nt == 2) return grouped ? F<T, 2, 1, true, true>(__VA_ARGS__) : F<T, 2, 1, false, true>(__VA_ARGS__); \
+    if (tg == 1 && nt == 4) return grouped ? F<T, 4, 1, true, true>(__VA_ARGS__) : F<T, 4, 1, false, true>(__VA_ARGS__); \
+    if (tg == 2 && nt == 1) return grouped ? F<T, 1, 2, true, true>(__VA_ARGS__) : F<T, 1, 2, false, true>(__VA_ARGS__); \
+    if (tg == 2 && nt == 2) return grouped ? F<T, 2, 2, true, true>(__VA_ARGS__) : F<T, 2, 2, false, true>(__VA_ARGS__); \
+    if (tg == 2 && nt == 4) return grouped ? F<T, 4, 2, true, true>(__VA_ARGS__) : F<T, 4, 2, false, true>(__VA_ARGS__); \
+  } else {                                                                                     \
+    if (tg == 1 && nt == 1) return grouped ? F<T, 1, 1, true, false>(__VA_ARGS__) : F<T, 1, 1, false, false>(__VA_ARGS__); \
+    if (tg == 1 && nt == 2) return grouped ? F<T, 2, 1, true, false>(__VA_ARGS__) : F<T, 2, 1, false, false>(__VA_ARGS__); \
+    if (tg == 1 && nt == 4) return grouped ? F<T, 4, 1, true, false>(__VA_ARGS__) : F<T, 4, 1, false, false>(__VA_ARGS__); \
+    if (tg == 2 && nt == 1) return grouped ? F<T, 1, 2, true, false>(__VA_ARGS__) : F<T, 1, 2, false, false>(__VA_ARGS__); \
+    if (tg == 2 && nt == 2) return grouped ? F<T, 2, 2, true, false>(__VA_ARGS__) : F<T, 2, 2, false, false>(__VA_ARGS__); \
+    if (tg == 2 && nt == 4) return grouped ? F<T, 4, 2, true, false>(__VA_ARGS__) : F<T, 4, 2, false, false>(__VA_ARGS__); \
+    if (tg == 4 && nt == 1) return grouped ? F<T, 1, 4, true, false>(__VA_ARGS__) : F<T, 1, 4, false, false>(__VA_ARGS__); \
+    if (tg == 4 && nt == 2) return grouped ? F<T, 2, 4, true, false>(__VA_ARGS__) : F<T, 2, 4, false, false>(__VA_ARGS__); \
+    if (tg == 8 && nt == 1) return grouped ? F<T, 1, 8, true, false>(__VA_ARGS__) : F<T, 1, 8, false, false>(__VA_ARGS__); \
+  }
+
+template <typename T>
+cudaError_t launch_decode(const DecodeParams& p, int nt, int tg, bool grouped, bool bulk, int grid, int threads,
+                          size_t smem, cudaStream_t s) {
+  SPEAR_DEC_ALL(decode_inst, p, grid, threads, smem, s)
+  return cudaErrorInvalidValue;
 }
 
 template <typename T>
-cudaError_t launch_decode(const DecodeParams& p, int nt, int tg, bool grouped, int grid, int threads, size_t smem,
-                          cudaStream_t s) {
-#define SPEAR_DEC(NT_, TG_) \
-  if (nt == NT_ && tg == TG_) return decode_nt_tg<T, NT_, TG_>(p, grouped, grid, threads, smem, s);
-  SPEAR_DEC(1, 1) SPEAR_DEC(2, 1) SPEAR_DEC(4, 1)
-  SPEAR_DEC(1, 2) SPEAR_DEC(2, 2) SPEAR_DEC(4, 2)
-  SPEAR_DEC(1, 4) SPEAR_DEC(2, 4)
-  SPEAR_DEC(1, 8)
-#undef SPEAR_DEC
-  return cudaErrorInvalidValue;
+int decode_blocks_per_sm(int nt, int tg, bool grouped, bool bulk, int threads, size_t smem) {
+  SPEAR_DEC_ALL(decode_occ, threads, smem)
+  return 0;
 }
+#undef SPEAR_DEC_ALL
 
 template <typename T>
 cudaError_t launch_ec_u(const DecodeParams& p, int tg, int grid_x, int grid_y, int threads, cudaStream_t s) {

@@ -176,6 +176,23 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
       c.warps = 8;
       cases.push_back({c});
     }
+    if (tg <= 2)  // the bulk (TMA) weight stream: whole slice, split-K, 4 row blocks per block
+      for (EcMode m : {EcMode::kFused, EcMode::kSplit}) {
+        if (!ec && m == EcMode::kSplit) continue;
+        KernelConfig c;
+        c.bulk = 1;
+        c.ec = m;
+        c.tg = tg;
+        cases.push_back({c});
+        c.nt = 2;
+        c.splits = 3;
+        c.warps = 4;
+        cases.push_back({c});
+        c.nt = 4;
+        c.splits = 2;
+        c.warps = 8;
+        cases.push_back({c});
+      }
     if (M > 8 && M <= 16) {  // a decode tile smaller than M: the chunked path
       KernelConfig c;
       c.tg = 1;
@@ -204,11 +221,15 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
       const std::string cname = cs.use_dispatcher ? "dispatcher:" + disp.select(act, dx, ldx, M, h.w, ec).str()
                                                   : cs.cfg.str();
       SCOPED_TRACE(cname);
-      for (int rep = 0; rep < 2; ++rep) {  // twice: the workspace must come back zeroed
+      // Twice: the workspace must come back zeroed. The second time three calls run back to
+      // back without a host sync (programmatic dependent launch overlaps them).
+      for (int rep = 0; rep < 2; ++rep) {
         CK(cudaMemset(dy, 0xff, ybytes));  // poison: NaN in fp16 and bf16
-        cudaError_t e = cs.use_dispatcher ? disp.run(act, dx, ldx, M, h.w, ec, dy, ldy, ws, wsb, nullptr)
-                                          : w4a16_gemm(act, dx, ldx, M, h.w, ec, dy, ldy, cs.cfg, ws, wsb, nullptr);
-        CK(e);
+        for (int call = 0; call < (rep ? 3 : 1); ++call) {
+          cudaError_t e = cs.use_dispatcher ? disp.run(act, dx, ldx, M, h.w, ec, dy, ldy, ws, wsb, nullptr)
+                                            : w4a16_gemm(act, dx, ldx, M, h.w, ec, dy, ldy, cs.cfg, ws, wsb, nullptr);
+          CK(e);
+        }
         CK(cudaDeviceSynchronize());
         std::vector<uint16_t> y(static_cast<size_t>(M) * ldy);
         CK(cudaMemcpy(y.data(), dy, ybytes, cudaMemcpyDeviceToHost));
@@ -293,6 +314,12 @@ TEST(W4A16Gpu, RejectsBadArguments) {
   KernelConfig parsed;
   ASSERT_TRUE(KernelConfig::parse("decode nt=2 tg=1 warps=4 splits=3 ec=split", &parsed));
   EXPECT_EQ(parsed.str(), "decode nt=2 tg=1 warps=4 splits=3 ec=split");
+  ASSERT_TRUE(KernelConfig::parse("decode nt=4 tg=2 warps=8 splits=2 bulk=1 ec=fused", &parsed));
+  EXPECT_EQ(parsed.str(), "decode nt=4 tg=2 warps=8 splits=2 bulk=1 ec=fused");
+  KernelConfig bulk_tg4;  // the bulk stream exists for tg <= 2 only
+  bulk_tg4.bulk = 1;
+  bulk_tg4.tg = 4;
+  EXPECT_FALSE(w4a16_config_ok(bulk_tg4, nullptr, 8, 32, w, nullptr));
   EXPECT_FALSE(KernelConfig::parse("decode nt=x", &parsed));
 }
 
