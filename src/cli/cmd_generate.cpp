@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "engine/generate.h"
+#include "io/spear_artifact.h"
 #include "tokenizer/tokenizer.h"
 
 namespace spear::cli {
@@ -20,7 +21,7 @@ void register_generate(CLI::App& app) {
     bool json = false, ignore_eos = false;
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--model", o->model, "Model directory")->required();
+  cmd->add_option("--model", o->model, "Model directory or .spear file")->required();
   cmd->add_option("--prompt,-p", o->prompt, "Prompt text")->required();
   cmd->add_option("--max-tokens,-n", o->max_tokens, "Tokens to generate")->capture_default_str();
   cmd->add_option("--temperature,-t", o->s.temperature, "0 = greedy")->capture_default_str();
@@ -31,9 +32,10 @@ void register_generate(CLI::App& app) {
   cmd->add_flag("--json", o->json, "Print {\"prompt_ids\", \"ids\", \"text\"} at the end");
   cmd->callback([o] {
     SPEAR_CHECK(o->max_tokens >= 0 && o->max_tokens <= 1 << 20, "generate: bad --max-tokens");
-    namespace fs = std::filesystem;
-    Tokenizer tok = Tokenizer::from_file((fs::path(o->model) / "tokenizer.json").string());
-    auto model = LlamaModel::load(o->model);
+    // A model directory or a .spear artifact (quantized, possibly with ECs).
+    LoadedModel loaded = load_model_any(o->model);
+    Tokenizer tok = load_tokenizer(loaded);
+    const std::unique_ptr<LlamaModel>& model = loaded.model;
     std::vector<int32_t> prompt = tok.encode(o->prompt, true);
     GenerateOptions g;
     g.max_new_tokens = o->max_tokens;

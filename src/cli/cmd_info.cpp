@@ -8,17 +8,77 @@
 #include "cli/commands.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
+#include "io/spear_artifact.h"
 
 namespace spear::cli {
+
+namespace {
+
+// A .spear artifact: the source config, what was quantized how, where ECs sit, and the
+// bytes the budget is measured in (quant_model_bytes, ec_bytes).
+void print_spear_info(const std::string& path, bool as_json) {
+  SpearArtifact a = read_spear(path);
+  const ModelConfig& cfg = a.config;
+  std::map<std::string, int64_t> schemes;
+  nlohmann::json placement = nlohmann::json::array();
+  for (const SpearModule& m : a.modules) {
+    schemes[m.q.scheme.name()]++;
+    if (m.ec)
+      placement.push_back({{"layer", m.layer},
+                           {"module", std::string(module_name(m.module))},
+                           {"rank", m.ec->rank},
+                           {"gated", m.ec->gated},
+                           {"bytes", m.ec->bytes()}});
+  }
+  nlohmann::json j;
+  j["path"] = path;
+  j["format"] = "spear";
+  j["architecture"] = cfg.architecture;
+  j["config"] = cfg.to_json();
+  j["parameters_by_config"] = cfg.num_parameters();
+  j["mapped_bytes"] = std::filesystem::file_size(path);
+  j["quant_model_bytes"] = a.quant_model_bytes();
+  j["ec_bytes"] = a.ec_bytes();
+  j["ec_count"] = a.ec_count();
+  j["ec_overhead"] = static_cast<double>(a.ec_bytes()) / static_cast<double>(a.quant_model_bytes());
+  j["schemes"] = schemes;
+  j["placement"] = placement;
+  j["metadata"] = a.meta;
+  if (as_json) {
+    std::printf("%s\n", j.dump().c_str());
+    return;
+  }
+  std::printf("spear artifact    %s\n", path.c_str());
+  std::printf("architecture      %s: %lld layers, dim %lld, %lld heads (%lld kv), ffn %lld, vocab %lld\n",
+              cfg.architecture.c_str(), (long long)cfg.num_layers, (long long)cfg.hidden_size,
+              (long long)cfg.num_heads, (long long)cfg.num_kv_heads,
+              (long long)cfg.intermediate_size, (long long)cfg.vocab_size);
+  std::printf("source model      %s\n", a.meta.value("source_model", std::string("?")).c_str());
+  if (a.meta.contains("quantizer")) std::printf("quantizer         %s\n", a.meta["quantizer"].dump().c_str());
+  for (auto& [s, n] : schemes) std::printf("scheme            %s on %lld modules\n", s.c_str(), (long long)n);
+  std::printf("quant_model_bytes %lld\n", (long long)a.quant_model_bytes());
+  std::printf("ec_bytes          %lld (%.3f%% of the quantized model, %lld ECs)\n",
+              (long long)a.ec_bytes(), 100.0 * j["ec_overhead"].get<double>(), (long long)a.ec_count());
+  for (const auto& p : placement)
+    std::printf("  EC layer %2lld %-18s rank %3lld%s\n", (long long)p["layer"].get<int64_t>(),
+                p["module"].get<std::string>().c_str(), (long long)p["rank"].get<int64_t>(),
+                p["gated"].get<bool>() ? " gated" : "");
+}
+
+}  // namespace
 
 void register_info(CLI::App& app) {
   auto* cmd = app.add_subcommand("info", "Show a model's architecture, parameters, dtypes and bytes");
   auto model = std::make_shared<std::string>();
   auto as_json = std::make_shared<bool>(false);
-  cmd->add_option("model,--model", *model, "Model directory (Hugging Face format)")->required();
+  cmd->add_option("model,--model", *model, "Model directory (Hugging Face format) or .spear file")->required();
   cmd->add_flag("--json", *as_json, "Print one JSON object");
   cmd->callback([=] {
     namespace fs = std::filesystem;
+    if (is_spear_path(*model)) {
+      print_spear_info(*model, *as_json);
+      return;
+    }
     ModelConfig cfg = ModelConfig::load((fs::path(*model) / "config.json").string());
     TensorStore store = TensorStore::open(*model);
     std::map<std::string, int64_t> params_by_dtype, bytes_by_dtype;

@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "eval/perplexity.h"
+#include "io/spear_artifact.h"
 #include "tokenizer/tokenizer.h"
 
 namespace spear::cli {
@@ -20,18 +21,19 @@ void register_ppl(CLI::App& app) {
     bool json = false;
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--model", o->model, "Model directory")->required();
+  cmd->add_option("--model", o->model, "Model directory or .spear file")->required();
   cmd->add_option("--data", o->data, "Text file")->required();
   cmd->add_option("--ctx", o->ctx, "Window length in tokens")->capture_default_str();
   cmd->add_option("--max-windows", o->max_windows, "Score only the first N windows");
   cmd->add_option("--ref-model", o->ref_model, "Also report mean KL(ref || model) per token");
   cmd->add_flag("--json", o->json, "Print one JSON object");
   cmd->callback([o] {
-    namespace fs = std::filesystem;
-    Tokenizer tok = Tokenizer::from_file((fs::path(o->model) / "tokenizer.json").string());
-    auto model = LlamaModel::load(o->model);
+    // A model directory or a .spear artifact (quantized, possibly with ECs).
+    LoadedModel loaded = load_model_any(o->model);
+    Tokenizer tok = load_tokenizer(loaded);
+    const std::unique_ptr<LlamaModel>& model = loaded.model;
     std::unique_ptr<LlamaModel> ref;
-    if (!o->ref_model.empty()) ref = LlamaModel::load(o->ref_model);
+    if (!o->ref_model.empty()) ref = load_model_any(o->ref_model).model;
     std::string text = read_text_file(o->data);
     std::vector<int32_t> ids = tok.encode(text, true);
     Progress progress("ppl");

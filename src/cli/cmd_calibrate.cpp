@@ -1,0 +1,101 @@
+// spear calibrate --model DIR --quantized m.spear --calib FILE --budget 0.01 --out m-ec.spear
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "compensate/calibrate.h"
+#include "core/error.h"
+#include "io/spear_artifact.h"
+
+namespace spear::cli {
+
+
+void register_calibrate(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "calibrate", "Place gated Error Compensators under a memory budget and train them");
+  struct Opts {
+    std::string model, quantized, out, static_out, report, placement;
+    CalibOptions calib;
+    CalibrateOptions c;
+    bool no_gate = false, quiet = false;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("--model", o->model, "Full-precision model directory")->required();
+  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`")->required();
+  cmd->add_option("--out,-o", o->out, "Output .spear with ECs")->required();
+  add_calib_options(cmd, o->calib);
+  cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")
+      ->capture_default_str();
+  cmd->add_option("--objective", o->c.objective, "static | block | e2e")->capture_default_str();
+  cmd->add_option("--static-mode", o->c.static_mode, "rrr (target W x_fp - Q x_q) | qera (target dW x_q)")
+      ->capture_default_str();
+  cmd->add_flag("--no-gate", o->no_gate, "Train ungated ECs (gamma = 1)");
+  cmd->add_option("--max-rank", o->c.max_rank, "Largest rank per module")->capture_default_str();
+  cmd->add_option("--epochs", o->c.epochs, "Training passes over the calibration windows")->capture_default_str();
+  cmd->add_option("--batch", o->c.batch, "Windows per Adam step")->capture_default_str();
+  cmd->add_option("--lr", o->c.lr, "Adam step of A and B, relative to their initial RMS")->capture_default_str();
+  cmd->add_option("--lr-gate", o->c.lr_gate, "Adam step of the gate parameters")->capture_default_str();
+  cmd->add_option("--stat-windows", o->c.stat_windows, "Windows for the static control's statistics")
+      ->capture_default_str();
+  cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
+      ->capture_default_str();
+  cmd->add_option("--probe-windows", o->c.probe_windows, "Windows for the placement's restoration gains")
+      ->capture_default_str();
+  cmd->add_option("--damp", o->c.damp, "Whitening damping (fraction of the mean eigenvalue)")->capture_default_str();
+  cmd->add_option("--placement", o->placement, "JSON placement to use instead of searching one");
+  cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
+  cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
+  cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
+  cmd->callback([o] {
+    SPEAR_CHECK(!is_spear_path(o->model), "calibrate: --model must be the full-precision model directory");
+    SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
+                "calibrate: --out must end in .spear");
+    SpearArtifact q = read_spear(o->quantized);
+    Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
+    CalibData data = load_calib(tok, o->calib);
+    o->c.gated = !o->no_gate;
+    o->c.verbose = !o->quiet;
+    if (!o->placement.empty())
+      o->c.fixed_placement = placement_from_json(nlohmann::json::parse(read_text_file(o->placement)));
+    CalibrateResult r = calibrate(o->model, q, data, o->c);
+    nlohmann::json meta = r.report;
+    meta.erase("module_gains");
+    write_spear(o->out, with_ecs(q, o->c.objective == "static" ? r.static_ecs : r.trained_ecs, meta));
+    if (!o->static_out.empty()) {
+      nlohmann::json sm = meta;
+      sm["settings"]["objective"] = "static";
+      write_spear(o->static_out, with_ecs(q, r.static_ecs, sm));
+    }
+    if (!o->report.empty()) {
+      std::string tmp = o->report + ".tmp";
+      {
+        std::ofstream f(tmp);
+        SPEAR_CHECK(f.good(), "calibrate: cannot write " + tmp);
+        f << r.report.dump(1) << "\n";
+      }
+      std::filesystem::rename(tmp, o->report);
+    }
+    std::printf("wrote %s: %zu ECs, %lld EC bytes = %.3f%% of %lld quantized bytes; calibration KL "
+                "w4 %.5f, static %.5f, %s %.5f; %.0f s\n",
+                o->out.c_str(), r.placement.size(), (long long)r.report["ec_bytes"].get<int64_t>(),
+                100.0 * r.report["ec_bytes"].get<double>() / r.report["quant_model_bytes"].get<double>(),
+                (long long)r.report["quant_model_bytes"].get<int64_t>(),
+                r.report["calib_kl_w4"].get<double>(), r.report["calib_kl_static"].get<double>(),
+                o->c.objective.c_str(), r.report["calib_kl_trained"].get<double>(),
+                r.report["seconds"].get<double>());
+  });
+}
+
+// Shared by calibrate, diagnose and eval.
+void add_calib_options(CLI::App* cmd, CalibOptions& c) {
+  cmd->add_option("--calib", c.file, "Calibration text file")->required();
+  cmd->add_option("--calib-windows", c.windows, "Calibration windows")->capture_default_str();
+  cmd->add_option("--calib-ctx", c.ctx, "Tokens per calibration window")->capture_default_str();
+  cmd->add_option("--calib-offset", c.offset, "Tokens to skip at the start of --calib")
+      ->capture_default_str();
+}
+
+}  // namespace spear::cli

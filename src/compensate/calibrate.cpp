@@ -1,0 +1,320 @@
+#include "compensate/calibrate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+
+#include "compensate/diagnostic.h"
+#include "compensate/ec_train.h"
+#include "compensate/network.h"
+#include "compensate/static_control.h"
+#include "core/error.h"
+
+namespace spear {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int64_t site_width(const ModelConfig& c, Site s) {
+  switch (s) {
+    case Site::AttnOut: return c.q_dim();
+    case Site::DownIn: return c.intermediate_size;
+    default: return c.hidden_size;
+  }
+}
+
+// Statistics of one layer: runs the full-precision layer on xf and the quantized one
+// (with `ecs`) on xq, window by window, pairing their site inputs. Advances both streams.
+void layer_stats(const Runner& run, int64_t l, int64_t nw, int64_t T, std::vector<float>& xf,
+                 std::vector<float>& xq, const std::vector<std::optional<ECParams>>* ecs,
+                 SiteStats stats[kNumSites]) {
+  const Network& net = run.net();
+  const int64_t D = net.cfg.hidden_size;
+  for (int s = 0; s < kNumSites; ++s) stats[s].reset(site_width(net.cfg, static_cast<Site>(s)));
+  std::vector<float> fsite[kNumSites];  // (T, width) the FP inputs of this window
+  SiteTap keep = [&](Site s, const float* x, int64_t rows, int64_t cols) {
+    fsite[static_cast<int>(s)].assign(x, x + rows * cols);
+  };
+  SiteTap pair = [&](Site s, const float* x, int64_t rows, int64_t cols) {
+    stats[static_cast<int>(s)].add(fsite[static_cast<int>(s)].data(), x, rows);
+  };
+  for (int64_t w = 0; w < nw; ++w) {
+    run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr, keep);
+    run.layer_forward(q_view(net, l, ecs), l, &xq[w * T * D], 1, T, nullptr, pair);
+  }
+}
+
+}  // namespace
+
+nlohmann::json placement_json(const std::vector<PlacementEntry>& p) {
+  nlohmann::json j = nlohmann::json::array();
+  for (const PlacementEntry& e : p)
+    j.push_back({{"layer", e.layer},
+                 {"module", std::string(module_name(e.module))},
+                 {"rank", e.rank},
+                 {"bytes", e.bytes},
+                 {"restore_gain_kl", e.restore_gain},
+                 {"captured", e.captured}});
+  return j;
+}
+
+std::vector<PlacementEntry> placement_from_json(const nlohmann::json& j) {
+  std::vector<PlacementEntry> p;
+  SPEAR_CHECK(j.is_array(), "placement must be a JSON array");
+  for (const auto& e : j) {
+    PlacementEntry x;
+    x.layer = e.at("layer").get<int64_t>();
+    SPEAR_CHECK(parse_module_name(e.at("module").get<std::string>(), &x.module),
+                "placement: unknown module " + e.at("module").get<std::string>());
+    x.rank = e.at("rank").get<int64_t>();
+    x.bytes = e.value("bytes", int64_t{0});
+    x.restore_gain = e.value("restore_gain_kl", 0.0);
+    x.captured = e.value("captured", 0.0);
+    p.push_back(x);
+  }
+  return p;
+}
+
+CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized,
+                          const CalibData& data, const CalibrateOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  SPEAR_CHECK(opt.budget > 0 && opt.budget < 1, "calibrate: --budget must be in (0, 1)");
+  SPEAR_CHECK(opt.objective == "static" || opt.objective == "block" || opt.objective == "e2e",
+              "calibrate: --objective must be static, block or e2e");
+  SPEAR_CHECK(opt.max_rank > 0, "calibrate: --max-rank must be positive");
+  SPEAR_CHECK(opt.epochs >= 0 && opt.batch > 0, "calibrate: bad --epochs/--batch");
+  SPEAR_CHECK(quantized.ec_count() == 0, "calibrate: the quantized artifact already has ECs; "
+                                         "start from the output of `spear quantize`");
+  const std::string want = quantized.meta.value("source_model_sha256", std::string());
+  const std::string have = model_dir_hash(dir);
+  SPEAR_CHECK(want == have, "calibrate: " + dir + " is not the model the artifact was quantized from "
+                            "(source_model_sha256 " + want.substr(0, 12) + "..., directory " +
+                                have.substr(0, 12) + "...)");
+  Network net = Network::load_fp(dir);
+  net.set_quantized(quantized);
+  Runner run(net);
+  const ModelConfig& c = net.cfg;
+  const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows;
+  SPEAR_CHECK(T <= c.max_position_embeddings, "calibrate: --calib-ctx exceeds the model's context");
+  nlohmann::json rep;
+  const int64_t qbytes = quantized.quant_model_bytes();
+  const int64_t budget_bytes = static_cast<int64_t>(std::floor(opt.budget * static_cast<double>(qbytes)));
+  auto log = [&](const char* fmt, auto... args) {
+    if (!opt.verbose) return;
+    std::fprintf(stderr, "spear calibrate [%5.0f s]: ", seconds_since(t0));
+    std::fprintf(stderr, fmt, args...);
+    std::fprintf(stderr, "\n");
+  };
+
+  // 1. Targets: the full-precision next-token distributions of every window.
+  std::vector<float> targets = fp_targets(run, data);  // (windows, T, V)
+  rep["seconds_targets"] = seconds_since(t0);
+  log("full-precision targets of %lld windows x %lld tokens", (long long)nw, (long long)T);
+
+  // 2. Statistics and static fits of every module (quantized path without ECs).
+  std::vector<StaticFit> fits(L * 7);
+  const int64_t P = std::max<int64_t>(1, std::min(opt.probe_windows, nw));
+  const int64_t S = std::max<int64_t>(1, std::min(opt.stat_windows, nw));
+  {
+    std::vector<float> xf(S * T * D), xq;  // (S*T, dim)
+    run.embed(data.tokens.data(), S * T, xf.data());
+    xq = xf;
+    for (int64_t l = 0; l < L; ++l) {
+      SiteStats st[kNumSites];
+      layer_stats(run, l, S, T, xf, xq, nullptr, st);
+      for (int s = 0; s < kNumSites; ++s) {
+        Whitening wh = whiten(st[s], opt.damp);
+        for (Module m : kAllModules) {
+          if (static_cast<int>(module_site(m)) != s) continue;
+          const int i = static_cast<int>(m);
+          fits[l * 7 + i] = fit_static(net.fp[l].W[i].data(), net.q[l].W[i].data(), net.module_out(m),
+                                       net.module_in(m), st[s], wh, opt.max_rank, opt.static_mode);
+        }
+      }
+    }
+  }
+  rep["seconds_static_fits"] = seconds_since(t0);
+  log("static fits of %lld modules", (long long)L * 7);
+
+  // 3. Placement.
+  std::vector<PlacementEntry> placement;
+  if (!opt.fixed_placement.empty()) {
+    placement = opt.fixed_placement;
+    for (PlacementEntry& e : placement) {
+      SPEAR_CHECK(e.layer >= 0 && e.layer < L, "placement: layer out of range");
+      const StaticFit& f = fits[e.layer * 7 + static_cast<int>(e.module)];
+      SPEAR_CHECK(e.rank > 0 && e.rank <= f.max_rank, "placement: rank out of range");
+      e.bytes = ECParams::bytes_for(f.in, f.out, e.rank, opt.gated);
+      e.captured = f.captured(e.rank);
+    }
+  } else {
+    // Restoration gains: KL drop when one module is back at full precision.
+    double base_kl = 0;
+    std::vector<double> gain = restoration_gains(run, data, targets, P, &base_kl);
+    rep["probe_kl_w4"] = base_kl;
+    rep["seconds_restore_gains"] = seconds_since(t0);
+    log("restoration gains measured (probe KL of the quantized model %.5f)", base_kl);
+    // Greedy rank steps by gain per byte.
+    std::vector<int64_t> rank(L * 7, 0);
+    int64_t used = 0;
+    for (;;) {
+      int64_t best = -1;
+      double best_ratio = 0;
+      int64_t best_cost = 0;
+      for (int64_t i = 0; i < L * 7; ++i) {
+        const StaticFit& f = fits[i];
+        if (rank[i] >= f.max_rank) continue;
+        const int64_t cost = ECParams::bytes_for(f.in, f.out, rank[i] + 1, opt.gated) -
+                             (rank[i] ? ECParams::bytes_for(f.in, f.out, rank[i], opt.gated) : 0);
+        if (used + cost > budget_bytes) continue;
+        const double g = gain[i] * (f.captured(rank[i] + 1) - f.captured(rank[i]));
+        const double ratio = g / static_cast<double>(cost);
+        if (ratio > best_ratio) {
+          best_ratio = ratio;
+          best = i;
+          best_cost = cost;
+        }
+      }
+      if (best < 0) break;
+      ++rank[best];
+      used += best_cost;
+    }
+    for (int64_t i = 0; i < L * 7; ++i) {
+      if (!rank[i]) continue;
+      const StaticFit& f = fits[i];
+      PlacementEntry e;
+      e.layer = i / 7;
+      e.module = static_cast<Module>(i % 7);
+      e.rank = rank[i];
+      e.bytes = ECParams::bytes_for(f.in, f.out, rank[i], opt.gated);
+      e.restore_gain = gain[i];
+      e.captured = f.captured(rank[i]);
+      placement.push_back(e);
+    }
+    nlohmann::json gj = nlohmann::json::array();
+    for (int64_t i = 0; i < L * 7; ++i)
+      gj.push_back({{"layer", i / 7},
+                    {"module", std::string(module_name(static_cast<Module>(i % 7)))},
+                    {"restore_gain_kl", gain[i]},
+                    {"error_energy", fits[i].target_energy},
+                    {"captured_r8", fits[i].captured(8)}});
+    rep["module_gains"] = gj;
+  }
+  int64_t ec_bytes = 0;
+  for (const PlacementEntry& e : placement) ec_bytes += e.bytes;
+  log("placement: %zu ECs, %lld bytes of a %lld-byte budget", placement.size(), (long long)ec_bytes,
+      (long long)budget_bytes);
+
+  // 4. Static control at the placement: refit layer after layer on quantized-path inputs
+  //    that already carry the earlier layers' static ECs.
+  CalibrateResult res;
+  res.placement = placement;
+  res.static_ecs.assign(L * 7, std::nullopt);
+  std::vector<int64_t> rank_of(L * 7, 0);
+  for (const PlacementEntry& e : placement) rank_of[e.layer * 7 + static_cast<int>(e.module)] = e.rank;
+  if (opt.sequential_static && !placement.empty()) {
+    std::vector<float> xf(S * T * D), xq;
+    run.embed(data.tokens.data(), S * T, xf.data());
+    xq = xf;
+    for (int64_t l = 0; l < L; ++l) {
+      bool any = false;
+      for (int m = 0; m < 7; ++m) any = any || rank_of[l * 7 + m] > 0;
+      std::vector<float> xq_in = xq;
+      SiteStats st[kNumSites];
+      layer_stats(run, l, S, T, xf, xq, &res.static_ecs, st);
+      if (!any) continue;
+      for (int s = 0; s < kNumSites; ++s) {
+        bool site_used = false;
+        for (Module m : kAllModules)
+          site_used = site_used || (static_cast<int>(module_site(m)) == s && rank_of[l * 7 + static_cast<int>(m)]);
+        if (!site_used) continue;
+        Whitening wh = whiten(st[s], opt.damp);
+        for (Module m : kAllModules) {
+          const int i = static_cast<int>(m);
+          if (static_cast<int>(module_site(m)) != s || !rank_of[l * 7 + i]) continue;
+          StaticFit f = fit_static(net.fp[l].W[i].data(), net.q[l].W[i].data(), net.module_out(m),
+                                   net.module_in(m), st[s], wh, rank_of[l * 7 + i], opt.static_mode);
+          res.static_ecs[l * 7 + i] = ec_from_fit(f, rank_of[l * 7 + i], false);
+        }
+      }
+      // The stream must leave this layer through the ECs just fitted.
+      xq = std::move(xq_in);
+      for (int64_t w = 0; w < S; ++w)
+        run.layer_forward(q_view(net, l, &res.static_ecs), l, &xq[w * T * D], 1, T, nullptr);
+    }
+  } else {
+    for (const PlacementEntry& e : placement) {
+      const int64_t i = e.layer * 7 + static_cast<int>(e.module);
+      res.static_ecs[i] = ec_from_fit(fits[i], e.rank, false);
+    }
+  }
+  for (auto& e : res.static_ecs)
+    if (e) e->round_to_fp16();
+  rep["seconds_static"] = seconds_since(t0);
+  const int64_t kl_windows = std::max<int64_t>(1, std::min(opt.report_windows, nw));
+  {
+    std::vector<std::optional<ECParams>> none(L * 7);
+    rep["calib_kl_w4"] = mean_kl(run, data, targets, none, kl_windows);
+    rep["calib_kl_static"] = mean_kl(run, data, targets, res.static_ecs, kl_windows);
+  }
+  log("static control: calibration KL %.5f (quantized %.5f)", rep["calib_kl_static"].get<double>(),
+      rep["calib_kl_w4"].get<double>());
+
+  // 5. Train from the static control.
+  res.trained_ecs = res.static_ecs;
+  for (auto& e : res.trained_ecs)
+    if (e && opt.gated) {
+      e->gated = true;
+      e->G.assign(e->rank * e->rank, 0.0f);
+      e->c.assign(e->rank, 0.0f);
+    }
+  TrainOptions to;
+  to.epochs = opt.epochs;
+  to.batch = opt.batch;
+  to.lr = opt.lr;
+  to.lr_gate = opt.lr_gate;
+  to.verbose = opt.verbose;
+  const auto t_train = std::chrono::steady_clock::now();
+  if (!placement.empty() && opt.objective == "e2e") {
+    rep["training"] = train_e2e(run, data, targets, res.trained_ecs, to);
+  } else if (!placement.empty() && opt.objective == "block") {
+    rep["training"] = train_block(run, data, res.trained_ecs, to);
+  }
+  for (auto& e : res.trained_ecs)
+    if (e) e->round_to_fp16();
+  rep["seconds_training"] = seconds_since(t_train);
+  rep["calib_kl_trained"] = mean_kl(run, data, targets, res.trained_ecs, kl_windows);
+  log("trained (%s): calibration KL %.5f", opt.objective.c_str(), rep["calib_kl_trained"].get<double>());
+
+  rep["placement"] = placement_json(placement);
+  rep["budget"] = opt.budget;
+  rep["budget_bytes"] = budget_bytes;
+  rep["ec_bytes"] = ec_bytes;
+  rep["quant_model_bytes"] = qbytes;
+  rep["settings"] = {{"objective", opt.objective}, {"static_mode", opt.static_mode},
+                     {"gated", opt.gated},         {"max_rank", opt.max_rank},
+                     {"damp", opt.damp},           {"probe_windows", P},
+                     {"epochs", opt.epochs},       {"batch", opt.batch},
+                     {"lr", opt.lr},               {"lr_gate", opt.lr_gate},
+                     {"sequential_static", opt.sequential_static},
+                     {"stat_windows", S},          {"report_windows", kl_windows}};
+  rep["calibration_data"] = data.meta;
+  rep["seconds"] = seconds_since(t0);
+  res.report = rep;
+  return res;
+}
+
+SpearArtifact with_ecs(const SpearArtifact& base, const std::vector<std::optional<ECParams>>& ecs,
+                       const nlohmann::json& calib_meta) {
+  SpearArtifact a = base;
+  SPEAR_CHECK(ecs.size() == a.modules.size(), "with_ecs: EC table does not match the model");
+  for (size_t i = 0; i < ecs.size(); ++i) a.modules[i].ec = ecs[i];
+  a.meta["calibration"] = calib_meta;
+  return a;
+}
+
+}  // namespace spear

@@ -1,0 +1,77 @@
+#pragma once
+// SPEAR calibration of a quantized model: statistics of the full-precision and
+// quantized paths on calibration windows, the static control of every module, EC
+// placement and ranks under a memory budget, then training of the placed ECs.
+//
+// Placement (greedy by measured gain per byte): the gain of module m at rank r is
+//     gain(m, r) = ΔKL_m · captured_m(r)
+// where ΔKL_m is the measured drop of the mean KL(P_fp ‖ P_q) on probe windows when m
+// alone is restored to full precision, and captured_m(r) the share of m's error energy
+// E‖W x_fp − Q x_q‖² that the rank-r static correction removes. Rank steps are taken one
+// at a time, each time for the module whose next step buys the most gain per fp16 byte,
+// until the next step would exceed budget × quant_model_bytes.
+//
+// Objectives for the placed ECs (all start from the static control, γ ≡ 1):
+//   "static"  no training (the static control itself)
+//   "block"   each decoder layer's output ‖h_q − h_fp‖², layer after layer
+//   "e2e"     mean KL(P_fp ‖ P_q) of the next-token distribution over all positions of
+//             the calibration windows, backpropagated through the whole quantized model
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "compensate/calib_data.h"
+#include "io/spear_artifact.h"
+
+namespace spear {
+
+struct PlacementEntry {
+  int64_t layer = 0;
+  Module module = Module::Q;
+  int64_t rank = 0;
+  int64_t bytes = 0;
+  double restore_gain = 0;  // ΔKL_m, nats/token
+  double captured = 0;      // captured_m(rank)
+};
+
+struct CalibrateOptions {
+  double budget = 0.01;           // EC bytes / quant_model_bytes
+  std::string objective = "e2e";  // static | block | e2e
+  std::string static_mode = "rrr";  // rrr | qera
+  bool gated = true;
+  int64_t max_rank = 64;          // per module
+  double damp = 0.05;             // whitening damping, fraction of mean eigenvalue
+  int64_t probe_windows = 2;      // windows for the restoration gains
+  int64_t stat_windows = 32;      // windows for the static control's second moments
+  int64_t report_windows = 4;     // windows for the calibration KLs in the report
+  int64_t epochs = 3;
+  int64_t batch = 4;              // windows per Adam step
+  double lr = 0.02;               // A and B: step relative to each tensor's initial RMS
+  double lr_gate = 0.02;          // G and c: absolute step
+  bool sequential_static = true;  // refit placed modules on inputs with earlier ECs applied
+  std::vector<PlacementEntry> fixed_placement;  // non-empty: skip the placement search
+  bool verbose = true;
+};
+
+struct CalibrateResult {
+  std::vector<PlacementEntry> placement;
+  std::vector<std::optional<ECParams>> static_ecs;   // (layers*7) the static control (ungated)
+  std::vector<std::optional<ECParams>> trained_ecs;  // (layers*7) after the objective
+  nlohmann::json report;  // timings, losses, placement, settings
+};
+
+// `dir`: the full-precision model the artifact was quantized from (hash checked).
+CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized,
+                          const CalibData& data, const CalibrateOptions& opt);
+
+// Puts ECs into a copy of the artifact with calibration metadata.
+SpearArtifact with_ecs(const SpearArtifact& base, const std::vector<std::optional<ECParams>>& ecs,
+                       const nlohmann::json& calib_meta);
+
+nlohmann::json placement_json(const std::vector<PlacementEntry>& p);
+std::vector<PlacementEntry> placement_from_json(const nlohmann::json& j);
+
+}  // namespace spear

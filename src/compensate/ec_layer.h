@@ -1,0 +1,62 @@
+#pragma once
+// Gated Error Compensator (EC) on top of a quantized module:
+//     y = Q(W) x + B (γ(z) ⊙ z),   z = A x,   γ(z) = 1 + tanh(G z + c)
+// A: (r, in), B: (out, r), G: (r, r), c: (r).
+//
+// Why this gate: the error a 4-bit layer makes varies a lot from token to token
+// (see `spear diagnose`), so a fixed low-rank term over-corrects some tokens and
+// under-corrects others. γ rescales each of the r correction directions per token,
+// from the token's own coordinates z (no extra input), within (0, 2): it can switch
+// a direction off or double it, but cannot blow up. With G = 0 and c = 0, γ ≡ 1 and
+// the EC is exactly the static low-rank control B·A, so the closed form is both the
+// baseline and the initial value; the gate costs r² + r parameters, nothing next to
+// r·(in + out).
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/linear.h"
+
+namespace spear {
+
+struct ECParams {
+  int64_t in = 0, out = 0, rank = 0;
+  bool gated = true;
+  std::vector<float> A;  // (rank, in)
+  std::vector<float> B;  // (out, rank)
+  std::vector<float> G;  // (rank, rank); empty when !gated
+  std::vector<float> c;  // (rank); empty when !gated
+
+  // fp16 bytes as served: A, B and (gated) G, c.
+  int64_t bytes() const;
+  static int64_t bytes_for(int64_t in, int64_t out, int64_t rank, bool gated);
+  void check() const;  // sizes consistent, values finite; throws spear::Error
+  // Rounds every parameter to fp16 and back, so that what is evaluated is what a
+  // .spear file stores.
+  void round_to_fp16();
+};
+
+// z (M, r) = x A^T; s (M, r) = γ(z) ⊙ z; optionally returns γ (M, r).
+void ec_codes(const ECParams& p, const float* x, int64_t M, float* z, float* s, float* gamma);
+// y (M, out) += B s for the s of ec_codes.
+void ec_add(const ECParams& p, const float* x, int64_t M, float* y);
+
+// A module with an EC: base (a quantized layer) plus the gated low-rank term.
+class ECLinear final : public Linear {
+ public:
+  ECLinear(std::unique_ptr<Linear> base, ECParams ec);
+  int64_t in_features() const override { return base_->in_features(); }
+  int64_t out_features() const override { return base_->out_features(); }
+  void forward(const float* x, int64_t M, float* y) const override;
+  int64_t weight_bytes() const override { return base_->weight_bytes() + ec_.bytes(); }
+  std::string kind() const override;  // "w4-pc-asym+ec(r=8,gated)"
+  const Linear& base() const { return *base_; }
+  const ECParams& ec() const { return ec_; }
+
+ private:
+  std::unique_ptr<Linear> base_;
+  ECParams ec_;
+};
+
+}  // namespace spear

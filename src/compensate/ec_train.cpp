@@ -1,0 +1,247 @@
+#include "compensate/ec_train.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+
+#include "core/error.h"
+
+namespace spear {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+// Cosine decay from 1 to 0.1 over the run: large early steps, a quiet end.
+double schedule(int64_t step, int64_t total) {
+  if (total <= 1) return 1.0;
+  const double p = static_cast<double>(step) / static_cast<double>(total - 1);
+  return 0.1 + 0.9 * 0.5 * (1.0 + std::cos(M_PI * p));
+}
+}  // namespace
+
+void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* z = logits + r * V;
+    double m = z[0];
+    for (int64_t i = 1; i < V; ++i) m = std::max(m, static_cast<double>(z[i]));
+    double s = 0;
+    for (int64_t i = 0; i < V; ++i) s += std::exp(z[i] - m);
+    const double lse = m + std::log(s);
+    for (int64_t i = 0; i < V; ++i) out[r * V + i] = static_cast<float>(z[i] - lse);
+  }
+}
+
+double kl_rows(const float* logits, const float* ref_logp, int64_t rows, int64_t V, float scale,
+               float* dlogits) {
+  double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* z = logits + r * V;
+    const float* lp = ref_logp + r * V;
+    double m = z[0];
+    for (int64_t i = 1; i < V; ++i) m = std::max(m, static_cast<double>(z[i]));
+    double s = 0;
+    for (int64_t i = 0; i < V; ++i) s += std::exp(z[i] - m);
+    const double lse = m + std::log(s);
+    double kl = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      const double p = std::exp(static_cast<double>(lp[i]));
+      const double lq = z[i] - lse;
+      kl += p * (lp[i] - lq);
+      if (dlogits) dlogits[r * V + i] = static_cast<float>(scale * (std::exp(lq) - p));
+    }
+    total += kl;
+  }
+  return total;
+}
+
+ECAdam::ECAdam(const std::vector<std::optional<ECParams>>& ecs, double lr_rel, double lr_gate) {
+  slots_.resize(ecs.size());
+  auto rms = [](const std::vector<float>& v) {
+    double s = 0;
+    for (float f : v) s += static_cast<double>(f) * f;
+    return v.empty() ? 0.0 : std::sqrt(s / static_cast<double>(v.size()));
+  };
+  for (size_t i = 0; i < ecs.size(); ++i) {
+    if (!ecs[i]) continue;
+    const ECParams& p = *ecs[i];
+    const std::vector<float>* t[4] = {&p.A, &p.B, &p.G, &p.c};
+    slots_[i].resize(4);
+    for (int k = 0; k < 4; ++k) {
+      slots_[i][k].m.assign(t[k]->size(), 0.0f);
+      slots_[i][k].v.assign(t[k]->size(), 0.0f);
+      // A zero-initialised factor (rank beyond the signal) gets a small absolute step.
+      slots_[i][k].lr = k < 2 ? lr_rel * std::max(rms(*t[k]), 1e-4) : lr_gate;
+    }
+  }
+}
+
+void ECAdam::step(std::vector<std::optional<ECParams>>& ecs, const std::vector<ECGrad>& grads,
+                  double lr_scale) {
+  ++t_;
+  const double b1 = 0.9, b2 = 0.999, eps = 1e-12;
+  const double c1 = 1.0 - std::pow(b1, static_cast<double>(t_));
+  const double c2 = 1.0 - std::pow(b2, static_cast<double>(t_));
+  for (size_t i = 0; i < ecs.size(); ++i) {
+    if (!ecs[i]) continue;
+    ECParams& p = *ecs[i];
+    std::vector<float>* t[4] = {&p.A, &p.B, &p.G, &p.c};
+    const std::vector<float>* g[4] = {&grads[i].A, &grads[i].B, &grads[i].G, &grads[i].c};
+    for (int k = 0; k < 4; ++k) {
+      Slot& s = slots_[i][k];
+      const double lr = s.lr * lr_scale;
+      for (size_t j = 0; j < t[k]->size(); ++j) {
+        const double gj = (*g[k])[j];
+        s.m[j] = static_cast<float>(b1 * s.m[j] + (1 - b1) * gj);
+        s.v[j] = static_cast<float>(b2 * s.v[j] + (1 - b2) * gj * gj);
+        const double mh = s.m[j] / c1, vh = s.v[j] / c2;
+        (*t[k])[j] -= static_cast<float>(lr * mh / (std::sqrt(vh) + eps));
+      }
+    }
+  }
+}
+
+std::vector<float> fp_targets(const Runner& run, const CalibData& data) {
+  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  const double gib = static_cast<double>(data.windows) * T * V * 4 / (1 << 30);
+  SPEAR_CHECK(gib <= 16.0, "calibration: the full-precision targets would take " +
+                               std::to_string(gib) + " GiB; use fewer --calib-windows");
+  std::vector<float> out(data.windows * T * V);  // (windows, T, V)
+  std::vector<float> logits(T * V);              // (T, V)
+  for (int64_t w = 0; w < data.windows; ++w) {
+    run.forward(data.window(w), 1, T, false, nullptr, logits.data());
+    log_softmax_rows(logits.data(), T, V, &out[w * T * V]);
+  }
+  return out;
+}
+
+double mean_kl(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+               const std::vector<std::optional<ECParams>>& ecs, int64_t windows) {
+  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  windows = std::min(windows, data.windows);
+  std::vector<float> logits(T * V);  // (T, V)
+  double kl = 0;
+  for (int64_t w = 0; w < windows; ++w) {
+    run.forward(data.window(w), 1, T, true, &ecs, logits.data());
+    kl += kl_rows(logits.data(), &targets[w * T * V], T, V, 0.0f, nullptr);
+  }
+  return kl / static_cast<double>(windows * T);
+}
+
+nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+                         std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const Network& net = run.net();
+  const int64_t L = net.cfg.num_layers, D = net.cfg.hidden_size, V = net.cfg.vocab_size,
+                T = data.ctx, nw = data.windows;
+  const int64_t batch = std::max<int64_t>(1, std::min(opt.batch, nw));
+  const int64_t steps_per_epoch = (nw + batch - 1) / batch, total = steps_per_epoch * opt.epochs;
+  ECAdam adam(ecs, opt.lr, opt.lr_gate);
+  std::vector<ECGrad> grads(ecs.size());
+  std::vector<LayerCache> caches(L);
+  std::vector<float> x(T * D), dx(T * D), logits(T * V), hrstd;  // (T, dim), (T, V)
+  nlohmann::json log = nlohmann::json::array();
+  int64_t step = 0;
+  for (int64_t ep = 0; ep < opt.epochs; ++ep) {
+    double ep_kl = 0;
+    for (int64_t s = 0; s < steps_per_epoch; ++s, ++step) {
+      for (size_t i = 0; i < ecs.size(); ++i)
+        if (ecs[i]) grads[i].zero_like(*ecs[i]);
+      const int64_t w0 = s * batch, w1 = std::min(nw, w0 + batch);
+      const float scale = 1.0f / static_cast<float>((w1 - w0) * T);
+      for (int64_t w = w0; w < w1; ++w) {
+        run.embed(data.window(w), T, x.data());
+        for (int64_t l = 0; l < L; ++l)
+          run.layer_forward(q_view(net, l, &ecs), l, x.data(), 1, T, &caches[l]);
+        run.head_forward(x.data(), T, logits.data(), &hrstd);
+        ep_kl += kl_rows(logits.data(), &targets[w * T * V], T, V, scale, logits.data());
+        run.head_backward(x.data(), hrstd, logits.data(), T, dx.data());
+        for (int64_t l = L - 1; l >= 0; --l) {
+          ECGrad* g[7] = {};
+          for (int m = 0; m < 7; ++m)
+            if (ecs[l * 7 + m]) g[m] = &grads[l * 7 + m];
+          run.layer_backward(q_view(net, l, &ecs), l, caches[l], dx.data(), 1, T, g);
+        }
+      }
+      adam.step(ecs, grads, schedule(step, total));
+    }
+    const double kl = ep_kl / static_cast<double>(nw * T);
+    log.push_back({{"epoch", ep + 1}, {"train_kl", kl}, {"seconds", seconds_since(t0)}});
+    if (opt.verbose)
+      std::fprintf(stderr, "spear e2e: epoch %lld/%lld  mean KL on calibration windows %.5f  (%.0f s)\n",
+                   (long long)ep + 1, (long long)opt.epochs, kl, seconds_since(t0));
+  }
+  return {{"objective", "e2e"}, {"epochs", log}, {"steps", total}, {"seconds", seconds_since(t0)}};
+}
+
+nlohmann::json train_block(const Runner& run, const CalibData& data,
+                           std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const Network& net = run.net();
+  const int64_t L = net.cfg.num_layers, D = net.cfg.hidden_size, T = data.ctx, nw = data.windows;
+  const int64_t batch = std::max<int64_t>(1, std::min(opt.batch, nw));
+  std::vector<float> xf(nw * T * D), xq(nw * T * D);  // (windows*T, dim) both residual streams
+  run.embed(data.tokens.data(), nw * T, xf.data());
+  xq = xf;
+  nlohmann::json log = nlohmann::json::array();
+  LayerCache cache;
+  std::vector<float> y(T * D), dy(T * D);  // (T, dim)
+  for (int64_t l = 0; l < L; ++l) {
+    // Target: the full-precision layer output on the full-precision input.
+    std::vector<float> target = xf;
+    for (int64_t w = 0; w < nw; ++w)
+      run.layer_forward(fp_view(net, l), l, &target[w * T * D], 1, T, nullptr);
+    bool any = false;
+    for (int m = 0; m < 7; ++m) any = any || ecs[l * 7 + m].has_value();
+    double last = 0;
+    if (any) {
+      std::vector<std::optional<ECParams>> sub(ecs.size());  // only this layer's ECs train
+      for (int m = 0; m < 7; ++m) sub[l * 7 + m] = ecs[l * 7 + m];
+      ECAdam adam(sub, opt.lr, opt.lr_gate);
+      std::vector<ECGrad> grads(ecs.size());
+      const int64_t spe = (nw + batch - 1) / batch, total = spe * opt.epochs;
+      int64_t step = 0;
+      for (int64_t ep = 0; ep < opt.epochs; ++ep) {
+        double loss = 0;
+        for (int64_t s = 0; s < spe; ++s, ++step) {
+          for (int m = 0; m < 7; ++m)
+            if (sub[l * 7 + m]) grads[l * 7 + m].zero_like(*sub[l * 7 + m]);
+          const int64_t w0 = s * batch, w1 = std::min(nw, w0 + batch);
+          for (int64_t w = w0; w < w1; ++w) {
+            std::copy_n(&xq[w * T * D], T * D, y.data());
+            run.layer_forward(q_view(net, l, &sub), l, y.data(), 1, T, &cache);
+            const float* tg = &target[w * T * D];
+            double norm = 0;
+            for (int64_t i = 0; i < T * D; ++i) norm += static_cast<double>(tg[i]) * tg[i];
+            const float sc = static_cast<float>(1.0 / (norm * static_cast<double>(w1 - w0)));
+            for (int64_t i = 0; i < T * D; ++i) {
+              const float e = y[i] - tg[i];
+              loss += static_cast<double>(e) * e / norm;
+              dy[i] = 2.0f * e * sc;
+            }
+            ECGrad* g[7] = {};
+            for (int m = 0; m < 7; ++m)
+              if (sub[l * 7 + m]) g[m] = &grads[l * 7 + m];
+            run.layer_backward(q_view(net, l, &sub), l, cache, dy.data(), 1, T, g);
+          }
+          adam.step(sub, grads, schedule(step, total));
+        }
+        last = loss / static_cast<double>(nw);
+      }
+      for (int m = 0; m < 7; ++m) ecs[l * 7 + m] = sub[l * 7 + m];
+    }
+    // Advance both streams: the quantized one through the trained layer.
+    for (int64_t w = 0; w < nw; ++w)
+      run.layer_forward(q_view(net, l, &ecs), l, &xq[w * T * D], 1, T, nullptr);
+    xf = std::move(target);
+    log.push_back({{"layer", l}, {"relative_mse", last}, {"seconds", seconds_since(t0)}});
+    if (opt.verbose && any)
+      std::fprintf(stderr, "spear block: layer %lld/%lld  relative output MSE %.6f  (%.0f s)\n",
+                   (long long)l + 1, (long long)L, last, seconds_since(t0));
+  }
+  return {{"objective", "block"}, {"layers", log}, {"seconds", seconds_since(t0)}};
+}
+
+}  // namespace spear

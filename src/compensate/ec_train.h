@@ -1,0 +1,65 @@
+#pragma once
+// Training of Error Compensators with Adam and the hand-written gradients of
+// network.h, against the end-to-end or the block-local objective.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "compensate/calib_data.h"
+#include "compensate/network.h"
+
+namespace spear {
+
+// Row-wise log-softmax of logits (rows, V) into out (rows, V).
+void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out);
+// Σ_rows KL(p_ref ‖ softmax(logits)) with p_ref given as log-probabilities; when dlogits
+// is given it receives scale · (softmax(logits) − p_ref), the gradient of scale · KL.
+double kl_rows(const float* logits, const float* ref_logp, int64_t rows, int64_t V, float scale,
+               float* dlogits);
+
+// Adam over the parameters of a set of ECs (bias-corrected, no weight decay).
+class ECAdam {
+ public:
+  // lr_rel: step of A and B relative to their RMS at construction; lr_gate: absolute
+  // step of G and c (which start at 0).
+  ECAdam(const std::vector<std::optional<ECParams>>& ecs, double lr_rel, double lr_gate);
+  // One step with gradients grads[i] (same indexing as ecs); lr_scale multiplies every
+  // step size (schedule).
+  void step(std::vector<std::optional<ECParams>>& ecs, const std::vector<ECGrad>& grads,
+            double lr_scale);
+
+ private:
+  struct Slot {
+    std::vector<float> m, v;
+    double lr = 0;
+  };
+  std::vector<std::vector<Slot>> slots_;  // per EC: A, B, G, c
+  int64_t t_ = 0;
+};
+
+struct TrainOptions {
+  int64_t epochs = 3;
+  int64_t batch = 4;
+  double lr = 0.02, lr_gate = 0.02;
+  bool verbose = true;
+};
+
+// FP next-token log-probabilities of every window: (windows, ctx, V).
+std::vector<float> fp_targets(const Runner& run, const CalibData& data);
+// Mean KL(P_fp ‖ P_q) per token over the given windows, with the ECs in place.
+double mean_kl(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+               const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
+
+// End to end: minimizes the mean KL over all positions of all windows. Returns a JSON
+// log (loss per epoch, seconds).
+nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+                         std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt);
+// Block-local: layer after layer, minimizes ‖h_q − h_fp‖² / ‖h_fp‖² of the layer's output
+// given the quantized path's input (ECs of earlier layers already trained).
+nlohmann::json train_block(const Runner& run, const CalibData& data,
+                           std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt);
+
+}  // namespace spear

@@ -1,0 +1,91 @@
+#include "compensate/quantize_model.h"
+
+#include <cblas.h>
+
+#include <chrono>
+#include <cstdio>
+
+#include "compensate/network.h"
+#include "core/error.h"
+#include "quant/rtn.h"
+
+namespace spear {
+
+SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  SPEAR_CHECK(opt.method == "rtn" || opt.method == "gptq",
+              "quantize: --method must be rtn or gptq, got '" + opt.method + "'");
+  SPEAR_CHECK(opt.scheme.bits >= 2 && opt.scheme.bits <= 8, "quantize: --bits must be in 2..8");
+  SpearArtifact a = artifact_from_model_dir(dir);
+  Network net = Network::load_fp(dir);
+  const ModelConfig& c = net.cfg;
+  for (Module m : kAllModules) {
+    const int64_t K = net.module_in(m);
+    SPEAR_CHECK(opt.scheme.group <= 0 || opt.scheme.group <= K,
+                "quantize: --group " + std::to_string(opt.scheme.group) + " exceeds the input size " +
+                    std::to_string(K) + " of " + std::string(module_name(m)));
+  }
+  nlohmann::json qmeta{{"method", opt.method},
+                       {"bits", opt.scheme.bits},
+                       {"group", opt.scheme.group},
+                       {"symmetric", opt.scheme.symmetric},
+                       {"scheme", opt.scheme.name()}};
+  if (opt.method == "rtn") {
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      for (Module m : kAllModules) {
+        const std::vector<float>& W = net.fp[l].W[static_cast<int>(m)];
+        a.at(l, m).q = quantize_rtn(W.data(), net.module_out(m), net.module_in(m), opt.scheme);
+      }
+  } else {
+    SPEAR_CHECK(opt.calib_ctx > 0 && !opt.calib_tokens.empty() &&
+                    opt.calib_tokens.size() % opt.calib_ctx == 0,
+                "quantize: gptq needs calibration windows (--calib FILE)");
+    qmeta["damp"] = opt.gptq.damp;
+    qmeta["act_order"] = opt.gptq.act_order;
+    qmeta["calibration"] = opt.calib_meta;
+    // Layer after layer: the Hessians of layer l come from running layer l in full
+    // precision on the output of the already-quantized layers 0..l-1.
+    const int64_t T = opt.calib_ctx, nw = static_cast<int64_t>(opt.calib_tokens.size()) / T,
+                  D = c.hidden_size;
+    net.q.resize(c.num_layers);
+    Runner run(net);
+    std::vector<float> x(nw * T * D);  // (windows*T, dim) quantized-path residual stream
+    run.embed(opt.calib_tokens.data(), nw * T, x.data());
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      std::vector<double> H[kNumSites];
+      for (int s = 0; s < kNumSites; ++s) {
+        const int64_t n = s == static_cast<int>(Site::AttnOut) ? c.q_dim()
+                          : s == static_cast<int>(Site::DownIn) ? c.intermediate_size : D;
+        H[s].assign(n * n, 0.0);
+      }
+      SiteTap tap = [&](Site s, const float* xs, int64_t rows, int64_t cols) {
+        std::vector<float> g(cols * cols);  // (cols, cols) xᵀx of this window
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, cols, rows, 1.0f, xs, cols, xs,
+                    cols, 0.0f, g.data(), cols);
+        for (int64_t i = 0; i < cols * cols; ++i) H[static_cast<int>(s)][i] += g[i];
+      };
+      LayerView fv = fp_view(net, l);
+      for (int64_t w = 0; w < nw; ++w) {
+        std::vector<float> xw(x.begin() + w * T * D, x.begin() + (w + 1) * T * D);
+        run.layer_forward(fv, l, xw.data(), 1, T, nullptr, tap);
+      }
+      net.q[l].attn_norm = net.fp[l].attn_norm;
+      net.q[l].ffn_norm = net.fp[l].ffn_norm;
+      for (Module m : kAllModules) {
+        const std::vector<float>& W = net.fp[l].W[static_cast<int>(m)];
+        a.at(l, m).q = quantize_gptq(W.data(), net.module_out(m), net.module_in(m), opt.scheme,
+                                     H[static_cast<int>(module_site(m))], opt.gptq);
+        net.q[l].W[static_cast<int>(m)] = dequantize(a.at(l, m).q);
+      }
+      LayerView qv = q_view(net, l, nullptr);
+      for (int64_t w = 0; w < nw; ++w)
+        run.layer_forward(qv, l, &x[w * T * D], 1, T, nullptr);
+      if (opt.verbose) std::fprintf(stderr, "gptq: layer %lld/%lld done\n", (long long)l + 1, (long long)c.num_layers);
+    }
+  }
+  qmeta["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  a.meta["quantizer"] = qmeta;
+  return a;
+}
+
+}  // namespace spear

@@ -1,0 +1,28 @@
+#pragma once
+// Quantizes every linear module inside the decoder layers of a model directory (not the
+// embeddings or the head) into a SpearArtifact: RTN, or GPTQ layer after layer on the
+// inputs of the already-quantized model.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "io/spear_artifact.h"
+#include "quant/gptq.h"
+#include "quant/quant_format.h"
+
+namespace spear {
+
+struct QuantizeOptions {
+  std::string method = "rtn";  // "rtn" | "gptq"
+  QuantScheme scheme;
+  GptqOptions gptq;
+  // GPTQ only: calibration windows (tokens, windows × ctx) and their description.
+  std::vector<int32_t> calib_tokens;
+  int64_t calib_ctx = 0;
+  nlohmann::json calib_meta;
+  bool verbose = true;
+};
+
+SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt);
+
+}  // namespace spear

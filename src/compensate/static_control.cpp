@@ -1,0 +1,187 @@
+#include "compensate/static_control.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "compensate/linalg.h"
+#include "core/error.h"
+
+namespace spear {
+
+void SiteStats::reset(int64_t n) {
+  in = n;
+  tokens = 0;
+  Rqq.assign(n * n, 0.0);
+  Sfq.assign(n * n, 0.0);
+  Sff.assign(n * n, 0.0);
+}
+
+void SiteStats::add(const float* xf, const float* xq, int64_t rows) {
+  std::vector<float> g(in * in);  // (in, in) one window's sum, float (rows ≤ a few thousand)
+  auto acc = [&](const float* a, const float* b, std::vector<double>& dst) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, in, in, rows, 1.0f, a, in, b, in, 0.0f,
+                g.data(), in);
+    for (int64_t i = 0; i < in * in; ++i) dst[i] += g[i];
+  };
+  // xᵀx is symmetric: ssyrk does half the work of sgemm (upper triangle, mirrored here).
+  auto acc_sym = [&](const float* a, std::vector<double>& dst) {
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, in, rows, 1.0f, a, in, 0.0f, g.data(), in);
+    for (int64_t i = 0; i < in; ++i) {
+      dst[i * in + i] += g[i * in + i];
+      for (int64_t j = i + 1; j < in; ++j) {
+        dst[i * in + j] += g[i * in + j];
+        dst[j * in + i] += g[i * in + j];
+      }
+    }
+  };
+  acc_sym(xq, Rqq);
+  acc(xf, xq, Sfq);
+  acc_sym(xf, Sff);
+  tokens += rows;
+}
+
+Whitening whiten(const SiteStats& s, double damp) {
+  SPEAR_CHECK(s.tokens > 0, "static control: no calibration tokens");
+  const int64_t n = s.in;
+  std::vector<double> R(n * n);  // (in, in) E[x_q x_qᵀ]
+  double tr = 0;
+  for (int64_t i = 0; i < n * n; ++i) R[i] = s.Rqq[i] / static_cast<double>(s.tokens);
+  for (int64_t i = 0; i < n; ++i) tr += R[i * n + i];
+  for (int64_t i = 0; i < n; ++i) R[i * n + i] += damp * tr / static_cast<double>(n) + 1e-12;
+  std::vector<double> w, V;  // eigenvalues (n), eigenvectors as rows (n, n)
+  sym_eig(R, n, w, V);
+  Whitening wh;
+  wh.in = n;
+  // R^-½ = Vᵀ diag(w^-½) V with V's rows the eigenvectors.
+  std::vector<double> Vs(n * n);  // (n, n) row i scaled by w_i^-½
+  for (int64_t i = 0; i < n; ++i) {
+    const double f = 1.0 / std::sqrt(std::max(w[i], 1e-20));
+    for (int64_t j = 0; j < n; ++j) Vs[i * n + j] = V[i * n + j] * f;
+  }
+  wh.R_inv_half.assign(n * n, 0.0);
+  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, n, n, 1.0, V.data(), n, Vs.data(), n, 0.0,
+              wh.R_inv_half.data(), n);
+  return wh;
+}
+
+double StaticFit::captured(int64_t r) const {
+  if (target_energy <= 0) return 0;
+  double s = 0;
+  for (int64_t i = 0; i < std::min(r, max_rank); ++i) s += sigma2[i];
+  return std::min(1.0, s / target_energy);
+}
+
+StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, const SiteStats& s,
+                     const Whitening& wh, int64_t max_rank, const std::string& mode) {
+  SPEAR_CHECK(mode == "rrr" || mode == "qera", "static control: mode must be rrr or qera");
+  SPEAR_CHECK(s.in == in && wh.in == in, "static control: site width does not match the module");
+  const double N = static_cast<double>(s.tokens);
+  std::vector<double> Wd(W, W + out * in), Qd(Q, Q + out * in), dW(out * in);  // (out, in)
+  for (int64_t i = 0; i < out * in; ++i) dW[i] = Wd[i] - Qd[i];
+  std::vector<double> X(out * in), T1(out * in);  // (out, in) E[e x_qᵀ]
+  double energy = 0;
+  auto mul = [&](const std::vector<double>& A, const std::vector<double>& Bm, double alpha,
+                 double beta, std::vector<double>& Cm) {  // Cm (out,in) = α A(out,in)·Bm(in,in) + β Cm
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, out, in, in, alpha, A.data(), in,
+                Bm.data(), in, beta, Cm.data(), in);
+  };
+  auto trace_abt = [&](const std::vector<double>& A, const std::vector<double>& Bm) {
+    double t = 0;  // tr(A Bᵀ) for (out, in) matrices
+    for (int64_t i = 0; i < out * in; ++i) t += A[i] * Bm[i];
+    return t;
+  };
+  if (mode == "rrr") {
+    // X = (W Sfq − Q Rqq) / N;  E‖e‖² = tr(W Sff Wᵀ − 2 W Sfq Qᵀ + Q Rqq Qᵀ) / N
+    mul(Wd, s.Sfq, 1.0 / N, 0.0, X);
+    const double wsq = trace_abt(X, Qd);  // tr(W Sfq Qᵀ)/N
+    mul(Qd, s.Rqq, 1.0 / N, 0.0, T1);
+    const double qrq = trace_abt(T1, Qd);
+    for (int64_t i = 0; i < out * in; ++i) X[i] -= T1[i];
+    mul(Wd, s.Sff, 1.0 / N, 0.0, T1);
+    const double wsw = trace_abt(T1, Wd);
+    energy = wsw - 2 * wsq + qrq;
+  } else {
+    mul(dW, s.Rqq, 1.0 / N, 0.0, X);
+    energy = trace_abt(X, dW);
+  }
+  // M = X R^-½ (out, in); its top singular directions via the smaller Gram matrix.
+  std::vector<double> M(out * in);
+  mul(X, wh.R_inv_half, 1.0, 0.0, M);
+  const int64_t rmax = std::min({max_rank, out, in});
+  StaticFit f;
+  f.in = in;
+  f.out = out;
+  f.max_rank = rmax;
+  f.target_energy = std::max(energy, 0.0);
+  f.sigma2.assign(rmax, 0.0);
+  f.A.assign(rmax * in, 0.0f);
+  f.B.assign(out * rmax, 0.0f);
+  if (rmax <= 0) return f;
+  std::vector<double> Ur(out * rmax), Vr(rmax * in);  // U_r S_r (out, r), V_rᵀ (r, in)
+  if (in <= out) {
+    std::vector<double> Gm(in * in), ev, vecs;  // MᵀM
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, in, in, out, 1.0, M.data(), in, M.data(),
+                in, 0.0, Gm.data(), in);
+    sym_eig(Gm, in, ev, vecs);
+    for (int64_t k = 0; k < rmax; ++k) {
+      const int64_t e = in - 1 - k;  // descending
+      f.sigma2[k] = std::max(ev[e], 0.0);
+      for (int64_t j = 0; j < in; ++j) Vr[k * in + j] = vecs[e * in + j];
+    }
+    // U S = M V
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, out, rmax, in, 1.0, M.data(), in,
+                Vr.data(), in, 0.0, Ur.data(), rmax);
+  } else {
+    std::vector<double> Gm(out * out), ev, vecs;  // M Mᵀ
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, out, out, in, 1.0, M.data(), in, M.data(),
+                in, 0.0, Gm.data(), out);
+    sym_eig(Gm, out, ev, vecs);
+    std::vector<double> Ut(rmax * out);  // U_rᵀ
+    for (int64_t k = 0; k < rmax; ++k) {
+      const int64_t e = out - 1 - k;
+      f.sigma2[k] = std::max(ev[e], 0.0);
+      for (int64_t j = 0; j < out; ++j) Ut[k * out + j] = vecs[e * out + j];
+    }
+    // S Vᵀ = Uᵀ M, then U S Vᵀ = U (S Vᵀ): keep Ur = U S, Vr = Vᵀ by normalising.
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rmax, in, out, 1.0, Ut.data(), out,
+                M.data(), in, 0.0, Vr.data(), in);
+    for (int64_t k = 0; k < rmax; ++k) {
+      const double sg = std::sqrt(f.sigma2[k]);
+      for (int64_t j = 0; j < in; ++j) Vr[k * in + j] = sg > 0 ? Vr[k * in + j] / sg : 0.0;
+      for (int64_t j = 0; j < out; ++j) Ur[j * rmax + k] = Ut[k * out + j] * sg;
+    }
+  }
+  // A = S^½ Vᵀ R^-½ (r, in); B = U S^½ (out, r) = (U S) S^-½.
+  std::vector<double> Aw(rmax * in);
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rmax, in, in, 1.0, Vr.data(), in,
+              wh.R_inv_half.data(), in, 0.0, Aw.data(), in);
+  for (int64_t k = 0; k < rmax; ++k) {
+    const double sg = std::sqrt(std::sqrt(f.sigma2[k]));  // σ^½
+    for (int64_t j = 0; j < in; ++j) f.A[k * in + j] = static_cast<float>(Aw[k * in + j] * sg);
+    for (int64_t j = 0; j < out; ++j)
+      f.B[j * rmax + k] = static_cast<float>(sg > 0 ? Ur[j * rmax + k] / sg : 0.0);
+  }
+  return f;
+}
+
+ECParams ec_from_fit(const StaticFit& f, int64_t r, bool gated) {
+  SPEAR_CHECK(r > 0 && r <= f.max_rank, "static control: rank out of range");
+  ECParams p;
+  p.in = f.in;
+  p.out = f.out;
+  p.rank = r;
+  p.gated = gated;
+  p.A.assign(f.A.begin(), f.A.begin() + r * f.in);
+  p.B.resize(f.out * r);
+  for (int64_t j = 0; j < f.out; ++j)
+    for (int64_t k = 0; k < r; ++k) p.B[j * r + k] = f.B[j * f.max_rank + k];
+  if (gated) {
+    p.G.assign(r * r, 0.0f);
+    p.c.assign(r, 0.0f);
+  }
+  return p;
+}
+
+}  // namespace spear

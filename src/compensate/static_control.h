@@ -1,0 +1,57 @@
+#pragma once
+// The static control: the best rank-r correction C = B·A of a quantized module without
+// a gate, in closed form from second moments of its inputs on calibration tokens.
+//
+// With x_fp the module's input in the full-precision model and x_q its input in the
+// quantized model, the error to correct is e = W x_fp − Q x_q (not only ΔW x: earlier
+// quantized layers move the input too). Reduced-rank regression of e on x_q:
+//     R = E[x_q x_qᵀ] (+ damping),   X = E[e x_qᵀ] = W E[x_fp x_qᵀ] − Q R
+//     M = X R^-½,   SVD_r(M) = U S Vᵀ,   C = U S Vᵀ R^-½
+// Mode "qera" regresses ΔW x_q instead (X = ΔW R), which is the QERA/EoRA closed form
+// C = SVD_r(ΔW R^½) R^-½. Factors are balanced: B = U S^½, A = S^½ Vᵀ R^-½, so that A
+// and B have comparable scales for the gradient steps that start from them.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "compensate/ec_layer.h"
+
+namespace spear {
+
+// Sums over calibration tokens at one input site (in = the site's width).
+struct SiteStats {
+  int64_t in = 0;
+  int64_t tokens = 0;
+  std::vector<double> Rqq;  // (in, in) Σ x_q x_qᵀ
+  std::vector<double> Sfq;  // (in, in) Σ x_fp x_qᵀ
+  std::vector<double> Sff;  // (in, in) Σ x_fp x_fpᵀ
+  void reset(int64_t n);
+  // Adds a window: xf, xq (rows, in).
+  void add(const float* xf, const float* xq, int64_t rows);
+};
+
+// The whitening of a site, shared by its modules: R^-½ (in, in).
+struct Whitening {
+  int64_t in = 0;
+  std::vector<double> R_inv_half;  // (in, in)
+};
+Whitening whiten(const SiteStats& s, double damp);
+
+struct StaticFit {
+  int64_t in = 0, out = 0, max_rank = 0;
+  double target_energy = 0;     // E‖e‖² per token
+  std::vector<double> sigma2;   // (max_rank) energy each direction removes, descending
+  std::vector<float> A;         // (max_rank, in)
+  std::vector<float> B;         // (out, max_rank)
+  // Share of the target energy removed by the first r directions.
+  double captured(int64_t r) const;
+};
+
+// W, Q: (out, in) full-precision and dequantized weights. mode: "rrr" | "qera".
+StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, const SiteStats& s,
+                     const Whitening& wh, int64_t max_rank, const std::string& mode);
+
+// The first r directions as an EC (gate at its neutral point G = 0, c = 0).
+ECParams ec_from_fit(const StaticFit& f, int64_t r, bool gated);
+
+}  // namespace spear

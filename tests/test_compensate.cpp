@@ -1,0 +1,316 @@
+// Error Compensators: the training-mode forward matches the engine's forward, the
+// hand-written gradients match finite differences, training lowers its objective, a
+// gate at its neutral point reproduces the static control, and the static control is
+// the least-squares optimum it claims to be.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "compensate/calibrate.h"
+#include "compensate/ec_layer.h"
+#include "compensate/ec_train.h"
+#include "compensate/network.h"
+#include "compensate/static_control.h"
+#include "core/error.h"
+#include "model/kv_cache.h"
+#include "quant/quantized_linear_layer.h"
+#include "quant/rtn.h"
+
+namespace spear {
+namespace {
+
+std::vector<float> randn(size_t n, std::mt19937_64& g, float scale) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.vocab_size = 37;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 4;
+  c.max_position_embeddings = 32;
+  c.rms_norm_eps = 1e-5;
+  c.tie_word_embeddings = false;
+  return c;
+}
+
+// A random network whose quantized path is 3-bit RTN of its weights.
+Network random_network(uint64_t seed) {
+  std::mt19937_64 g(seed);
+  Network n;
+  n.cfg = tiny_config();
+  const ModelConfig& c = n.cfg;
+  n.embed = randn(c.vocab_size * c.hidden_size, g, 1.0f);
+  n.head = randn(c.vocab_size * c.hidden_size, g, 0.5f);
+  n.final_norm = randn(c.hidden_size, g, 0.1f);
+  for (float& v : n.final_norm) v += 1.0f;
+  n.fp.resize(c.num_layers);
+  n.q.resize(c.num_layers);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    n.fp[l].attn_norm = randn(c.hidden_size, g, 0.1f);
+    n.fp[l].ffn_norm = randn(c.hidden_size, g, 0.1f);
+    for (float& v : n.fp[l].attn_norm) v += 1.0f;
+    for (float& v : n.fp[l].ffn_norm) v += 1.0f;
+    n.q[l].attn_norm = n.fp[l].attn_norm;
+    n.q[l].ffn_norm = n.fp[l].ffn_norm;
+    for (Module m : kAllModules) {
+      const int64_t out = n.module_out(m), in = n.module_in(m);
+      n.fp[l].W[static_cast<int>(m)] = randn(out * in, g, 1.0f / std::sqrt(static_cast<float>(in)));
+      QuantScheme s;
+      s.bits = 3;
+      n.q[l].W[static_cast<int>(m)] =
+          dequantize(quantize_rtn(n.fp[l].W[static_cast<int>(m)].data(), out, in, s));
+    }
+  }
+  return n;
+}
+
+ECParams random_ec(int64_t in, int64_t out, int64_t r, bool gated, std::mt19937_64& g) {
+  ECParams p;
+  p.in = in;
+  p.out = out;
+  p.rank = r;
+  p.gated = gated;
+  p.A = randn(r * in, g, 0.3f);
+  p.B = randn(out * r, g, 0.3f);
+  if (gated) {
+    p.G = randn(r * r, g, 0.3f);
+    p.c = randn(r, g, 0.3f);
+  }
+  return p;
+}
+
+CalibData random_data(const ModelConfig& c, int64_t windows, int64_t T, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(c.vocab_size - 1));
+  CalibData cd;
+  cd.windows = windows;
+  cd.ctx = T;
+  cd.tokens.resize(windows * T);
+  for (int32_t& t : cd.tokens) t = d(g);
+  return cd;
+}
+
+// The training-mode forward (quantized path with ECs) against the engine's LlamaModel
+// built from the same weights with ECLinear modules.
+TEST(Compensate, TrainingForwardMatchesEngine) {
+  Network n = random_network(1);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(2);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  ecs[0 * 7 + 0] = random_ec(n.module_in(Module::Q), n.module_out(Module::Q), 3, true, g);
+  ecs[1 * 7 + 6] = random_ec(n.module_in(Module::Down), n.module_out(Module::Down), 2, true, g);
+  std::vector<LayerWeights> layers(c.num_layers);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    layers[l].attn_norm = n.q[l].attn_norm;
+    layers[l].ffn_norm = n.q[l].ffn_norm;
+    for (Module m : kAllModules) {
+      const int i = static_cast<int>(m);
+      std::unique_ptr<Linear> lin =
+          std::make_unique<DenseLinear>(n.module_out(m), n.module_in(m), n.q[l].W[i]);
+      if (ecs[l * 7 + i]) lin = std::make_unique<ECLinear>(std::move(lin), *ecs[l * 7 + i]);
+      layers[l].modules[i] = std::move(lin);
+    }
+  }
+  LlamaModel model(c, n.embed, std::move(layers), n.final_norm, n.head);
+  CalibData d = random_data(c, 1, 12, 3);
+  ContiguousKVCache kv(c.num_layers, 12, c.kv_dim());
+  std::vector<float> ref = model.forward(d.tokens.data(), 12, kv, 0, true);
+  Runner run(n);
+  std::vector<float> got(12 * c.vocab_size);
+  run.forward(d.tokens.data(), 1, 12, true, &ecs, got.data());
+  for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-4) << i;
+}
+
+// Analytic gradients of the end-to-end KL against central finite differences.
+TEST(Compensate, GradientsMatchFiniteDifferences) {
+  Network n = random_network(4);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(5);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  for (Module m : {Module::Q, Module::K, Module::O, Module::Up, Module::Down})
+    ecs[0 * 7 + static_cast<int>(m)] = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
+  ecs[1 * 7 + static_cast<int>(Module::V)] =
+      random_ec(n.module_in(Module::V), n.module_out(Module::V), 2, true, g);
+  ecs[1 * 7 + static_cast<int>(Module::Gate)] =
+      random_ec(n.module_in(Module::Gate), n.module_out(Module::Gate), 3, false, g);
+  const int64_t T = 7, B = 2, V = c.vocab_size;
+  CalibData d = random_data(c, B, T, 6);
+  Runner run(n);
+  std::vector<float> targets = fp_targets(run, d);
+  auto loss = [&]() {
+    return mean_kl(run, d, targets, ecs, B);  // mean over B*T positions
+  };
+  // Analytic: one pass as train_e2e does it.
+  std::vector<ECGrad> grads(ecs.size());
+  for (size_t i = 0; i < ecs.size(); ++i)
+    if (ecs[i]) grads[i].zero_like(*ecs[i]);
+  for (int64_t w = 0; w < B; ++w) {
+    std::vector<LayerCache> caches(c.num_layers);
+    std::vector<float> x(T * c.hidden_size), dx(T * c.hidden_size), logits(T * V), rstd;
+    run.embed(d.window(w), T, x.data());
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      run.layer_forward(q_view(n, l, &ecs), l, x.data(), 1, T, &caches[l]);
+    run.head_forward(x.data(), T, logits.data(), &rstd);
+    kl_rows(logits.data(), &targets[w * T * V], T, V, 1.0f / (B * T), logits.data());
+    run.head_backward(x.data(), rstd, logits.data(), T, dx.data());
+    for (int64_t l = c.num_layers - 1; l >= 0; --l) {
+      ECGrad* gp[7] = {};
+      for (int m = 0; m < 7; ++m)
+        if (ecs[l * 7 + m]) gp[m] = &grads[l * 7 + m];
+      run.layer_backward(q_view(n, l, &ecs), l, caches[l], dx.data(), 1, T, gp);
+    }
+  }
+  int checked = 0;
+  for (size_t i = 0; i < ecs.size(); ++i) {
+    if (!ecs[i]) continue;
+    std::vector<float>* params[4] = {&ecs[i]->A, &ecs[i]->B, &ecs[i]->G, &ecs[i]->c};
+    std::vector<float>* gr[4] = {&grads[i].A, &grads[i].B, &grads[i].G, &grads[i].c};
+    for (int k = 0; k < 4; ++k)
+      for (size_t j = 0; j < params[k]->size(); j += 3) {
+        float& p = (*params[k])[j];
+        const float keep = p, h = 2e-3f;
+        p = keep + h;
+        const double lp = loss();
+        p = keep - h;
+        const double lm = loss();
+        p = keep;
+        const double fd = (lp - lm) / (2 * h);
+        const double an = (*gr[k])[j];
+        EXPECT_NEAR(an, fd, 2e-3 + 0.03 * std::fabs(fd)) << "EC " << i << " tensor " << k << " #" << j;
+        ++checked;
+      }
+  }
+  EXPECT_GT(checked, 50);
+}
+
+TEST(Compensate, GateAtNeutralPointIsTheStaticControl) {
+  std::mt19937_64 g(7);
+  ECParams p = random_ec(10, 6, 3, false, g);
+  ECParams q = p;
+  q.gated = true;
+  q.G.assign(9, 0.0f);
+  q.c.assign(3, 0.0f);
+  std::vector<float> x = randn(5 * 10, g, 1.0f), y1(5 * 6, 0.0f), y2(5 * 6, 0.0f);
+  ec_add(p, x.data(), 5, y1.data());
+  ec_add(q, x.data(), 5, y2.data());
+  for (size_t i = 0; i < y1.size(); ++i) EXPECT_FLOAT_EQ(y1[i], y2[i]);
+  // And the static control itself is B·A x.
+  for (int64_t m = 0; m < 5; ++m)
+    for (int64_t o = 0; o < 6; ++o) {
+      double ref = 0;
+      for (int64_t k = 0; k < 3; ++k) {
+        double z = 0;
+        for (int64_t i = 0; i < 10; ++i) z += p.A[k * 10 + i] * x[m * 10 + i];
+        ref += p.B[o * 3 + k] * z;
+      }
+      EXPECT_NEAR(y1[m * 6 + o], ref, 1e-4);
+    }
+}
+
+// Reduced-rank regression: at full rank it is ordinary least squares of the target on
+// x_q (the residual is orthogonal to the inputs), and captured() is exact.
+TEST(Compensate, StaticControlIsLeastSquaresOptimum) {
+  std::mt19937_64 g(8);
+  const int64_t in = 6, out = 5, N = 400;
+  std::vector<float> W = randn(out * in, g, 1.0f), Q = W;
+  for (float& v : Q) v += std::normal_distribution<float>(0, 0.1f)(g);
+  std::vector<float> xf = randn(N * in, g, 1.0f), xq = xf;
+  for (float& v : xq) v += std::normal_distribution<float>(0, 0.05f)(g);
+  SiteStats st;
+  st.reset(in);
+  st.add(xf.data(), xq.data(), N);
+  Whitening wh = whiten(st, 1e-9);
+  StaticFit f = fit_static(W.data(), Q.data(), out, in, st, wh, in, "rrr");
+  ECParams ec = ec_from_fit(f, std::min(in, out), false);
+  // residual r = W xf - Q xq - C xq must be orthogonal to xq
+  std::vector<double> corr(out * in, 0.0);
+  double e0 = 0, e1 = 0;
+  for (int64_t t = 0; t < N; ++t) {
+    std::vector<float> y(out, 0.0f);
+    ec_add(ec, &xq[t * in], 1, y.data());
+    for (int64_t o = 0; o < out; ++o) {
+      double e = 0;
+      for (int64_t i = 0; i < in; ++i) e += W[o * in + i] * xf[t * in + i] - Q[o * in + i] * xq[t * in + i];
+      e0 += e * e;
+      const double r = e - y[o];
+      e1 += r * r;
+      for (int64_t i = 0; i < in; ++i) corr[o * in + i] += r * xq[t * in + i];
+    }
+  }
+  for (double v : corr) EXPECT_NEAR(v / N, 0.0, 1e-4);
+  EXPECT_NEAR(f.target_energy, e0 / N, 1e-3 * e0 / N);
+  EXPECT_NEAR(f.captured(out), 1.0 - e1 / e0, 1e-3);
+  EXPECT_LT(e1, e0);
+}
+
+TEST(Compensate, E2ETrainingLowersItsObjective) {
+  Network n = random_network(9);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(10);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  for (Module m : kAllModules) {
+    ECParams p = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
+    for (float& v : p.B) v *= 0.01f;  // start close to the plain quantized model
+    std::fill(p.G.begin(), p.G.end(), 0.0f);
+    std::fill(p.c.begin(), p.c.end(), 0.0f);
+    ecs[static_cast<int>(m)] = p;
+  }
+  CalibData d = random_data(c, 4, 16, 11);
+  Runner run(n);
+  std::vector<float> targets = fp_targets(run, d);
+  const double before = mean_kl(run, d, targets, ecs, 4);
+  TrainOptions o;
+  o.epochs = 30;
+  o.batch = 2;
+  o.lr = 0.05;
+  o.verbose = false;
+  train_e2e(run, d, targets, ecs, o);
+  const double after = mean_kl(run, d, targets, ecs, 4);
+  EXPECT_LT(after, 0.8 * before) << before << " -> " << after;
+}
+
+TEST(Compensate, BlockTrainingLowersItsObjective) {
+  Network n = random_network(12);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(13);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  for (Module m : {Module::O, Module::Down}) {
+    ECParams p = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
+    for (float& v : p.B) v *= 0.01f;
+    ecs[7 + static_cast<int>(m)] = p;
+  }
+  CalibData d = random_data(c, 4, 16, 14);
+  Runner run(n);
+  TrainOptions o;
+  o.epochs = 1;
+  o.verbose = false;
+  nlohmann::json first = train_block(run, d, ecs, o);
+  o.epochs = 40;
+  nlohmann::json more = train_block(run, d, ecs, o);
+  EXPECT_LT(more["layers"][1]["relative_mse"].get<double>(),
+            first["layers"][1]["relative_mse"].get<double>());
+}
+
+TEST(Compensate, ECLayerChecksShapes) {
+  std::mt19937_64 g(15);
+  ECParams p = random_ec(8, 4, 2, true, g);
+  p.A.pop_back();
+  EXPECT_THROW(p.check(), Error);
+  ECParams q = random_ec(8, 4, 2, true, g);
+  QuantScheme s;
+  std::vector<float> w = randn(5 * 8, g, 1.0f);
+  EXPECT_THROW(ECLinear(std::make_unique<QuantizedLinearLayer>(quantize_rtn(w.data(), 5, 8, s)), q),
+               Error);
+}
+
+}  // namespace
+}  // namespace spear
