@@ -3,12 +3,25 @@
 // runs the command and throws spear::Error on failure (main() prints it once).
 #include <CLI/CLI.hpp>
 
+namespace spear {
+struct CalibOptions;
+}
+
 namespace spear::cli {
 
 void register_info(CLI::App& app);
 void register_tokenize(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_ppl(CLI::App& app);
+void register_dump(CLI::App& app);
+void register_serve(CLI::App& app);
+void register_bench_serve(CLI::App& app);
+void register_quantize(CLI::App& app);
+void register_diagnose(CLI::App& app);
+void register_calibrate(CLI::App& app);
+void register_eval(CLI::App& app);
+// --calib, --calib-windows, --calib-ctx, --calib-offset (compensate/calib_data.h).
+void add_calib_options(CLI::App* cmd, CalibOptions& c);
 
 // Reads a whole text file; throws spear::Error naming it when it cannot.
 std::string read_text_file(const std::string& path);

@@ -25,6 +25,13 @@ int main(int argc, char** argv) {
   spear::cli::register_tokenize(app);
   spear::cli::register_generate(app);
   spear::cli::register_ppl(app);
+  spear::cli::register_dump(app);
+  spear::cli::register_serve(app);
+  spear::cli::register_bench_serve(app);
+  spear::cli::register_quantize(app);
+  spear::cli::register_diagnose(app);
+  spear::cli::register_calibrate(app);
+  spear::cli::register_eval(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,135 @@
+// spear serve --model PATH: the OpenAI-compatible server (src/server) in front of the
+// continuous-batching engine (src/engine).
+#include <signal.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "engine/engine_loop.h"
+#include "io/spear_artifact.h"
+#include "server/chat_template.h"
+#include "server/http_server.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear::cli {
+
+namespace {
+
+// End-of-turn tokens of common chat templates: generation stops at them in chat.
+std::vector<int32_t> chat_stop_ids(const Tokenizer& tok, const server::ChatTemplate& t) {
+  std::vector<int32_t> ids;
+  std::vector<std::string> names = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+                                    "<|endoftext|>"};
+  if (!t.eos_token().empty()) names.push_back(t.eos_token());
+  for (const std::string& n : names) {
+    int32_t id = tok.token_to_id(n);
+    if (id >= 0) ids.push_back(id);
+  }
+  return ids;
+}
+
+}  // namespace
+
+void register_serve(CLI::App& app) {
+  auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API");
+  struct Opts {
+    std::string model, name, scheduler = "ec-aware";
+    server::ServerOptions http;
+    EngineConfig eng;
+    double slo_tpot_ms = 50, slo_ttft_ms = 1000;
+    int64_t kv_cache_mb = 0, max_body_mb = 8;
+    bool no_profile = false;
+  };
+  auto o = std::make_shared<Opts>();
+  cmd->add_option("--model", o->model, "Model directory or .spear artifact")->required();
+  cmd->add_option("--served-model-name", o->name, "Model id in the API (default: the file or directory name)");
+  cmd->add_option("--host", o->http.host, "Address to bind (127.0.0.1 = this machine only)")->capture_default_str();
+  cmd->add_option("--port", o->http.port, "Port (0 = any free port, printed at start)")->capture_default_str();
+  cmd->add_option("--api-key", o->http.api_key, "Require 'Authorization: Bearer KEY' on /v1/*");
+  cmd->add_option("--max-batch", o->eng.sched.max_batch, "Running sequences at most")->capture_default_str();
+  cmd->add_option("--max-model-len", o->eng.max_model_len, "Context length per request (default: the model's)");
+  cmd->add_option("--max-num-batched-tokens", o->eng.sched.max_batched_tokens, "Token rows per step at most")->capture_default_str();
+  cmd->add_option("--min-prefill-chunk", o->eng.sched.min_prefill_chunk, "Prompt tokens per step at least (progress guarantee)")->capture_default_str();
+  cmd->add_option("--slo-tpot-ms", o->slo_tpot_ms, "Time-per-output-token target")->capture_default_str();
+  cmd->add_option("--slo-ttft-ms", o->slo_ttft_ms, "Time-to-first-token target")->capture_default_str();
+  cmd->add_option("--scheduler", o->scheduler, "ec-aware | ec-blind | fixed | no-chunk")->capture_default_str();
+  cmd->add_option("--kv-cache-mb", o->kv_cache_mb, "KV cache memory (0 = max-batch full-length sequences, at most 512)")->capture_default_str();
+  cmd->add_option("--block-size", o->eng.block_size, "Positions per KV block")->capture_default_str();
+  cmd->add_option("--max-queue", o->eng.max_waiting, "Waiting requests at most (then 429)")->capture_default_str();
+  cmd->add_option("--http-threads", o->http.http_threads, "Connections served at once")->capture_default_str();
+  cmd->add_option("--max-body-mb", o->max_body_mb, "Largest request body")->capture_default_str();
+  cmd->add_flag("--no-profile", o->no_profile, "Skip the start-up cost-model profile (use the online fit only)");
+  cmd->callback([o] {
+    namespace fs = std::filesystem;
+    SPEAR_CHECK(parse_policy(o->scheduler, &o->eng.sched.policy),
+                "--scheduler must be one of ec-aware, ec-blind, fixed, no-chunk");
+    SPEAR_CHECK(o->slo_tpot_ms > 0 && o->slo_ttft_ms > 0, "SLOs must be positive");
+    SPEAR_CHECK(o->kv_cache_mb >= 0 && o->kv_cache_mb <= (1 << 20), "--kv-cache-mb must be in [0, 2^20]");
+    SPEAR_CHECK(o->max_body_mb >= 1 && o->max_body_mb <= 1024, "--max-body-mb must be in [1, 1024]");
+    o->eng.sched.slo_tpot_s = o->slo_tpot_ms / 1e3;
+    o->eng.sched.slo_ttft_s = o->slo_ttft_ms / 1e3;
+    o->eng.kv_cache_bytes = o->kv_cache_mb << 20;
+    o->eng.profile = !o->no_profile;
+    o->http.max_body_bytes = static_cast<size_t>(o->max_body_mb) << 20;
+
+    // SIGINT/SIGTERM are taken by this thread (sigwait) for an orderly stop; block
+    // them before any other thread exists so that none of those receives them.
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+    server::HttpServer http(o->http);
+    http.start();
+    std::fprintf(stderr, "spear: listening on http://%s:%d (loading %s)\n", o->http.host.c_str(),
+                 http.port(), o->model.c_str());
+    std::fflush(stderr);
+
+    LoadedModel lm = load_model_any(o->model);
+    Tokenizer tok = load_tokenizer(lm);
+    std::string note;
+    server::ChatTemplate tmpl = fs::is_directory(o->model)
+                                    ? server::ChatTemplate::from_model_dir(o->model, &note)
+                                    : server::ChatTemplate::plain();
+    if (!note.empty()) note = " (" + note + ")";
+    Engine engine(*lm.model, o->eng, &http.metrics());
+    engine.start();
+
+    server::ServeState st;
+    st.tok = &tok;
+    st.engine = &engine;
+    st.tmpl = tmpl;
+    std::string name = o->name;
+    if (name.empty()) {
+      fs::path p = fs::path(o->model);
+      name = (p.has_filename() ? p.filename() : p.parent_path().filename()).string();
+    }
+    st.model_name = name;
+    st.chat_stop_ids = tmpl.is_jinja() ? chat_stop_ids(tok, tmpl) : std::vector<int32_t>{};
+    st.limits.max_model_len = engine.max_model_len();
+    st.limits.vocab_size = lm.model->vocab_size();
+    http.set_ready(st);
+    std::fprintf(stderr,
+                 "spear: ready: model '%s', scheduler %s, max batch %lld, context %lld, KV %lld "
+                 "blocks of %lld; chat template: %s%s\nspear: %s\n",
+                 name.c_str(), policy_name(o->eng.sched.policy),
+                 static_cast<long long>(o->eng.sched.max_batch),
+                 static_cast<long long>(engine.max_model_len()),
+                 static_cast<long long>(engine.stats().kv_blocks_total),
+                 static_cast<long long>(o->eng.block_size), tmpl.description().c_str(),
+                 note.c_str(), engine.cost_model_summary().c_str());
+    std::fflush(stderr);
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    std::fprintf(stderr, "spear: stopping (signal %d)\n", sig);
+    http.stop();
+    engine.stop();
+  });
+}
+
+}  // namespace spear::cli

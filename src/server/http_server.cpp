@@ -1,0 +1,207 @@
+#include "server/http_server.h"
+
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "engine/engine_loop.h"
+#include "server/api_error.h"
+#include "server/httplib_config.h"
+#include "server/json_fields.h"
+#include "server/protocol.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear::server {
+
+using nlohmann::json;
+
+namespace {
+
+// httplib::Server with access to its listening socket (to raise the backlog).
+class Listener : public httplib::Server {
+ public:
+  int socket_fd() const { return static_cast<int>(svr_sock_.load()); }
+};
+
+void send_json(httplib::Response& res, int status, const json& j) {
+  res.status = status;
+  res.set_content(j.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+}
+
+void send_error(httplib::Response& res, const ApiError& e) { send_json(res, e.status(), e.to_json()); }
+
+bool constant_time_equal(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;  // the length is no secret worth hiding
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+}  // namespace
+
+class HttpServer::Impl {
+ public:
+  Listener svr;
+};
+
+HttpServer::HttpServer(ServerOptions opt) : impl_(std::make_unique<Impl>()), opt_(std::move(opt)) {
+  SPEAR_CHECK(opt_.http_threads >= 1 && opt_.http_threads <= 4096, "--http-threads must be in [1, 4096]");
+  SPEAR_CHECK(opt_.port >= 0 && opt_.port <= 65535, "--port must be in [0, 65535]");
+}
+
+HttpServer::~HttpServer() { stop(); }
+
+void HttpServer::set_ready(ServeState state) {
+  state_ = std::make_unique<ServeState>(std::move(state));
+  state_->retry_after_s = opt_.retry_after_s;
+  ready_.store(true);
+}
+
+void HttpServer::start() {
+  // A client that vanishes mid-write must be an error code, never a signal.
+  signal(SIGPIPE, SIG_IGN);
+  Listener& svr = impl_->svr;
+  const int threads = opt_.http_threads;
+  svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+  svr.set_payload_max_length(opt_.max_body_bytes);
+  svr.set_read_timeout(opt_.read_timeout_s, 0);
+  svr.set_write_timeout(opt_.write_timeout_s, 0);
+  svr.set_keep_alive_max_count(100);
+  svr.set_keep_alive_timeout(5);
+  svr.set_tcp_nodelay(true);  // SSE tokens are small writes; Nagle would delay them
+
+  auto authorized = [this](const httplib::Request& req, httplib::Response& res) {
+    if (opt_.api_key.empty()) return true;
+    std::string h = req.get_header_value("Authorization");
+    const std::string prefix = "Bearer ";
+    if (h.size() > prefix.size() && h.compare(0, prefix.size(), prefix) == 0 &&
+        constant_time_equal(h.substr(prefix.size()), opt_.api_key))
+      return true;
+    send_error(res, ApiError(401, h.empty() ? "missing API key (send 'Authorization: Bearer KEY')"
+                                            : "incorrect API key",
+                             "invalid_request_error", "invalid_api_key"));
+    return false;
+  };
+  auto require_ready = [this]() {
+    if (!ready_.load())
+      throw ApiError(503, "the model is still loading", "server_error", "model_loading");
+    if (stopping_.load()) throw ApiError(503, "the server is shutting down", "server_error", "unavailable");
+  };
+  // Wraps a handler: auth, readiness, every exception to a JSON error, metrics.
+  auto guarded = [this, authorized, require_ready](const char* endpoint, bool needs_model, auto fn) {
+    return [this, authorized, require_ready, endpoint, needs_model, fn](const httplib::Request& req,
+                                                                       httplib::Response& res) {
+      try {
+        if (!authorized(req, res)) {
+          metrics_.count_response(endpoint, res.status);
+          return;
+        }
+        if (needs_model) require_ready();
+        fn(req, res);
+      } catch (const ApiError& e) {
+        send_error(res, e);
+        if (e.status() == 429) res.set_header("Retry-After", std::to_string(opt_.retry_after_s));
+      } catch (const Error& e) {
+        send_error(res, ApiError(400, e.what()));
+      } catch (const std::bad_alloc&) {
+        send_error(res, ApiError(503, "out of memory", "server_error", "out_of_memory"));
+      } catch (const std::exception& e) {
+        send_error(res, ApiError(500, std::string("internal error: ") + e.what(), "server_error", "internal_error"));
+      }
+      metrics_.count_response(endpoint, res.status < 0 ? 200 : res.status);
+    };
+  };
+
+  svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    if (ready_.load() && !stopping_.load()) send_json(res, 200, {{"status", "ok"}});
+    else send_json(res, 503, {{"status", stopping_.load() ? "stopping" : "loading"}});
+  });
+  svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    const bool ok = ready_.load();
+    res.set_content(metrics_.render(ok ? state_->engine : nullptr, ok),
+                    "text/plain; version=0.0.4; charset=utf-8");
+  });
+  svr.Get("/v1/models", guarded("/v1/models", true, [this](const httplib::Request&, httplib::Response& res) {
+    const ServeState& st = *state_;
+    send_json(res, 200,
+              {{"object", "list"},
+               {"data", json::array({{{"id", st.model_name},
+                                      {"object", "model"},
+                                      {"created", 0},
+                                      {"owned_by", "spear"},
+                                      {"max_model_len", st.limits.max_model_len},
+                                      {"vocab_size", st.limits.vocab_size}}})}});
+  }));
+  auto check_model = [this](const GenSpec& g) {
+    if (!g.model.empty() && g.model != state_->model_name)
+      throw ApiError(404, "the model '" + g.model + "' does not exist; this server serves '" +
+                              state_->model_name + "'",
+                     "invalid_request_error", "model_not_found", "model");
+  };
+  svr.Post("/v1/completions", guarded("/v1/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
+    const ServeState& st = *state_;
+    GenSpec g = parse_completion_request(parse_body(req.body), *st.tok, st.limits);
+    check_model(g);
+    run_generation(st, std::move(g), req, res, stopping_);
+  }));
+  svr.Post("/v1/chat/completions", guarded("/v1/chat/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
+    const ServeState& st = *state_;
+    GenSpec g = parse_chat_request(parse_body(req.body), *st.tok, st.tmpl, st.limits);
+    check_model(g);
+    run_generation(st, std::move(g), req, res, stopping_);
+  }));
+  // The right path with the wrong method: 405, not 404.
+  for (const char* p : {"/v1/completions", "/v1/chat/completions"})
+    svr.Get(p, [p](const httplib::Request&, httplib::Response& res) {
+      send_error(res, ApiError(405, std::string("use POST for ") + p, "invalid_request_error", "method_not_allowed"));
+    });
+  for (const char* p : {"/v1/models", "/health", "/metrics"})
+    svr.Post(p, [p](const httplib::Request&, httplib::Response& res) {
+      send_error(res, ApiError(405, std::string("use GET for ") + p, "invalid_request_error", "method_not_allowed"));
+    });
+
+  // Whatever httplib itself rejects (unknown path, body too large, malformed
+  // request) still gets an OpenAI-style body.
+  svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    std::string msg, code;
+    switch (res.status) {
+      case 404: msg = "no route for " + req.method + " " + req.path; code = "not_found"; break;
+      case 413: msg = "the request body is too large"; code = "payload_too_large"; break;
+      case 414: msg = "the request URI is too long"; code = "uri_too_long"; break;
+      case 405: msg = "method not allowed"; code = "method_not_allowed"; break;
+      default: msg = "bad request"; code = "bad_request"; break;
+    }
+    send_json(res, res.status, error_json(msg, "invalid_request_error", code));
+  });
+  svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
+    send_json(res, 500, error_json("internal error", "server_error", "internal_error"));
+  });
+
+  if (opt_.port == 0) {
+    port_ = svr.bind_to_any_port(opt_.host);
+    SPEAR_CHECK(port_ > 0, "cannot bind " + opt_.host + " to an ephemeral port");
+  } else {
+    SPEAR_CHECK(svr.bind_to_port(opt_.host, opt_.port),
+                "cannot bind " + opt_.host + ":" + std::to_string(opt_.port) +
+                    " (in use, or not an address of this machine?)");
+    port_ = opt_.port;
+  }
+  // The library listens with a backlog of 5; hundreds of clients connecting at once
+  // would see dropped SYNs and second-long retries. listen() again raises it.
+  if (svr.socket_fd() >= 0) ::listen(svr.socket_fd(), opt_.listen_backlog);
+  thread_ = std::thread([this] { impl_->svr.listen_after_bind(); });
+}
+
+void HttpServer::stop() {
+  stopping_.store(true);
+  if (impl_) impl_->svr.stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace spear::server

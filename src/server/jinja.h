@@ -1,0 +1,81 @@
+#pragma once
+// A small Jinja2 interpreter, enough for the chat templates in Hugging Face
+// tokenizer_config.json files (Llama-2, Llama-3, ChatML/Qwen, Zephyr, Mistral and
+// similar). Rendering follows transformers' apply_chat_template environment:
+// trim_blocks and lstrip_blocks are on.
+//
+// Supported:
+//  * {{ expr }}, {% stmt %}, {# comment #}, whitespace control with '-' on either side
+//  * statements: if / elif / else / endif, for x in ... [else] / endfor (also
+//    `for k, v in d.items()`), set x = expr, set ns.attr = expr
+//  * loop.index, loop.index0, loop.first, loop.last, loop.length, loop.revindex
+//  * literals: 'str', "str", integers, true/false/none (and True/False/None), [lists],
+//    {dicts}
+//  * operators: + - * / // % ~, == != < > <= >=, in, not in, and, or, not,
+//    `a if cond else b`, is [not] defined/none/string/number/mapping/iterable/
+//    sequence/boolean/true/false
+//  * subscripts x[i], x['k'], slices x[a:b], x[::-1]; attributes x.k
+//  * filters: trim, length/count, upper, lower, string, tojson, first, last, join,
+//    default/d, capitalize, title, replace, reverse, list, int, items
+//  * methods: strip, lstrip, rstrip, upper, lower, startswith, endswith, split,
+//    replace, title, capitalize, items, keys, values, get
+//  * functions: raise_exception(msg) (rendering fails with that message),
+//    namespace(k=v, ...), range(n[, m])
+// Not supported (templates using them fail at load and the plain template is used):
+// macros, call blocks, include/import, filters and tests not listed, floats.
+// Limits: the output is capped at 16 MiB and loops at 1M iterations, so a template
+// cannot be made to run away by a request.
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace spear::server::jinja {
+
+struct Value;
+using List = std::vector<Value>;
+using Dict = std::vector<std::pair<std::string, Value>>;  // insertion-ordered
+
+struct Value {
+  enum class T { Undefined, None, Bool, Int, Str, List, Dict };
+  T t = T::Undefined;
+  bool b = false;
+  int64_t i = 0;
+  std::string s;
+  std::shared_ptr<jinja::List> l;
+  std::shared_ptr<jinja::Dict> d;
+
+  static Value none() { Value v; v.t = T::None; return v; }
+  static Value boolean(bool x) { Value v; v.t = T::Bool; v.b = x; return v; }
+  static Value integer(int64_t x) { Value v; v.t = T::Int; v.i = x; return v; }
+  static Value str(std::string x) { Value v; v.t = T::Str; v.s = std::move(x); return v; }
+  static Value list(jinja::List x = {}) {
+    Value v; v.t = T::List; v.l = std::make_shared<jinja::List>(std::move(x)); return v;
+  }
+  static Value dict(jinja::Dict x = {}) {
+    Value v; v.t = T::Dict; v.d = std::make_shared<jinja::Dict>(std::move(x)); return v;
+  }
+  const Value* get(const std::string& key) const;  // dict lookup; nullptr if absent
+  void set(const std::string& key, Value v);       // dict insert/replace
+  bool truthy() const;
+  std::string to_string() const;  // as Jinja prints it
+};
+
+struct Node;
+
+class Template {
+ public:
+  // Parses; throws std::runtime_error("jinja: ...") on syntax it does not support.
+  explicit Template(const std::string& source);
+  ~Template();
+  Template(Template&&) noexcept;
+  Template& operator=(Template&&) noexcept;
+  // Renders with the given top-level variables; throws std::runtime_error on an
+  // evaluation error or raise_exception().
+  std::string render(const std::map<std::string, Value>& vars) const;
+
+ private:
+  std::shared_ptr<Node> root_;
+};
+
+}  // namespace spear::server::jinja

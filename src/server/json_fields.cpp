@@ -1,0 +1,133 @@
+#include "server/json_fields.h"
+
+#include <cmath>
+
+#include "server/api_error.h"
+
+namespace spear::server {
+
+nlohmann::json parse_body(std::string_view body, int max_depth) {
+  // Depth pre-scan outside strings, before the recursive parser sees the text.
+  int depth = 0;
+  bool in_str = false, esc = false;
+  for (char c : body) {
+    if (in_str) {
+      if (esc) esc = false;
+      else if (c == '\\') esc = true;
+      else if (c == '"') in_str = false;
+      continue;
+    }
+    if (c == '"') in_str = true;
+    else if (c == '[' || c == '{') {
+      if (++depth > max_depth)
+        throw ApiError(400, "the request body nests deeper than " + std::to_string(max_depth) +
+                                " levels", "invalid_request_error", "invalid_json");
+    } else if (c == ']' || c == '}') --depth;
+  }
+  nlohmann::json j = nlohmann::json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded())
+    throw ApiError(400, "the request body is not valid JSON", "invalid_request_error",
+                   "invalid_json");
+  if (!j.is_object())
+    throw ApiError(400, "the request body must be a JSON object", "invalid_request_error",
+                   "invalid_json");
+  return j;
+}
+
+bool Fields::has(const char* key) const {
+  auto it = j_.find(key);
+  return it != j_.end() && !it->is_null();
+}
+
+const nlohmann::json* Fields::raw(const char* key) const {
+  auto it = j_.find(key);
+  if (it == j_.end() || it->is_null()) return nullptr;
+  return &*it;
+}
+
+std::optional<bool> Fields::boolean(const char* key) const {
+  const nlohmann::json* v = raw(key);
+  if (!v) return std::nullopt;
+  if (!v->is_boolean()) throw bad_field(key, std::string("'") + key + "' must be a boolean");
+  return v->get<bool>();
+}
+
+int64_t as_integer(const nlohmann::json& v, const std::string& param, int64_t lo, int64_t hi) {
+  const std::string range = "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  if (v.is_number_integer()) {
+    // Unsigned values above int64 max and negative ones both land here safely.
+    if (v.is_number_unsigned()) {
+      uint64_t u = v.get<uint64_t>();
+      if (u > static_cast<uint64_t>(hi) || static_cast<int64_t>(u) < lo)
+        throw bad_field(param, "'" + param + "' must be an integer in " + range);
+      return static_cast<int64_t>(u);
+    }
+    int64_t x = v.get<int64_t>();
+    if (x < lo || x > hi) throw bad_field(param, "'" + param + "' must be an integer in " + range);
+    return x;
+  }
+  if (v.is_number_float()) {
+    double d = v.get<double>();
+    if (std::isfinite(d) && d == std::floor(d) && d >= static_cast<double>(lo) &&
+        d <= static_cast<double>(hi))
+      return static_cast<int64_t>(d);
+  }
+  throw bad_field(param, "'" + param + "' must be an integer in " + range);
+}
+
+std::optional<int64_t> Fields::integer(const char* key, int64_t lo, int64_t hi) const {
+  const nlohmann::json* v = raw(key);
+  if (!v) return std::nullopt;
+  return as_integer(*v, key, lo, hi);
+}
+
+std::optional<double> Fields::number(const char* key, double lo, double hi) const {
+  const nlohmann::json* v = raw(key);
+  if (!v) return std::nullopt;
+  if (!v->is_number())
+    throw bad_field(key, std::string("'") + key + "' must be a number");
+  double d = v->get<double>();
+  if (!std::isfinite(d) || d < lo || d > hi)
+    throw bad_field(key, std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " +
+                             std::to_string(hi) + "]");
+  return d;
+}
+
+std::optional<std::string> Fields::string(const char* key, size_t max_len) const {
+  const nlohmann::json* v = raw(key);
+  if (!v) return std::nullopt;
+  if (!v->is_string()) throw bad_field(key, std::string("'") + key + "' must be a string");
+  const std::string& s = v->get_ref<const std::string&>();
+  if (s.size() > max_len)
+    throw bad_field(key, std::string("'") + key + "' is longer than " + std::to_string(max_len) +
+                             " bytes");
+  return s;
+}
+
+std::vector<std::string> Fields::string_or_list(const char* key, size_t max_n,
+                                                size_t max_len) const {
+  const nlohmann::json* v = raw(key);
+  std::vector<std::string> out;
+  if (!v) return out;
+  auto one = [&](const nlohmann::json& e) {
+    if (!e.is_string())
+      throw bad_field(key, std::string("'") + key + "' must be a string or a list of strings");
+    const std::string& s = e.get_ref<const std::string&>();
+    if (s.empty()) throw bad_field(key, std::string("'") + key + "' must not contain empty strings");
+    if (s.size() > max_len)
+      throw bad_field(key, std::string("'") + key + "' entries must be at most " +
+                               std::to_string(max_len) + " bytes");
+    out.push_back(s);
+  };
+  if (v->is_array()) {
+    if (v->size() > max_n)
+      throw bad_field(key, std::string("'") + key + "' may hold at most " + std::to_string(max_n) +
+                               " entries");
+    for (const auto& e : *v) one(e);
+  } else {
+    one(*v);
+  }
+  return out;
+}
+
+}  // namespace spear::server

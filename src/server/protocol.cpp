@@ -1,0 +1,211 @@
+#include "server/protocol.h"
+
+#include <limits>
+
+#include "core/error.h"
+#include "server/api_error.h"
+#include "server/json_fields.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear::server {
+
+namespace {
+
+using nlohmann::json;
+
+ApiError unsupported(const std::string& param, const std::string& what) {
+  return ApiError(400, what + " is not supported by this server", "invalid_request_error",
+                  "unsupported_parameter", param);
+}
+
+// Fields both endpoints share.
+void parse_common(const Fields& f, GenSpec& g, const ProtocolLimits& lim) {
+  if (auto m = f.string("model", 256)) g.model = *m;
+  if (auto t = f.number("temperature", 0.0, 2.0)) g.sampling.temperature = static_cast<float>(*t);
+  if (auto p = f.number("top_p", 0.0, 1.0)) {
+    if (*p <= 0) throw bad_field("top_p", "'top_p' must be in (0, 1]");
+    g.sampling.top_p = static_cast<float>(*p);
+  }
+  if (auto k = f.integer("top_k", -1, 1 << 20)) g.sampling.top_k = *k < 0 ? 0 : *k;
+  if (auto s = f.integer("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()))
+    g.sampling.seed = static_cast<uint64_t>(*s);
+  if (auto n = f.integer("n", 1, 128); n && *n != 1) throw unsupported("n", "n > 1");
+  if (auto b = f.integer("best_of", 1, 128); b && *b != 1) throw unsupported("best_of", "best_of > 1");
+  for (const char* pen : {"presence_penalty", "frequency_penalty", "repetition_penalty"})
+    if (auto p = f.number(pen, -2.0, 2.0); p && *p != 0 && !(std::string(pen) == "repetition_penalty" && *p == 1))
+      throw unsupported(pen, std::string("'") + pen + "'");
+  if (const json* lb = f.raw("logit_bias")) {
+    if (!lb->is_object()) throw bad_field("logit_bias", "'logit_bias' must be an object");
+    if (!lb->empty()) throw unsupported("logit_bias", "'logit_bias'");
+  }
+  if (auto u = f.string("user", 1 << 12)) (void)u;
+  g.stop = f.string_or_list("stop", lim.max_stop, lim.max_stop_len);
+  g.stream = f.boolean("stream").value_or(false);
+  if (const json* so = f.raw("stream_options")) {
+    if (!so->is_object()) throw bad_field("stream_options", "'stream_options' must be an object");
+    if (!g.stream)
+      throw bad_field("stream_options", "'stream_options' is only allowed when 'stream' is true");
+    g.include_usage = Fields(*so).boolean("include_usage").value_or(false);
+  }
+  g.ignore_eos = f.boolean("ignore_eos").value_or(false);
+}
+
+std::vector<int32_t> token_list(const json& a, const std::string& param, const ProtocolLimits& lim) {
+  std::vector<int32_t> ids;
+  if (a.empty()) throw bad_field(param, "'" + param + "' must not be empty");
+  if (static_cast<int64_t>(a.size()) > lim.max_model_len)
+    throw ApiError(400, "this model's maximum context length is " + std::to_string(lim.max_model_len) +
+                            " tokens, but the prompt has " + std::to_string(a.size()),
+                   "invalid_request_error", "context_length_exceeded", param);
+  ids.reserve(a.size());
+  for (const json& v : a) {
+    if (!v.is_number_integer() && !v.is_number_float())
+      throw bad_field(param, "'" + param + "' must hold integers (token ids)");
+    ids.push_back(static_cast<int32_t>(as_integer(v, param, 0, lim.vocab_size - 1)));
+  }
+  return ids;
+}
+
+std::vector<int32_t> encode_text(const Tokenizer& tok, const std::string& text, bool special,
+                                 const std::string& param) {
+  try {
+    return tok.encode(text, special);
+  } catch (const Error& e) {
+    throw bad_field(param, std::string("cannot tokenize '") + param + "': " + e.what());
+  }
+}
+
+// Context checks shared by both endpoints; sets the default max_tokens.
+void fit_context(GenSpec& g, std::optional<int64_t> max_tokens, int64_t default_max,
+                 const ProtocolLimits& lim) {
+  size_t longest = 0;
+  for (const auto& p : g.prompts) {
+    if (p.empty()) throw bad_field("prompt", "the prompt is empty");
+    longest = std::max(longest, p.size());
+  }
+  const int64_t n = static_cast<int64_t>(longest);
+  const int64_t need_gen = max_tokens ? *max_tokens : 1;
+  if (n + std::min<int64_t>(need_gen, 1) > lim.max_model_len || n > lim.max_model_len)
+    throw ApiError(400,
+                   "this model's maximum context length is " + std::to_string(lim.max_model_len) +
+                       " tokens, but the prompt has " + std::to_string(n) + " tokens" +
+                       (need_gen > 0 ? " (and at least one must be generated)" : ""),
+                   "invalid_request_error", "context_length_exceeded", g.chat ? "messages" : "prompt");
+  if (max_tokens) {
+    if (n + *max_tokens > lim.max_model_len)
+      throw ApiError(400,
+                     "this model's maximum context length is " + std::to_string(lim.max_model_len) +
+                         " tokens; the prompt (" + std::to_string(n) + " tokens) plus max_tokens (" +
+                         std::to_string(*max_tokens) + ") exceeds it",
+                     "invalid_request_error", "context_length_exceeded", "max_tokens");
+    g.max_tokens = *max_tokens;
+  } else {
+    g.max_tokens = std::min<int64_t>(default_max, lim.max_model_len - n);
+  }
+}
+
+}  // namespace
+
+GenSpec parse_completion_request(const json& body, const Tokenizer& tok, const ProtocolLimits& lim) {
+  Fields f(body);
+  GenSpec g;
+  parse_common(f, g, lim);
+  if (auto s = f.string("suffix", 1 << 16); s && !s->empty()) throw unsupported("suffix", "'suffix'");
+  g.echo = f.boolean("echo").value_or(false);
+  if (auto lp = f.integer("logprobs", 0, lim.max_logprobs)) g.logprobs = static_cast<int>(*lp);
+  const json* p = f.raw("prompt");
+  if (!p) throw ApiError(400, "'prompt' is required", "invalid_request_error", "missing_required_parameter", "prompt");
+  if (p->is_string()) {
+    g.prompts.push_back(encode_text(tok, p->get<std::string>(), true, "prompt"));
+  } else if (p->is_array()) {
+    if (p->empty()) throw bad_field("prompt", "'prompt' must not be empty");
+    const json& first = (*p)[0];
+    if (first.is_number()) {
+      g.prompts.push_back(token_list(*p, "prompt", lim));
+    } else {
+      if (static_cast<int64_t>(p->size()) > lim.max_prompts)
+        throw bad_field("prompt", "at most " + std::to_string(lim.max_prompts) + " prompts per request");
+      for (const json& e : *p) {
+        if (e.is_string()) g.prompts.push_back(encode_text(tok, e.get<std::string>(), true, "prompt"));
+        else if (e.is_array()) g.prompts.push_back(token_list(e, "prompt", lim));
+        else throw bad_field("prompt", "'prompt' must be a string, a list of strings, a list of token ids, or a list of token-id lists");
+      }
+    }
+  } else {
+    throw bad_field("prompt", "'prompt' must be a string, a list of strings, a list of token ids, or a list of token-id lists");
+  }
+  auto mt = f.integer("max_tokens", 0, lim.max_model_len);
+  if (mt && *mt == 0 && !g.echo)
+    throw bad_field("max_tokens", "'max_tokens' may be 0 only with 'echo': true (prompt scoring)");
+  fit_context(g, mt, 16, lim);
+  if (g.stream && g.prompts.size() > 1 && g.echo)
+    throw unsupported("echo", "'echo' with several streamed prompts");
+  return g;
+}
+
+GenSpec parse_chat_request(const json& body, const Tokenizer& tok, const ChatTemplate& tmpl,
+                           const ProtocolLimits& lim) {
+  Fields f(body);
+  GenSpec g;
+  g.chat = true;
+  parse_common(f, g, lim);
+  if (auto lp = f.boolean("logprobs"); lp && *lp) g.logprobs = 0;
+  if (auto top = f.integer("top_logprobs", 0, lim.max_logprobs)) {
+    if (g.logprobs < 0) throw bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    g.logprobs = static_cast<int>(*top);
+  }
+  for (const char* k : {"tools", "functions"})
+    if (const json* t = f.raw(k); t && !(t->is_array() && t->empty())) throw unsupported(k, std::string("'") + k + "'");
+  if (const json* rf = f.raw("response_format")) {
+    if (!rf->is_object() || !rf->contains("type") || !(*rf)["type"].is_string())
+      throw bad_field("response_format", "'response_format' must be an object with a 'type'");
+    if ((*rf)["type"] != "text") throw unsupported("response_format", "response_format other than 'text'");
+  }
+  const json* msgs = f.raw("messages");
+  if (!msgs) throw ApiError(400, "'messages' is required", "invalid_request_error", "missing_required_parameter", "messages");
+  if (!msgs->is_array() || msgs->empty()) throw bad_field("messages", "'messages' must be a non-empty list");
+  if (static_cast<int64_t>(msgs->size()) > lim.max_messages)
+    throw bad_field("messages", "at most " + std::to_string(lim.max_messages) + " messages");
+  std::vector<ChatMessage> conv;
+  for (size_t i = 0; i < msgs->size(); ++i) {
+    const json& m = (*msgs)[i];
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) throw bad_field(where, where + " must be an object");
+    auto role = Fields(m).string("role", 64);
+    if (!role) throw bad_field(where + ".role", where + ".role is required");
+    if (*role != "system" && *role != "user" && *role != "assistant" && *role != "developer" && *role != "tool")
+      throw bad_field(where + ".role", where + ".role must be one of system, developer, user, assistant, tool");
+    ChatMessage cm{*role == "developer" ? "system" : *role, ""};
+    auto c = m.find("content");
+    if (c == m.end() || c->is_null()) {
+      if (*role != "assistant") throw bad_field(where + ".content", where + ".content is required");
+    } else if (c->is_string()) {
+      cm.content = c->get<std::string>();
+    } else if (c->is_array()) {
+      for (const json& part : *c) {
+        if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
+          throw bad_field(where + ".content", "content parts must be objects with a 'type'");
+        if (part["type"] != "text") throw unsupported(where + ".content", "content of type '" + part["type"].get<std::string>() + "'");
+        if (!part.contains("text") || !part["text"].is_string())
+          throw bad_field(where + ".content", "a text content part needs a string 'text'");
+        cm.content += part["text"].get<std::string>();
+      }
+    } else {
+      throw bad_field(where + ".content", where + ".content must be a string or a list of parts");
+    }
+    conv.push_back(std::move(cm));
+  }
+  std::string text;
+  try {
+    text = tmpl.render(conv, true);
+  } catch (const std::exception& e) {
+    throw bad_field("messages", std::string("the chat template rejected the messages: ") + e.what());
+  }
+  g.prompts.push_back(encode_text(tok, text, tmpl.encode_with_special_tokens(), "messages"));
+  auto mt = f.integer("max_completion_tokens", 1, lim.max_model_len);
+  if (!mt) mt = f.integer("max_tokens", 1, lim.max_model_len);
+  fit_context(g, mt, lim.max_model_len, lim);
+  return g;
+}
+
+}  // namespace spear::server

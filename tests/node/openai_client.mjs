@@ -1,0 +1,68 @@
+// Drives a running `spear serve` with the official openai Node SDK: a client we did
+// not write, so its expectations (shapes, SSE framing, error objects) are checked.
+// Usage: node openai_client.mjs BASE_URL MODEL   (BASE_URL like http://127.0.0.1:PORT/v1)
+// Prints one JSON line with what it saw; exits non-zero on any failure.
+import OpenAI from "openai";
+
+const [baseURL, model] = process.argv.slice(2);
+const client = new OpenAI({ baseURL, apiKey: "unused", maxRetries: 0, timeout: 60_000 });
+const out = {};
+const check = (cond, what) => {
+  if (!cond) throw new Error("check failed: " + what);
+};
+
+const models = await client.models.list();
+out.models = models.data.map((m) => m.id);
+check(out.models.includes(model), "model listed");
+
+const c = await client.completions.create({ model, prompt: "Once upon a time", max_tokens: 12, temperature: 0 });
+check(c.object === "text_completion" && c.choices.length === 1, "completion shape");
+check(typeof c.choices[0].text === "string" && c.choices[0].text.length > 0, "completion text");
+check(c.usage.completion_tokens > 0, "completion usage");
+out.completion = c.choices[0].text;
+
+const ids = await client.completions.create({ model, prompt: [1, 403, 407], max_tokens: 1, echo: true, logprobs: 1, temperature: 0 });
+check(ids.choices[0].logprobs.token_logprobs.length === 4, "echo logprobs length");
+check(ids.choices[0].logprobs.token_logprobs[0] === null, "first prompt logprob is null");
+out.echo_logprobs = ids.choices[0].logprobs.token_logprobs;
+
+const stream = await client.completions.create({ model, prompt: "Once upon a time", max_tokens: 12, temperature: 0, stream: true });
+let streamed = "";
+for await (const chunk of stream) streamed += chunk.choices[0]?.text ?? "";
+check(streamed === out.completion, "streamed completion equals the non-streamed one");
+
+const chat = await client.chat.completions.create({ model, messages: [{ role: "user", content: "Hi" }], max_tokens: 8 });
+check(chat.object === "chat.completion" && chat.choices[0].message.role === "assistant", "chat shape");
+out.chat = chat.choices[0].message.content;
+
+const cstream = await client.chat.completions.create({
+  model, messages: [{ role: "system", content: "Be nice." }, { role: "user", content: "Hi" }],
+  max_tokens: 8, stream: true, stream_options: { include_usage: true },
+});
+let chatText = "", finish = null, usage = null;
+for await (const chunk of cstream) {
+  if (chunk.usage) usage = chunk.usage;
+  for (const ch of chunk.choices) {
+    chatText += ch.delta?.content ?? "";
+    if (ch.finish_reason) finish = ch.finish_reason;
+  }
+}
+check(finish === "length" || finish === "stop", "chat stream finish_reason");
+check(usage && usage.completion_tokens > 0, "chat stream usage");
+out.chat_stream = chatText;
+
+try {
+  await client.completions.create({ model, prompt: "x", max_tokens: -1 });
+  throw new Error("a bad request was accepted");
+} catch (e) {
+  check(e instanceof OpenAI.APIError && e.status === 400, "400 surfaces as APIError: " + e);
+  check(typeof e.message === "string" && e.code === "invalid_value", "error code passed through: " + e.code);
+  out.error = { status: e.status, code: e.code };
+}
+try {
+  await client.completions.create({ model: "no-such-model", prompt: "x", max_tokens: 1 });
+  throw new Error("an unknown model was accepted");
+} catch (e) {
+  check(e instanceof OpenAI.NotFoundError, "404 surfaces as NotFoundError: " + e);
+}
+console.log(JSON.stringify(out));

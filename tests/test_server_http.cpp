@@ -1,0 +1,320 @@
+// The HTTP server end to end on loopback with the tiny model: completions and chat,
+// JSON and SSE; batching does not change greedy results; prompt logprobs as
+// lm-evaluation-harness reads them; a disconnecting client frees its KV blocks;
+// /health while loading; /metrics; the `spear serve` command itself.
+#include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <thread>
+
+#include "engine/generate.h"
+#include "test_server_fixture.h"
+
+using namespace spear;
+using namespace spear::test;
+using nlohmann::json;
+
+namespace {
+
+json parse(const std::string& s) { return json::parse(s); }
+
+// Generated ids through /v1/completions with token-id prompts and logprobs (the ids
+// are recovered exactly from the top-1 entries: greedy picks the top token).
+std::string completion_text(const TestServer& s, const std::vector<int32_t>& prompt, int max_tokens) {
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", max_tokens},
+                                                    {"temperature", 0}, {"ignore_eos", true}});
+  EXPECT_EQ(r.status, 200) << r.body;
+  return parse(r.body)["choices"][0]["text"].get<std::string>();
+}
+
+}  // namespace
+
+TEST(ServerHttp, CompletionMatchesDirectGeneration) {
+  TestServer s;
+  std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  GenerateOptions g;
+  g.max_new_tokens = 20;
+  g.stop_at_eos = false;
+  GenerateResult ref = generate(*s.model, prompt, g);
+  EXPECT_EQ(completion_text(s, prompt, 20), s.tok->decode(ref.ids));
+  // The same through a text prompt.
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 20}, {"ignore_eos", true}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  json j = parse(r.body);
+  EXPECT_EQ(j["choices"][0]["text"], s.tok->decode(ref.ids));
+  EXPECT_EQ(j["object"], "text_completion");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], prompt.size());
+  EXPECT_EQ(j["usage"]["completion_tokens"], 20);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+}
+
+TEST(ServerHttp, BatchingDoesNotChangeGreedyResults) {
+  TestServer s;
+  const char* texts[] = {"Once upon a time", "The little dog", "Lily and Tom went to the park",
+                         "One day, a big bear", "She was happy because", "The sun was",
+                         "There was a boy named Tim. He liked to", "A cat"};
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 24; ++i) {
+    std::vector<int32_t> p = s.tok->encode(texts[i % 8], true);
+    for (int r = 0; r < i / 8; ++r) {
+      auto more = s.tok->encode(texts[(i + 3 * r + 1) % 8], false);
+      p.insert(p.end(), more.begin(), more.end());
+    }
+    prompts.push_back(p);
+  }
+  // One at a time: batch size 1.
+  std::vector<std::string> alone;
+  for (const auto& p : prompts) alone.push_back(completion_text(s, p, 32));
+  // All at once: continuous batching with mixed prefill/decode steps.
+  std::vector<std::string> together(prompts.size());
+  std::vector<std::thread> th;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    th.emplace_back([&, i] { together[i] = completion_text(s, prompts[i], 32); });
+  for (auto& t : th) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(together[i], alone[i]) << "prompt " << i;
+  EXPECT_TRUE(s.wait_idle());
+}
+
+TEST(ServerHttp, StreamingCompletionAndChat) {
+  TestServer s;
+  std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  std::string whole = completion_text(s, prompt, 24);
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 24}, {"ignore_eos", true},
+                                                    {"stream", true}, {"stream_options", {{"include_usage", true}}}});
+  ASSERT_EQ(r.status, 200);
+  ASSERT_GE(r.events.size(), 3u);
+  EXPECT_EQ(r.events.back(), "[DONE]");
+  std::string text;
+  bool saw_finish = false, saw_usage = false;
+  for (size_t i = 0; i + 1 < r.events.size(); ++i) {
+    json j = parse(r.events[i]);
+    if (j.contains("usage")) {
+      saw_usage = true;
+      EXPECT_EQ(j["usage"]["completion_tokens"], 24);
+      continue;
+    }
+    text += j["choices"][0]["text"].get<std::string>();
+    if (!j["choices"][0]["finish_reason"].is_null()) {
+      saw_finish = true;
+      EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+    }
+  }
+  EXPECT_TRUE(saw_finish);
+  EXPECT_TRUE(saw_usage);
+  EXPECT_EQ(text, whole);
+
+  server::HttpResult c = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                                                         {"max_tokens", 8}, {"stream", true}});
+  ASSERT_EQ(c.status, 200);
+  EXPECT_EQ(c.events.back(), "[DONE]");
+  json first = parse(c.events[0]);
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  json last = parse(c.events[c.events.size() - 2]);
+  EXPECT_FALSE(last["choices"][0]["finish_reason"].is_null());
+
+  server::HttpResult n = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"max_tokens", 8}});
+  ASSERT_EQ(n.status, 200);
+  json nj = parse(n.body);
+  EXPECT_EQ(nj["object"], "chat.completion");
+  EXPECT_EQ(nj["choices"][0]["message"]["role"], "assistant");
+  EXPECT_TRUE(nj["choices"][0]["message"]["content"].is_string());
+}
+
+TEST(ServerHttp, StopStringsCutTheText) {
+  TestServer s;
+  std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  std::string whole = completion_text(s, prompt, 30);
+  ASSERT_GT(whole.size(), 12u);
+  const std::string stop = whole.substr(8, 3);
+  for (bool stream : {false, true}) {
+    json body{{"prompt", prompt}, {"max_tokens", 30}, {"stop", stop}, {"stream", stream}};
+    server::HttpResult r = s.post("/v1/completions", body);
+    ASSERT_EQ(r.status, 200);
+    std::string text, reason;
+    if (stream) {
+      for (const std::string& e : r.events) {
+        if (e == "[DONE]") continue;
+        json j = parse(e);
+        text += j["choices"][0]["text"].get<std::string>();
+        if (!j["choices"][0]["finish_reason"].is_null()) reason = j["choices"][0]["finish_reason"];
+      }
+    } else {
+      json j = parse(r.body);
+      text = j["choices"][0]["text"];
+      reason = j["choices"][0]["finish_reason"];
+    }
+    EXPECT_EQ(text, whole.substr(0, whole.find(stop))) << "stream=" << stream;
+    EXPECT_EQ(reason, "stop");
+  }
+  EXPECT_TRUE(s.wait_idle());
+}
+
+TEST(ServerHttp, EchoLogprobsAsLmEvalReadsThem) {
+  TestServer s;
+  std::vector<int32_t> prompt = s.tok->encode("Once upon a time there was a little girl", true);
+  // What lm-evaluation-harness' local-completions sends for loglikelihood.
+  json body{{"model", "tiny"}, {"prompt", json::array({prompt})}, {"max_tokens", 1},
+            {"temperature", 0}, {"logprobs", 1}, {"echo", true}, {"seed", 1234}};
+  server::HttpResult r = s.post("/v1/completions", body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  json lp = parse(r.body)["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["token_logprobs"].size(), prompt.size() + 1);  // prompt + the generated token
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  // Reference: log-softmax of the model's logits at every prompt position.
+  ContiguousKVCache kv(s.model->config().num_layers, 64, s.model->config().kv_dim());
+  std::vector<float> logits = s.model->forward(prompt.data(), static_cast<int64_t>(prompt.size()), kv, 0, true);
+  const int64_t V = s.model->vocab_size();
+  for (size_t i = 1; i < prompt.size(); ++i) {
+    const float* row = &logits[(i - 1) * V];
+    double mx = *std::max_element(row, row + V), sum = 0;
+    for (int64_t k = 0; k < V; ++k) sum += std::exp(row[k] - mx);
+    double want = row[prompt[i]] - mx - std::log(sum);
+    EXPECT_NEAR(lp["token_logprobs"][i].get<double>(), want, 1e-3) << i;
+    ASSERT_EQ(lp["top_logprobs"][i].size(), 1u);
+  }
+  // max_tokens 0 scores the prompt only.
+  body["max_tokens"] = 0;
+  r = s.post("/v1/completions", body);
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(parse(r.body)["choices"][0]["logprobs"]["token_logprobs"].size(), prompt.size());
+  EXPECT_EQ(parse(r.body)["usage"]["completion_tokens"], 0);
+}
+
+TEST(ServerHttp, SeveralPromptsInOneCall) {
+  TestServer s;
+  auto a = s.tok->encode("The little dog", true), b = s.tok->encode("A cat", true);
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", {a, b}}, {"max_tokens", 6}, {"ignore_eos", true}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  json j = parse(r.body);
+  ASSERT_EQ(j["choices"].size(), 2u);
+  EXPECT_EQ(j["choices"][0]["text"], completion_text(s, a, 6));
+  EXPECT_EQ(j["choices"][1]["text"], completion_text(s, b, 6));
+  EXPECT_EQ(j["choices"][1]["index"], 1);
+}
+
+namespace {
+std::string metric_line(const TestServer& s, const std::string& prefix) {
+  std::string m = s.get("/metrics").body;
+  size_t p = m.find(prefix);
+  return p == std::string::npos ? "" : m.substr(p, m.find('\n', p) - p);
+}
+}  // namespace
+
+TEST(ServerHttp, StreamingDisconnectCancelsAndFreesKvBlocks) {
+  TestServer s;
+  std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  // Hang up after the third event of a long generation.
+  server::PostOptions opt;
+  int seen = 0;
+  opt.on_event = [&](const std::string&, double) { return ++seen < 3; };
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 480}, {"ignore_eos", true}, {"stream", true}}, opt);
+  EXPECT_LT(r.events.size(), 10u);
+  EXPECT_TRUE(s.wait_idle()) << "running " << s.engine->stats().running << ", KV blocks " << s.engine->stats().kv_blocks_used;
+  EXPECT_EQ(metric_line(s, "spear_requests_finished_total{reason=\"cancelled\"}"),
+            "spear_requests_finished_total{reason=\"cancelled\"} 1");
+  EXPECT_LT(s.engine->stats().generated_tokens, 480);
+}
+
+TEST(ServerHttp, NonStreamingDisconnectIsNoticedBeforeAnyOutput) {
+  // The engine is not started: the request waits in the queue for as long as the
+  // test likes, and only the connection watch can end it.
+  TestServer s(TestServer::small_engine(), TestServer::loopback(), true, /*start_engine=*/false);
+  std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(s.url.port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  std::string body = json{{"prompt", prompt}, {"max_tokens", 40}}.dump();
+  std::string req = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+                    std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(send(fd, req.data(), req.size(), 0), static_cast<ssize_t>(req.size()));
+  for (int i = 0; i < 1000 && s.engine->stats().waiting < 1; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  ASSERT_EQ(s.engine->stats().waiting, 1);
+  close(fd);
+  const std::string gone = "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"499\"} 1";
+  for (int i = 0; i < 500 && metric_line(s, "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"499\"}") != gone; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(metric_line(s, "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"499\"}"), gone);
+  s.engine->start();  // the engine retires the cancelled request without running it
+  EXPECT_TRUE(s.wait_idle());
+  EXPECT_EQ(s.engine->stats().generated_tokens, 0);
+  EXPECT_EQ(metric_line(s, "spear_requests_finished_total{reason=\"cancelled\"}"),
+            "spear_requests_finished_total{reason=\"cancelled\"} 1");
+}
+
+TEST(ServerHttp, HealthWhileLoadingAndMetrics) {
+  {
+    TestServer loading(TestServer::small_engine(), TestServer::loopback(), /*ready=*/false);
+    server::HttpResult h = loading.get("/health");
+    EXPECT_EQ(h.status, 503);
+    EXPECT_EQ(parse(h.body)["status"], "loading");
+    server::HttpResult c = loading.post("/v1/completions", {{"prompt", "x"}});
+    EXPECT_EQ(c.status, 503);
+    EXPECT_EQ(parse(c.body)["error"]["code"], "model_loading");
+    EXPECT_EQ(loading.get("/metrics").status, 200);
+  }
+  TestServer s;
+  EXPECT_EQ(s.get("/health").status, 200);
+  completion_text(s, s.tok->encode("Hi", true), 4);
+  server::HttpResult m = s.get("/metrics");
+  ASSERT_EQ(m.status, 200);
+  for (const char* name : {"spear_requests_running ", "spear_requests_waiting ", "spear_prompt_tokens_total ",
+                           "spear_generation_tokens_total 4", "spear_time_to_first_token_seconds_bucket",
+                           "spear_time_per_output_token_seconds_count 1", "spear_kv_cache_blocks_used 0",
+                           "spear_engine_steps_total{kind=\"decode\"}", "spear_engine_steps_total{kind=\"prefill\"} 1",
+                           "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"200\"} 1"})
+    EXPECT_NE(m.body.find(name), std::string::npos) << name;
+  json models = parse(s.get("/v1/models").body);
+  EXPECT_EQ(models["data"][0]["id"], "tiny");
+}
+
+TEST(ServerHttp, ServeCommandStartsAndStops) {
+  // `spear serve --port 0` prints its port, answers, and exits cleanly on SIGTERM.
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    dup2(out[1], 2);
+    close(out[0]);
+    std::string model = tiny_model_dir();
+    execl(cli_path().c_str(), "spear", "serve", "--model", model.c_str(), "--port", "0", "--no-profile",
+          "--max-batch", "4", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(out[1]);
+  std::string log;
+  int port = -1;
+  char buf[512];
+  while (log.find("spear: ready") == std::string::npos) {
+    ssize_t n = read(out[0], buf, sizeof buf);
+    if (n <= 0) break;
+    log.append(buf, n);
+  }
+  size_t p = log.find("127.0.0.1:");
+  if (p != std::string::npos) port = std::atoi(log.c_str() + p + 10);
+  ASSERT_GT(port, 0) << log;
+  server::Url u;
+  u.port = port;
+  server::HttpResult h = server::http_get(u, "/health");
+  EXPECT_EQ(h.status, 200) << log;
+  server::HttpResult r = server::http_post(u, "/v1/completions", R"({"prompt":"Once upon","max_tokens":3})");
+  EXPECT_EQ(r.status, 200) << r.body;
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  close(out[0]);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << log;
+}
