@@ -45,3 +45,13 @@ void Progress::finish() {
 }
 
 }  // namespace spear::cli
+
+namespace spear::cli {
+
+void add_device_option(CLI::App* cmd, std::string& device) {
+  cmd->add_option("--device", device, "cpu, or cuda (the GPU engine: fp16 activations, W4 kernels)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+}
+
+}  // namespace spear::cli

@@ -9,13 +9,16 @@
 #include "engine/generate.h"
 #include "io/spear_artifact.h"
 #include "tokenizer/tokenizer.h"
+#ifdef SPEAR_WITH_CUDA
+#include "cuda/gpu_model.h"
+#endif
 
 namespace spear::cli {
 
 void register_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Generate text from a prompt (streamed to stdout)");
   struct Opts {
-    std::string model, prompt;
+    std::string model, prompt, device = "cpu";
     int64_t max_tokens = 64;
     SamplingParams s;
     bool json = false, ignore_eos = false;
@@ -30,6 +33,7 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--seed", o->s.seed, "Random seed for sampling");
   cmd->add_flag("--ignore-eos", o->ignore_eos, "Keep going past end-of-sequence tokens");
   cmd->add_flag("--json", o->json, "Print {\"prompt_ids\", \"ids\", \"text\"} at the end");
+  add_device_option(cmd, o->device);
   cmd->callback([o] {
     SPEAR_CHECK(o->max_tokens >= 0 && o->max_tokens <= 1 << 20, "generate: bad --max-tokens");
     // A model directory or a .spear artifact (quantized, possibly with ECs).
@@ -52,7 +56,29 @@ void register_generate(CLI::App& app) {
         return true;
       };
     }
-    GenerateResult r = generate(*model, prompt, g);
+    GenerateResult r;
+    if (o->device == "cuda") {
+#ifdef SPEAR_WITH_CUDA
+      const ModelConfig& cfg = model->config();
+      cuda::GpuOptions go;
+      go.max_batch = 1;
+      go.max_tokens = static_cast<int>(std::max<size_t>(prompt.size(), 1));
+      go.max_len = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o->max_tokens,
+                                                      cfg.max_position_embeddings));
+      go.max_len = std::max(go.max_len, go.max_tokens);
+      auto gm = cuda::GpuModel::from_cpu(*model, go);
+      StepFn step = [&](const int32_t* t, int64_t n, int64_t start, float* logits) {
+        cuda::GpuChunk c{0, t, static_cast<int>(n), static_cast<int>(start), false};
+        gm->forward(std::span<const cuda::GpuChunk>(&c, 1));
+        gm->logits_to_host(logits);
+      };
+      r = generate_with(cfg, step, prompt, g);
+#else
+      throw Error("generate: --device cuda: this spear was built without CUDA");
+#endif
+    } else {
+      r = generate(*model, prompt, g);
+    }
     if (o->json) {
       std::vector<int32_t> all = prompt;
       all.insert(all.end(), r.ids.begin(), r.ids.end());

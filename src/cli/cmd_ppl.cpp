@@ -10,13 +10,16 @@
 #include "eval/perplexity.h"
 #include "io/spear_artifact.h"
 #include "tokenizer/tokenizer.h"
+#ifdef SPEAR_WITH_CUDA
+#include "cuda/gpu_model.h"
+#endif
 
 namespace spear::cli {
 
 void register_ppl(CLI::App& app) {
   auto* cmd = app.add_subcommand("ppl", "Perplexity of a text file in non-overlapping windows");
   struct Opts {
-    std::string model, data, ref_model;
+    std::string model, data, ref_model, device = "cpu";
     int64_t ctx = 512, max_windows = -1;
     bool json = false;
   };
@@ -27,6 +30,7 @@ void register_ppl(CLI::App& app) {
   cmd->add_option("--max-windows", o->max_windows, "Score only the first N windows");
   cmd->add_option("--ref-model", o->ref_model, "Also report mean KL(ref || model) per token");
   cmd->add_flag("--json", o->json, "Print one JSON object");
+  add_device_option(cmd, o->device);
   cmd->callback([o] {
     // A model directory or a .spear artifact (quantized, possibly with ECs).
     LoadedModel loaded = load_model_any(o->model);
@@ -42,7 +46,33 @@ void register_ppl(CLI::App& app) {
     opt.max_windows = o->max_windows;
     opt.ref_model = ref.get();
     opt.progress = [&](int64_t done, int64_t total) { progress.update(done, total, "windows"); };
-    PplResult r = perplexity(*model, ids, opt);
+    PplResult r;
+    if (o->device == "cuda") {
+#ifdef SPEAR_WITH_CUDA
+      // fp16 activations, fp32 residual stream; NLL reduced on the device per window.
+      cuda::GpuOptions go;
+      go.max_batch = 1;
+      go.max_tokens = static_cast<int>(std::min<int64_t>(o->ctx, model->config().max_position_embeddings));
+      go.max_len = go.max_tokens;
+      go.graphs = false;
+      auto gm = cuda::GpuModel::from_cpu(*model, go);
+      std::fprintf(stderr, "spear: on the GPU: %s\n", gm->memory().str().c_str());
+      std::vector<int32_t> targets;
+      WindowScorer score = [&](const int32_t* win, int64_t n) {
+        gm->reset(0);
+        cuda::GpuChunk c{0, win, static_cast<int>(n), 0, true};
+        gm->forward(std::span<const cuda::GpuChunk>(&c, 1));
+        targets.assign(win + 1, win + n);
+        targets.push_back(-1);  // the last position has no next token in the window
+        return gm->nll_last(targets);
+      };
+      r = perplexity_with(score, model->config().max_position_embeddings, ids, opt);
+#else
+      throw Error("ppl: --device cuda: this spear was built without CUDA");
+#endif
+    } else {
+      r = perplexity(*model, ids, opt);
+    }
     progress.finish();
     nlohmann::json j{{"ppl", r.ppl},
                      {"nll", r.nll_sum / static_cast<double>(r.predicted_tokens)},
@@ -52,7 +82,8 @@ void register_ppl(CLI::App& app) {
                      {"ctx", o->ctx},
                      {"model", o->model},
                      {"data", o->data},
-                     {"seconds", r.seconds}};
+                     {"seconds", r.seconds},
+                     {"device", o->device}};
     if (ref) j["mean_kl"] = r.mean_kl;
     if (o->json) {
       std::printf("%s\n", j.dump().c_str());

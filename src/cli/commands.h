@@ -20,6 +20,9 @@ void register_quantize(CLI::App& app);
 void register_diagnose(CLI::App& app);
 void register_calibrate(CLI::App& app);
 void register_eval(CLI::App& app);
+void register_bench_latency(CLI::App& app);
+// --device cpu|cuda (cuda needs a build with nvcc and a GPU; the command says so otherwise).
+void add_device_option(CLI::App* cmd, std::string& device);
 // --calib, --calib-windows, --calib-ctx, --calib-offset (compensate/calib_data.h).
 void add_calib_options(CLI::App* cmd, CalibOptions& c);
 

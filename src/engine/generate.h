@@ -27,4 +27,11 @@ struct GenerateResult {
 GenerateResult generate(const LlamaModel& model, const std::vector<int32_t>& prompt,
                         const GenerateOptions& opt);
 
+// The same loop over any backend: step(tokens, n, start_pos, logits) runs positions
+// [start_pos, start_pos + n) of the one sequence and writes the last one's logits
+// (vocab_size floats). The GPU engine plugs in here.
+using StepFn = std::function<void(const int32_t* tokens, int64_t n, int64_t start_pos, float* logits)>;
+GenerateResult generate_with(const ModelConfig& cfg, const StepFn& step, const std::vector<int32_t>& prompt,
+                             const GenerateOptions& opt);
+
 }  // namespace spear

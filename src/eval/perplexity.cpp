@@ -73,4 +73,28 @@ PplResult perplexity(const LlamaModel& model, const std::vector<int32_t>& ids,
   return res;
 }
 
+PplResult perplexity_with(const WindowScorer& score, int64_t max_context, const std::vector<int32_t>& ids,
+                          const PplOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  SPEAR_CHECK(opt.ctx >= 2, "ppl: --ctx must be at least 2");
+  SPEAR_CHECK(opt.ctx <= max_context, "ppl: --ctx " + std::to_string(opt.ctx) + " exceeds the model's context of " +
+                                          std::to_string(max_context));
+  SPEAR_CHECK(!opt.ref_model, "ppl: --ref-model (KL) is computed by the CPU engine only");
+  PplResult res;
+  res.tokens_in_file = static_cast<int64_t>(ids.size());
+  int64_t windows = res.tokens_in_file / opt.ctx;
+  if (opt.max_windows >= 0) windows = std::min(windows, opt.max_windows);
+  SPEAR_CHECK(windows > 0, "ppl: the text has " + std::to_string(ids.size()) +
+                               " tokens, fewer than one window of " + std::to_string(opt.ctx));
+  for (int64_t w = 0; w < windows; ++w) {
+    res.nll_sum += score(ids.data() + w * opt.ctx, opt.ctx);
+    res.predicted_tokens += opt.ctx - 1;
+    if (opt.progress) opt.progress(w + 1, windows);
+  }
+  res.windows = windows;
+  res.ppl = std::exp(res.nll_sum / static_cast<double>(res.predicted_tokens));
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
 }  // namespace spear

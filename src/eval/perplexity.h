@@ -32,6 +32,13 @@ struct PplResult {
 PplResult perplexity(const LlamaModel& model, const std::vector<int32_t>& ids,
                      const PplOptions& opt);
 
+// The same protocol over any backend (no KL): score(window, ctx) returns the summed
+// negative log-likelihood (nats) of the window's ctx-1 next-token predictions.
+// max_context: the backend's context, checked against opt.ctx.
+using WindowScorer = std::function<double(const int32_t* window, int64_t ctx)>;
+PplResult perplexity_with(const WindowScorer& score, int64_t max_context, const std::vector<int32_t>& ids,
+                          const PplOptions& opt);
+
 // KL(p || q) for one position given two logit rows of n entries, in double.
 double kl_from_logits(const float* p_logits, const float* q_logits, int64_t n);
 

@@ -75,6 +75,9 @@ class LlamaModel {
   LayerWeights& layer(int64_t i) { return layers_[i]; }
   const LayerWeights& layer(int64_t i) const { return layers_[i]; }
   const std::vector<float>& embeddings() const { return embed_; }  // (vocab, dim)
+  const std::vector<float>& final_norm() const { return final_norm_; }  // (dim)
+  // (vocab, dim): the untied head, or the embeddings when tied.
+  const std::vector<float>& head() const { return lm_head_.empty() ? embed_ : lm_head_; }
   int64_t weight_bytes() const;  // resident weights, all layers + embeddings + head
 
  private:

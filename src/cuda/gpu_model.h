@@ -1,0 +1,138 @@
+#pragma once
+// The GPU Llama engine (issue 6): the same forward pass as src/model/llama.h, on one
+// CUDA device. Residual stream float32, matrix activations and KV cache fp16, linear
+// layers as FP16 (cuBLAS), W4 (the W4A16 dispatcher, src/cuda/w4a16.h) or W4 with an
+// Error Compensator — fused into the W4 kernel, or as separate launches ("naive":
+// W4 GEMM, z = x Aᵀ, the gate, y += s Bᵀ).
+//
+// Built from a loaded CPU model (an HF directory or a .spear artifact: every module's
+// weights are uploaded, 4-bit ones repacked to the GPU layout) or, for bench-latency,
+// from a config alone with random weights made on the GPU.
+//
+// KV cache: paged (block_size positions per block, one pool per layer); sequences are
+// "slots" 0..max_batch-1 that own blocks from a free list. Decode steps (every chunk one
+// token) run as CUDA graphs, one per batch size, captured on first use.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "io/model_config.h"
+
+namespace spear {
+class LlamaModel;
+}
+
+namespace spear::cuda {
+
+// How EC modules run. kDispatch: the W4A16 dispatcher's fused or split kernel (needs a
+// gate the kernel implements: static or per-coordinate); kNaive: separate launches,
+// which also run the full r×r gate of calibrated artifacts.
+enum class EcPath { kDispatch, kNaive };
+
+struct GpuOptions {
+  int device = 0;
+  int max_batch = 8;        // sequences (slots)
+  int max_tokens = 2048;    // tokens in one forward call
+  int max_len = 0;          // positions per sequence; 0 = the model's context
+  int block_size = 16;
+  int64_t kv_blocks = 0;    // 0: from gpu_memory_fraction, or max_batch full-length sequences
+  double gpu_memory_fraction = 0;  // > 0: the KV cache takes what is left under this share
+  EcPath ec_path = EcPath::kDispatch;
+  bool graphs = true;       // CUDA graphs for decode steps
+  bool autotune = false;    // autotune the W4 kernels for each shape on first use
+  bool verbose = false;
+};
+
+// Bytes on the device, by use (reported at load and by `spear info --device cuda`).
+struct GpuMemory {
+  int64_t weights = 0;      // linear layers (fp16 or packed W4 + scales + zeros), embeddings, head, norms
+  int64_t ec = 0;           // EC factors and gates
+  int64_t kv_cache = 0;
+  int64_t activations = 0;  // scratch buffers, logits, workspaces
+  int64_t total() const { return weights + ec + kv_cache + activations; }
+  std::string str() const;
+};
+
+// Synthetic models for bench-latency.
+enum class WeightKind { kFp16, kW4, kW4Ec };
+struct SyntheticSpec {
+  WeightKind kind = WeightKind::kW4;
+  int group = 0;            // W4: 0 per channel, else 128
+  double ec_budget = 0.01;  // EC bytes / quantized-model bytes
+  int ec_rank = 32;
+  bool ec_full_gate = false;  // r×r gate (naive path only) instead of per-coordinate
+  uint64_t seed = 1;
+};
+// Architectures by name: llama-3.2-1b, llama-3.2-3b, llama-2-7b (exact HF configs).
+ModelConfig named_config(const std::string& name);
+
+struct GpuChunk {
+  int slot = 0;             // which sequence
+  const int32_t* tokens = nullptr;
+  int n_tokens = 0;
+  int start_pos = 0;        // positions [start_pos, start_pos + n_tokens)
+  bool all_logits = false;
+};
+
+class GpuModel {
+ public:
+  // Upload a CPU model. Throws spear::Error for what the GPU path cannot run (bits other
+  // than 4, no CUDA device) or when memory runs out.
+  static std::unique_ptr<GpuModel> from_cpu(const LlamaModel& m, const GpuOptions& opt);
+  static std::unique_ptr<GpuModel> synthetic(const ModelConfig& cfg, const SyntheticSpec& spec,
+                                             const GpuOptions& opt);
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  const ModelConfig& config() const;
+  const GpuMemory& memory() const;
+  const GpuOptions& options() const;
+  int64_t kv_blocks_free() const;
+  std::string describe() const;  // one line per kind of linear: "q_proj: w4-pc-asym x 16 (+ec r=32 x 4)"
+
+  // Frees a slot's blocks (a new sequence may then use it from position 0).
+  void reset(int slot);
+  // Pretends positions [0, n) of a slot are cached (random K/V already there), for
+  // decode timing at a given context without a prefill.
+  void fake_context(int slot, int n);
+
+  // Runs the chunks as one batch; allocates blocks for new positions (throws when the
+  // pool is exhausted). Logits rows: per chunk, n_tokens rows (all_logits) or one row;
+  // returns the device pointer of those (rows, vocab) float32 logits, valid until the
+  // next call.
+  const float* forward(std::span<const GpuChunk> chunks);
+  int last_rows() const;
+  // Copies the last logits to the host (rows * vocab floats).
+  void logits_to_host(float* dst) const;
+  // Greedy ids for the last logits rows (argmax on the device).
+  std::vector<int32_t> argmax_last() const;
+  // Sum of -log p(target) over the last logits rows (row i scored against targets[i];
+  // -1 skips), on the device. Returns nats.
+  double nll_last(const std::vector<int32_t>& targets) const;
+
+  // One decode step for slots 0..B-1 at their current lengths, each fed token `tok`,
+  // through the decode graph for B (captured on first use). Returns nothing; for timing.
+  void decode_step_bench(int B, int32_t tok);
+  void synchronize() const;
+
+  struct Impl;
+
+ private:
+  explicit GpuModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The bandwidth ceiling: a device-to-device copy of `bytes` (read + write), best of a few
+// runs, in GB/s (1e9 bytes per second).
+double measure_copy_bandwidth_gbs(size_t bytes, int device = 0);
+
+// True when a CUDA device is usable (for --device cuda errors and test skips).
+bool cuda_available(std::string* why = nullptr);
+
+}  // namespace spear::cuda
