@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "engine/cost_model.h"
+#include "engine/step_model.h"
 #include "engine/scheduler.h"
 #include "model/llama.h"
 #include "test_paths.h"
@@ -56,7 +57,8 @@ TEST(EngineCostModel, EcBlindIgnoresEcWork) {
 TEST(EngineCostModel, ProfilesTheTinyModel) {
   auto model = LlamaModel::load(test::tiny_model_dir());
   CostModel cm;
-  profile_cost_model(*model, 512, cm);
+  CpuStepModel step(*model);
+  profile_cost_model(step, 512, cm);
   EXPECT_EQ(cm.ec_calls(), 0);  // a float model has no ECs
   StepShape one{1, 1, 64}, many{256, 1, attn_pairs(0, 256)};
   EXPECT_GT(cm.predict(one), 0);

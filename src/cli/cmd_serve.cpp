@@ -2,6 +2,7 @@
 // continuous-batching engine (src/engine).
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -13,6 +14,9 @@
 #include "server/chat_template.h"
 #include "server/http_server.h"
 #include "tokenizer/tokenizer.h"
+#ifdef SPEAR_WITH_CUDA
+#include "cuda/gpu_step_model.h"
+#endif
 
 namespace spear::cli {
 
@@ -36,7 +40,8 @@ std::vector<int32_t> chat_stop_ids(const Tokenizer& tok, const server::ChatTempl
 void register_serve(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API");
   struct Opts {
-    std::string model, name, scheduler = "ec-aware";
+    std::string model, name, scheduler = "ec-aware", device = "cpu";
+    double gpu_memory_fraction = 0.9;
     server::ServerOptions http;
     EngineConfig eng;
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
@@ -61,6 +66,11 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--max-queue", o->eng.max_waiting, "Waiting requests at most (then 429)")->capture_default_str();
   cmd->add_option("--http-threads", o->http.http_threads, "Connections served at once")->capture_default_str();
   cmd->add_option("--max-body-mb", o->max_body_mb, "Largest request body")->capture_default_str();
+  add_device_option(cmd, o->device);
+  cmd->add_option("--gpu-memory-fraction", o->gpu_memory_fraction,
+                  "--device cuda: the share of GPU memory to use; the KV cache takes what the weights leave")
+      ->check(CLI::Range(0.05, 0.99))
+      ->capture_default_str();
   cmd->add_flag("--no-profile", o->no_profile, "Skip the start-up cost-model profile (use the online fit only)");
   cmd->callback([o] {
     namespace fs = std::filesystem;
@@ -96,7 +106,36 @@ void register_serve(CLI::App& app) {
                                     ? server::ChatTemplate::from_model_dir(o->model, &note)
                                     : server::ChatTemplate::plain();
     if (!note.empty()) note = " (" + note + ")";
-    Engine engine(*lm.model, o->eng, &http.metrics());
+    std::unique_ptr<StepModel> backend;
+    if (o->device == "cuda") {
+#ifdef SPEAR_WITH_CUDA
+      cuda::GpuServeOptions g;
+      g.max_batch = static_cast<int>(o->eng.sched.max_batch);
+      g.max_tokens = static_cast<int>(std::max<int64_t>(o->eng.sched.max_batched_tokens, 1));
+      g.max_len = static_cast<int>(o->eng.max_model_len > 0 ? o->eng.max_model_len
+                                                           : lm.model->config().max_position_embeddings);
+      g.block_size = static_cast<int>(o->eng.block_size);
+      g.gpu_memory_fraction = o->gpu_memory_fraction;
+      auto gs = std::make_unique<cuda::GpuStepModel>(*lm.model, g);
+      const cuda::GpuMemory& gm = gs->memory();
+      std::fprintf(stderr, "spear: %s: %s\n", gs->device().c_str(), gm.str().c_str());
+      http.metrics().set_memory("cuda", {{"weights", gm.weights},
+                                         {"ec", gm.ec},
+                                         {"kv_cache", gm.kv_cache},
+                                         {"activations", gm.activations}});
+      backend = std::move(gs);
+#else
+      throw Error("serve: --device cuda: this spear was built without CUDA");
+#endif
+    } else {
+      backend = std::make_unique<CpuStepModel>(*lm.model);
+    }
+    Engine engine(*backend, o->eng, &http.metrics());
+    if (o->device == "cpu") {
+      const ModelConfig& mc = lm.model->config();
+      const int64_t kv = engine.stats().kv_blocks_total * o->eng.block_size * mc.num_layers * mc.kv_dim() * 2 * 4;
+      http.metrics().set_memory("cpu", {{"weights", lm.model->weight_bytes()}, {"kv_cache", kv}});
+    }
     engine.start();
 
     server::ServeState st;

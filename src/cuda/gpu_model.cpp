@@ -162,6 +162,7 @@ struct GpuModel::Impl {
   W4A16Dispatcher disp;
   std::vector<void*> allocations;
   std::set<std::string> tuned;
+  bool ec_enabled = true;
 
   // weights
   __half* embed = nullptr;     // (V, D)
@@ -353,7 +354,15 @@ struct GpuModel::Impl {
                            CUDA_R_16F, K_, &beta, y, CUDA_R_16F, N_, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  void linear(const GpuLinear& L, const __half* xin, int M, __half* y, bool capturing) {
+  void linear(const GpuLinear& L_in, const __half* xin, int M, __half* y, bool capturing) {
+    GpuLinear L_noec;
+    const GpuLinear* Lp = &L_in;
+    if (!ec_enabled && L_in.r > 0) {
+      L_noec = L_in;
+      L_noec.r = 0;
+      Lp = &L_noec;
+    }
+    const GpuLinear& L = *Lp;
     if (!L.is_w4) {
       gemm16(L.w16, L.K, xin, M, L.K, L.N, y, 0.0f);
       return;
@@ -465,9 +474,17 @@ struct GpuModel::Impl {
                   "GPU forward: positions [" + std::to_string(c.start_pos) + ", " +
                       std::to_string(c.start_pos + c.n_tokens) + ") outside the context of " +
                       std::to_string(opt.max_len));
-      SPEAR_CHECK(c.start_pos <= slots[c.slot].len,
-                  "GPU forward: chunk starts at " + std::to_string(c.start_pos) + " but the sequence has " +
-                      std::to_string(slots[c.slot].len) + " positions");
+      if (c.blocks) {
+        SPEAR_CHECK(c.n_blocks >= 0 && static_cast<int64_t>(c.n_blocks) * opt.block_size >= c.start_pos + c.n_tokens &&
+                        c.n_blocks <= max_blocks,
+                    "GPU forward: the block table does not cover the chunk's positions");
+        for (int b = 0; b < c.n_blocks; ++b)
+          SPEAR_CHECK(c.blocks[b] >= 0 && c.blocks[b] < num_blocks, "GPU forward: block id outside the KV pool");
+      } else {
+        SPEAR_CHECK(c.start_pos <= slots[c.slot].len,
+                    "GPU forward: chunk starts at " + std::to_string(c.start_pos) + " but the sequence has " +
+                        std::to_string(slots[c.slot].len) + " positions");
+      }
       for (int i = 0; i < c.n_tokens; ++i)
         SPEAR_CHECK(c.tokens[i] >= 0 && c.tokens[i] < cfg.vocab_size,
                     "GPU forward: token id " + std::to_string(c.tokens[i]) + " is outside the vocabulary");
@@ -482,18 +499,20 @@ struct GpuModel::Impl {
     for (int ci = 0; ci < n_chunks; ++ci) {
       const GpuChunk& c = chunks[ci];
       Slot& s = slots[c.slot];
-      ensure_blocks(s, c.start_pos + c.n_tokens);
+      if (!c.blocks) ensure_blocks(s, c.start_pos + c.n_tokens);
+      const int32_t* table = c.blocks ? c.blocks : s.blocks.data();
+      const int n_table = c.blocks ? c.n_blocks : static_cast<int>(s.blocks.size());
       for (int i = 0; i < c.n_tokens; ++i, ++r) {
         const int p = c.start_pos + i;
         h_in[o_tok + r] = c.tokens[i];
         h_in[o_pos + r] = p;
-        h_in[o_slot + r] = s.blocks[p / opt.block_size] * opt.block_size + p % opt.block_size;
+        h_in[o_slot + r] = table[p / opt.block_size] * opt.block_size + p % opt.block_size;
         h_in[o_qseq + r] = ci;
         if (c.all_logits || i + 1 == c.n_tokens) rows.push_back(r);
       }
       h_in[o_len + ci] = c.start_pos + c.n_tokens;
       int32_t* btrow = h_in + o_bt + static_cast<int64_t>(ci) * max_blocks;
-      for (int b = 0; b < max_blocks; ++b) btrow[b] = b < static_cast<int>(s.blocks.size()) ? s.blocks[b] : 0;
+      for (int b = 0; b < max_blocks; ++b) btrow[b] = b < n_table ? table[b] : 0;
     }
     const int64_t copy_n = o_bt + static_cast<int64_t>(n_chunks) * max_blocks;
     CUDA_OK(cudaMemcpyAsync(d_in, h_in, sizeof(int32_t) * copy_n, cudaMemcpyHostToDevice, stream));
@@ -524,7 +543,8 @@ struct GpuModel::Impl {
       body(T, n_chunks, decode, rows, false);
     }
     CUDA_OK(cudaGetLastError());
-    for (const GpuChunk& c : chunks) slots[c.slot].len = std::max(slots[c.slot].len, c.start_pos + c.n_tokens);
+    for (const GpuChunk& c : chunks)
+      if (!c.blocks) slots[c.slot].len = std::max(slots[c.slot].len, c.start_pos + c.n_tokens);
     return logits;
   }
 };
@@ -774,6 +794,14 @@ const GpuMemory& GpuModel::memory() const { return impl_->mem; }
 const GpuOptions& GpuModel::options() const { return impl_->opt; }
 int64_t GpuModel::kv_blocks_free() const { return static_cast<int64_t>(impl_->free_blocks.size()); }
 int GpuModel::last_rows() const { return impl_->last_rows; }
+int64_t GpuModel::kv_blocks_total() const { return impl_->num_blocks; }
+void GpuModel::set_ec_enabled(bool on) {
+  if (on == impl_->ec_enabled) return;
+  impl_->ec_enabled = on;
+  // captured graphs hold the old choice
+  for (auto& [b, g] : impl_->graphs) cudaGraphExecDestroy(g);
+  impl_->graphs.clear();
+}
 
 std::string GpuModel::describe() const {
   std::string out;

@@ -72,11 +72,16 @@ struct SyntheticSpec {
 ModelConfig named_config(const std::string& name);
 
 struct GpuChunk {
-  int slot = 0;             // which sequence
+  int slot = 0;             // which sequence (distinct per call, < max_batch)
   const int32_t* tokens = nullptr;
   int n_tokens = 0;
   int start_pos = 0;        // positions [start_pos, start_pos + n_tokens)
   bool all_logits = false;
+  // Optional: the sequence's block table from a caller that manages blocks itself (the
+  // serving engine's pool, same block size, ids < kv_blocks_total()). Then the slot's
+  // own blocks and length are not used.
+  const int32_t* blocks = nullptr;
+  int n_blocks = 0;
 };
 
 class GpuModel {
@@ -94,6 +99,9 @@ class GpuModel {
   const GpuMemory& memory() const;
   const GpuOptions& options() const;
   int64_t kv_blocks_free() const;
+  int64_t kv_blocks_total() const;
+  // Turns the Error Compensators off and on (the serving cost model measures their share).
+  void set_ec_enabled(bool on);
   std::string describe() const;  // one line per kind of linear: "q_proj: w4-pc-asym x 16 (+ec r=32 x 4)"
 
   // Frees a slot's blocks (a new sequence may then use it from position 0).

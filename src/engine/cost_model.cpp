@@ -1,4 +1,5 @@
 #include "engine/cost_model.h"
+#include "engine/step_model.h"
 
 #include <algorithm>
 #include <cctype>
@@ -236,7 +237,7 @@ double median_of(std::vector<double> v) {
 }
 
 // Seconds of one forward over `chunks` (start, n) on scratch sequences.
-double time_step(const LlamaModel& model, BlockPool& pool,
+double time_step(StepModel& model, BlockPool& pool,
                  const std::vector<std::pair<int64_t, int64_t>>& chunks, int reps) {
   std::vector<std::unique_ptr<PagedSequence>> seqs;
   std::vector<std::vector<int32_t>> toks;
@@ -261,8 +262,10 @@ double time_step(const LlamaModel& model, BlockPool& pool,
   return median_of(t);
 }
 
+}  // namespace
+
 // Per-call and per-row seconds of the EC modules' low-rank pairs, summed over modules.
-void profile_ec(const EcInventory& inv, CostModel& cm) {
+void profile_ec_cpu(const EcInventory& inv, CostModel& cm) {
   if (inv.modules.empty()) {
     cm.set_ec_cost(0, 0, 0);
     return;
@@ -297,19 +300,22 @@ void profile_ec(const EcInventory& inv, CostModel& cm) {
   const int64_t n = static_cast<int64_t>(inv.modules.size());
   cm.set_ec_cost(n, call_s / n, token_s);
 }
-}  // namespace
 
-void profile_cost_model(const LlamaModel& model, int64_t max_len, CostModel& cm) {
+void CpuStepModel::profile_ec(const EcInventory& inv, CostModel& cm) { profile_ec_cpu(inv, cm); }
+
+void profile_cost_model(StepModel& model, int64_t max_len, CostModel& cm, int64_t block_size) {
   const ModelConfig& cfg = model.config();
   max_len = std::min<int64_t>(max_len, cfg.max_position_embeddings);
   SPEAR_CHECK(max_len >= 2, "profile: max_len too small");
-  EcInventory inv = ec_inventory(model);
-  profile_ec(inv, cm);
+  EcInventory inv = ec_inventory(model.source());
+  model.profile_ec(inv, cm);
 
   const int64_t ctx = std::min<int64_t>(128, max_len - 1);
   const int64_t big = std::min<int64_t>(256, max_len);
-  BlockPool pool(/*num_blocks=*/(32 * (ctx + 1) + 4 * big) / 16 + 64, 16, cfg.num_layers,
-                 cfg.kv_dim());
+  // Scratch sequences; on a backend with its own KV memory the ids must exist there too.
+  int64_t scratch = (32 * (ctx + 1) + 4 * big) / block_size + 64;
+  if (model.kv_blocks() > 0) scratch = std::min(scratch, model.kv_blocks());
+  BlockPool pool(scratch, block_size, cfg.num_layers, cfg.kv_dim(), model.host_kv());
   std::vector<std::pair<StepShape, double>> samples;
   auto add = [&](const std::vector<std::pair<int64_t, int64_t>>& chunks) {
     StepShape s;

@@ -27,6 +27,7 @@
 namespace spear {
 
 class LlamaModel;
+class StepModel;
 
 struct StepShape {
   int64_t tokens = 0;  // T: rows through the linear layers
@@ -94,6 +95,9 @@ class CostModel {
 // batches and prefill chunks on scratch KV memory (median of a few repetitions
 // each) and measures the EC modules' low-rank work. Takes well under a second for
 // small models; max_len bounds the positions used.
-void profile_cost_model(const LlamaModel& model, int64_t max_len, CostModel& cm);
+void profile_cost_model(StepModel& model, int64_t max_len, CostModel& cm, int64_t block_size = 16);
+// The ECs' cost measured on the CPU: each EC shape's two low-rank products timed at
+// M = 1 and M = 64 (what CpuStepModel::profile_ec does).
+void profile_ec_cpu(const EcInventory& inv, CostModel& cm);
 
 }  // namespace spear

@@ -14,7 +14,14 @@ double steady_now() {
 }
 
 Engine::Engine(const LlamaModel& model, EngineConfig cfg, EngineObserver* observer)
-    : model_(model), cfg_(cfg), observer_(observer) {
+    : Engine(std::make_unique<CpuStepModel>(model), nullptr, cfg, observer) {}
+
+Engine::Engine(StepModel& model, EngineConfig cfg, EngineObserver* observer)
+    : Engine(nullptr, &model, cfg, observer) {}
+
+Engine::Engine(std::unique_ptr<StepModel> owned, StepModel* borrowed, EngineConfig cfg, EngineObserver* observer)
+    : owned_model_(std::move(owned)), model_(borrowed ? *borrowed : *owned_model_), cfg_(cfg), observer_(observer) {
+  StepModel& model = model_;
   const ModelConfig& mc = model.config();
   if (cfg_.max_model_len <= 0) cfg_.max_model_len = mc.max_position_embeddings;
   SPEAR_CHECK(cfg_.max_model_len >= 2 && cfg_.max_model_len <= mc.max_position_embeddings,
@@ -25,6 +32,7 @@ Engine::Engine(const LlamaModel& model, EngineConfig cfg, EngineObserver* observ
   const int64_t block_bytes = cfg_.block_size * mc.num_layers * mc.kv_dim() * 2 * 4;
   const int64_t min_blocks = (cfg_.max_model_len + cfg_.block_size - 1) / cfg_.block_size + 1;
   int64_t blocks = cfg_.kv_blocks;
+  if (model.kv_blocks() > 0) blocks = model.kv_blocks();  // the backend's own KV memory decides
   if (blocks <= 0 && cfg_.kv_cache_bytes > 0) blocks = cfg_.kv_cache_bytes / block_bytes;
   if (blocks <= 0)
     blocks = std::min<int64_t>((512ll << 20) / block_bytes,
@@ -33,7 +41,7 @@ Engine::Engine(const LlamaModel& model, EngineConfig cfg, EngineObserver* observ
               "the KV cache (" + std::to_string(blocks) + " blocks of " +
                   std::to_string(cfg_.block_size) + " positions) cannot hold one sequence of " +
                   std::to_string(cfg_.max_model_len) + " tokens; give it more memory");
-  pool_ = std::make_unique<BlockPool>(blocks, cfg_.block_size, mc.num_layers, mc.kv_dim());
+  pool_ = std::make_unique<BlockPool>(blocks, cfg_.block_size, mc.num_layers, mc.kv_dim(), model.host_kv());
   if (cfg_.sched.policy == SchedulerPolicy::SloEcBlind) {
     cost_.set_ec_aware(false);
     cost_.set_refit(false);
@@ -48,7 +56,7 @@ Engine::~Engine() { stop(); }
 
 void Engine::start() {
   if (thread_.joinable()) return;
-  if (cfg_.profile) profile_cost_model(model_, cfg_.max_model_len, cost_);
+  if (cfg_.profile) profile_cost_model(model_, cfg_.max_model_len, cost_, cfg_.block_size);
   {
     std::lock_guard<std::mutex> lk(mu_);
     cost_summary_ = cost_.describe();

@@ -21,6 +21,7 @@
 #include "engine/paged_kv.h"
 #include "engine/request.h"
 #include "engine/scheduler.h"
+#include "engine/step_model.h"
 #include "model/llama.h"
 
 namespace spear {
@@ -69,6 +70,8 @@ class Engine {
  public:
   // The model must outlive the engine. Throws spear::Error on a bad configuration.
   Engine(const LlamaModel& model, EngineConfig cfg, EngineObserver* observer = nullptr);
+  // Any backend (the GPU engine: src/cuda/gpu_step_model.h); it must outlive the engine.
+  Engine(StepModel& model, EngineConfig cfg, EngineObserver* observer = nullptr);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -94,6 +97,7 @@ class Engine {
   CostModel cost_model() const;
 
  private:
+  Engine(std::unique_ptr<StepModel> owned, StepModel* borrowed, EngineConfig cfg, EngineObserver* observer);
   void loop();
   void step();
   void sweep_cancelled();
@@ -101,7 +105,8 @@ class Engine {
   void emit_prompt_logprobs(Sequence& s, const float* rows, int64_t start, int64_t n);
   TokenLogprob logprob_of(const float* row, int32_t id, int64_t top) const;
 
-  const LlamaModel& model_;
+  std::unique_ptr<StepModel> owned_model_;  // the CPU adapter when built from a LlamaModel
+  StepModel& model_;
   EngineConfig cfg_;
   EngineObserver* observer_;
   std::unique_ptr<BlockPool> pool_;

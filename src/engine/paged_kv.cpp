@@ -4,13 +4,13 @@
 
 namespace spear {
 
-BlockPool::BlockPool(int64_t num_blocks, int64_t block_size, int64_t num_layers, int64_t kv_dim)
+BlockPool::BlockPool(int64_t num_blocks, int64_t block_size, int64_t num_layers, int64_t kv_dim, bool storage)
     : num_blocks_(num_blocks), block_size_(block_size), layers_(num_layers), kv_dim_(kv_dim),
       free_count_(num_blocks) {
   SPEAR_CHECK(num_blocks > 0 && num_blocks < (int64_t{1} << 31),
               "KV pool: the number of blocks must be in [1, 2^31)");
   SPEAR_CHECK(block_size > 0 && num_layers > 0 && kv_dim > 0, "KV pool: sizes must be positive");
-  const size_t n = static_cast<size_t>(num_blocks * num_layers * block_size * kv_dim);
+  const size_t n = storage ? static_cast<size_t>(num_blocks * num_layers * block_size * kv_dim) : 0;
   k_.assign(n, 0.0f);
   v_.assign(n, 0.0f);
   free_list_.reserve(num_blocks);

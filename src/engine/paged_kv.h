@@ -19,7 +19,9 @@ class BlockPool {
  public:
   // num_blocks blocks of block_size positions; each block holds K and V rows for all
   // layers: storage (num_blocks, layers, block_size, kv_dim) for K and again for V.
-  BlockPool(int64_t num_blocks, int64_t block_size, int64_t num_layers, int64_t kv_dim);
+  // storage = false: ids only (a backend keeps K/V in its own memory, e.g. the GPU);
+  // key()/value() must not be called then.
+  BlockPool(int64_t num_blocks, int64_t block_size, int64_t num_layers, int64_t kv_dim, bool storage = true);
 
   // A free block id, or -1 when the pool is exhausted.
   int32_t allocate();
@@ -73,6 +75,7 @@ class PagedSequence final : public KVStore {
   // Returns every block to the pool.
   void release();
   int64_t num_blocks() const { return static_cast<int64_t>(table_.size()); }
+  const std::vector<int32_t>& blocks() const { return table_; }  // logical block i -> pool id
 
  private:
   int64_t bs() const { return pool_->block_size(); }

@@ -72,6 +72,12 @@ void Metrics::count_response(const std::string& endpoint, int status) {
   responses_[{endpoint, status}]++;
 }
 
+void Metrics::set_memory(const std::string& device, const std::map<std::string, int64_t>& bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  mem_device_ = device;
+  mem_bytes_ = bytes;
+}
+
 std::string Metrics::render(const Engine* engine, bool ready) const {
   std::string out;
   auto gauge = [&](const std::string& name, const std::string& help, double v) {
@@ -108,6 +114,11 @@ std::string Metrics::render(const Engine* engine, bool ready) const {
     for (const auto& [key, n] : responses_)
       out += "spear_http_responses_total{endpoint=\"" + key.first + "\",status=\"" +
              std::to_string(key.second) + "\"} " + std::to_string(n) + "\n";
+    if (!mem_bytes_.empty()) {
+      out += "# HELP spear_memory_bytes Memory held by use\n# TYPE spear_memory_bytes gauge\n";
+      for (const auto& [kind, b] : mem_bytes_)
+        out += "spear_memory_bytes{device=\"" + mem_device_ + "\",kind=\"" + kind + "\"} " + std::to_string(b) + "\n";
+    }
     gauge("spear_cost_model_mean_abs_rel_error",
           "Mean |predicted - measured| / measured step time of the scheduler's cost model",
           step_err_n_ ? step_abs_rel_err_sum_ / step_err_n_ : 0);

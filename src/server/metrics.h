@@ -41,6 +41,10 @@ class Metrics final : public EngineObserver {
   // HTTP layer
   void count_response(const std::string& endpoint, int status);
 
+  // Memory by use ("weights", "ec", "kv_cache", "activations") on a device ("cpu", "cuda"),
+  // set once at load; rendered as spear_memory_bytes{device, kind}.
+  void set_memory(const std::string& device, const std::map<std::string, int64_t>& bytes);
+
   // Prometheus text; `engine` may be null while loading.
   std::string render(const Engine* engine, bool ready) const;
 
@@ -50,6 +54,8 @@ class Metrics final : public EngineObserver {
   std::map<std::string, uint64_t> steps_by_kind_;
   std::map<std::string, uint64_t> finished_by_reason_;
   std::map<std::pair<std::string, int>, uint64_t> responses_;
+  std::string mem_device_;
+  std::map<std::string, int64_t> mem_bytes_;
   double step_abs_rel_err_sum_ = 0;
   uint64_t step_err_n_ = 0;
 };

@@ -1,0 +1,51 @@
+#pragma once
+// What the serving engine runs each step: one batched forward over chunks of sequences
+// whose K/V live in the engine's paged pool (engine/paged_kv.h). The engine owns the
+// block bookkeeping (admission, preemption, freeing); a backend stores K/V where it
+// computes: the CPU model in the pool's own float storage, the GPU engine in device
+// memory addressed by the same block ids. So one scheduler and one HTTP server serve
+// either backend (`spear serve --device cpu|cuda`).
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "engine/cost_model.h"
+#include "model/llama.h"
+
+namespace spear {
+
+class StepModel {
+ public:
+  virtual ~StepModel() = default;
+  virtual const ModelConfig& config() const = 0;
+  int64_t vocab_size() const { return config().vocab_size; }
+  // Logits rows (host memory): per chunk n_tokens rows (all_logits) or one row.
+  // Every chunk's kv is a PagedSequence of the engine's pool.
+  virtual void forward(std::span<const SeqChunk> chunks, float* logits) = 0;
+  // The model as loaded on the CPU (for the EC inventory the cost model charges).
+  virtual const LlamaModel& source() const = 0;
+  // true: the BlockPool must hold K/V floats (the CPU engine reads them from it).
+  virtual bool host_kv() const = 0;
+  // Blocks (of the engine's block size) the backend holds K/V for; 0 = the engine decides.
+  virtual int64_t kv_blocks() const { return 0; }
+  // Measures the ECs' share of a step on this backend into cm (set_ec_cost).
+  virtual void profile_ec(const EcInventory& inv, CostModel& cm) = 0;
+  virtual std::string device() const = 0;  // "cpu", "cuda: NVIDIA H200"
+};
+
+// The CPU engine (LlamaModel) as a StepModel.
+class CpuStepModel final : public StepModel {
+ public:
+  explicit CpuStepModel(const LlamaModel& m) : m_(m) {}
+  const ModelConfig& config() const override { return m_.config(); }
+  void forward(std::span<const SeqChunk> chunks, float* logits) override { m_.forward(chunks, logits); }
+  const LlamaModel& source() const override { return m_; }
+  bool host_kv() const override { return true; }
+  void profile_ec(const EcInventory& inv, CostModel& cm) override;
+  std::string device() const override { return "cpu"; }
+
+ private:
+  const LlamaModel& m_;
+};
+
+}  // namespace spear
