@@ -3,7 +3,10 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 
 #include "core/error.h"
@@ -43,8 +46,111 @@ DenseLinear::DenseLinear(int64_t out, int64_t in, std::vector<float> w)
   SPEAR_CHECK(static_cast<int64_t>(w_.size()) == out * in, "DenseLinear: weight size mismatch");
 }
 
+DenseLinear::DenseLinear(int64_t out, int64_t in, std::vector<uint16_t> w16, Storage storage)
+    : out_(out), in_(in), storage_(storage), h_(std::move(w16)) {
+  SPEAR_CHECK(storage != Storage::F32, "DenseLinear: 16-bit storage expected");
+  SPEAR_CHECK(static_cast<int64_t>(h_.size()) == out * in, "DenseLinear: weight size mismatch");
+}
+
+std::string DenseLinear::kind() const {
+  return storage_ == Storage::F32 ? "f32" : storage_ == Storage::BF16 ? "bf16" : "f16";
+}
+
+namespace {
+
+// 8 consecutive 16-bit weights as 8 floats. bf16 is the top half of a float32 (shift left
+// 16); fp16 widens with F16C. Both are exact.
+inline __m256 load8(const uint16_t* p, DenseLinear::Storage s) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (s == DenseLinear::Storage::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+inline float widen1(uint16_t v, DenseLinear::Storage s) {
+  if (s == DenseLinear::Storage::BF16) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  return _cvtsh_ss(v);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y (R, N) = x (R, K) W^T for R <= 8 rows, W (N, K) 16-bit: each weight row is read once
+// for all R rows of x. Output rows split across OpenMP threads.
+template <int R>
+void gemv16(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, DenseLinear::Storage s) {
+  const int64_t K8 = K / 8 * 8;
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16) && !omp_in_parallel())
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 wv = load8(wr + k, s);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float t = hsum(acc[r]);
+      for (int64_t k = K8; k < K; ++k) t += widen1(wr[k], s) * x[r * K + k];
+      y[r * N + n] = t;
+    }
+  }
+}
+
+}  // namespace
+
+void widen_16(const uint16_t* src, int64_t n, DenseLinear::Storage s, float* dst) {
+  const int64_t n8 = n / 8 * 8;
+#pragma omp parallel for schedule(static) if (n >= (1 << 18) && !omp_in_parallel())
+  for (int64_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, load8(src + i, s));
+  for (int64_t i = n8; i < n; ++i) dst[i] = widen1(src[i], s);
+}
+
+const std::vector<float>& DenseLinear::weight() const {
+  if (storage_ == Storage::F32) return w_;
+  std::call_once(widen_once_, [this] {
+    widened_.resize(h_.size());
+    widen_16(h_.data(), static_cast<int64_t>(h_.size()), storage_, widened_.data());
+  });
+  return widened_;
+}
+
 void DenseLinear::forward(const float* x, int64_t M, float* y) const {
-  matmul_nt(x, w_.data(), y, M, in_, out_);
+  if (storage_ == Storage::F32) {
+    matmul_nt(x, w_.data(), y, M, in_, out_);
+    return;
+  }
+  if (M <= 32) {  // decode and small batches: straight from the 16-bit rows, 8 rows of x at a time
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t r = std::min<int64_t>(8, M - m0);
+      const float* xr = x + m0 * in_;
+      float* yr = y + m0 * out_;
+      switch (r) {
+        case 1: gemv16<1>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 2: gemv16<2>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 3: gemv16<3>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 4: gemv16<4>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 5: gemv16<5>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 6: gemv16<6>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 7: gemv16<7>(xr, h_.data(), yr, in_, out_, storage_); break;
+        default: gemv16<8>(xr, h_.data(), yr, in_, out_, storage_); break;
+      }
+    }
+    return;
+  }
+  // Many rows: widen once into a per-thread scratch buffer, then sgemm.
+  thread_local std::vector<float> scratch;
+  scratch.resize(h_.size());
+  widen_16(h_.data(), static_cast<int64_t>(h_.size()), storage_, scratch.data());
+  matmul_nt(x, scratch.data(), y, M, in_, out_);
 }
 
 }  // namespace spear

@@ -4,6 +4,7 @@
 // and a 4-bit layer with an Error Compensator are interchangeable per module.
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -21,21 +22,37 @@ class Linear {
   virtual std::string kind() const = 0;  // "f32", "w4-pc-asym", "w4-pc-asym+ec(r=8)", ...
 };
 
-// Full-precision weights held as float32 (the reference engine's arithmetic).
+// Full-precision weights, computed in float32 (the reference engine's arithmetic).
+// Held as float32, or — for a bf16/fp16 checkpoint — in the checkpoint's own 16-bit
+// form, which widens to float32 exactly: the same numbers at half the bytes a decode
+// step streams. Few rows (decode): a kernel straight from the 16-bit rows; many rows:
+// widened into a scratch buffer once per call, then sgemm.
 class DenseLinear final : public Linear {
  public:
+  enum class Storage { F32, BF16, F16 };
   DenseLinear(int64_t out, int64_t in, std::vector<float> w);  // w: (out, in)
+  // w16: (out, in) bf16 or fp16 bit patterns.
+  DenseLinear(int64_t out, int64_t in, std::vector<uint16_t> w16, Storage storage);
   int64_t in_features() const override { return in_; }
   int64_t out_features() const override { return out_; }
   void forward(const float* x, int64_t M, float* y) const override;
-  int64_t weight_bytes() const override { return out_ * in_ * 4; }
-  std::string kind() const override { return "f32"; }
-  const std::vector<float>& weight() const { return w_; }  // (out, in)
+  int64_t weight_bytes() const override { return out_ * in_ * (storage_ == Storage::F32 ? 4 : 2); }
+  std::string kind() const override;
+  Storage storage() const { return storage_; }
+  // (out, in) as float32; for 16-bit storage widened on first use and kept.
+  const std::vector<float>& weight() const;
 
  private:
   int64_t out_, in_;
-  std::vector<float> w_;  // (out, in)
+  Storage storage_ = Storage::F32;
+  std::vector<float> w_;      // (out, in) float32 storage
+  std::vector<uint16_t> h_;   // (out, in) 16-bit storage
+  mutable std::once_flag widen_once_;
+  mutable std::vector<float> widened_;
 };
+
+// Widens n 16-bit values (bf16 or fp16) to float32, exactly.
+void widen_16(const uint16_t* src, int64_t n, DenseLinear::Storage s, float* dst);
 
 // Y (M, N) = X (M, K) · Wᵀ with W (N, K), float32 (OpenBLAS sgemm; sgemv for M = 1).
 void matmul_nt(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N);

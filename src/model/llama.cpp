@@ -1,6 +1,7 @@
 #include "model/llama.h"
 
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <set>
@@ -49,6 +50,19 @@ std::string shape_str(const std::vector<int64_t>& s) {
 std::vector<float> read_f32(const TensorStore& store, const Expected& e) {
   const TensorView& t = store.get(e.name);
   return to_f32(t);
+}
+
+// A bf16/fp16 weight stays 16-bit (it widens to float32 exactly, at half the bytes);
+// anything else becomes float32.
+std::unique_ptr<DenseLinear> read_linear(const TensorStore& store, const Expected& e) {
+  const TensorView& t = store.get(e.name);
+  if (t.dtype == DType::BF16 || t.dtype == DType::F16) {
+    std::vector<uint16_t> h(static_cast<size_t>(e.shape[0] * e.shape[1]));
+    std::memcpy(h.data(), t.data, h.size() * 2);
+    return std::make_unique<DenseLinear>(e.shape[0], e.shape[1], std::move(h),
+                                         t.dtype == DType::BF16 ? DenseLinear::Storage::BF16 : DenseLinear::Storage::F16);
+  }
+  return std::make_unique<DenseLinear>(e.shape[0], e.shape[1], to_f32(t));
 }
 
 }  // namespace
@@ -102,7 +116,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& dir) {
     L.ffn_norm = read_f32(store, expected[k++]);
     for (int m = 0; m < 7; ++m) {
       const Expected& e = expected[k++];
-      L.modules[m] = std::make_unique<DenseLinear>(e.shape[0], e.shape[1], read_f32(store, e));
+      L.modules[m] = read_linear(store, e);
     }
   }
   std::vector<float> final_norm = read_f32(store, expected[k++]);
