@@ -214,8 +214,9 @@ void Engine::finish(Sequence* s, FinishReason r, const std::string& err) {
   st.n_preemptions = s->n_preemptions;
   std::shared_ptr<RequestStream> keep = s->req.stream;
   sched_->remove(s);  // frees the KV blocks; s is gone after this
-  keep->finish(r, err);
+  // Metrics first: once the stream finishes, the client may read /metrics at once.
   if (observer_) observer_->on_request_done(rec);
+  keep->finish(r, err);
 }
 
 TokenLogprob Engine::logprob_of(const float* row, int32_t id, int64_t top) const {

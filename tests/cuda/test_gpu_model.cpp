@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cuda/gpu_test_util.h"
 #include "compensate/ec_layer.h"
 #include "engine/generate.h"
 #include "core/error.h"
@@ -28,10 +29,6 @@
 namespace spear::cuda {
 namespace {
 
-#define REQUIRE_GPU()                                                                          \
-  if (!cuda_available())                                                                       \
-  GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount failed or returned 0): GPU test skipped; " \
-                  "run on a machine with an sm_90 GPU"
 
 // Relative L2 error of one logits row, and whether the argmax agrees (or is a near tie).
 struct RowCheck {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "cuda/gpu_test_util.h"
 #include "cuda/gpu_step_model.h"
 #include "engine/engine_loop.h"
 #include "model/kv_cache.h"
@@ -18,10 +19,6 @@
 namespace spear::cuda {
 namespace {
 
-#define REQUIRE_GPU()                                                                          \
-  if (!cuda_available())                                                                       \
-  GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount failed or returned 0): GPU test skipped; " \
-                  "run on a machine with an sm_90 GPU"
 
 struct Greedy {
   std::vector<int32_t> ids;

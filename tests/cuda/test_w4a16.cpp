@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/gpu_test_util.h"
 #include "core/dtype.h"
 #include "cuda/w4a16.h"
 #include "quant/gpu_layout.h"
@@ -20,14 +21,6 @@
 namespace spear::cuda {
 namespace {
 
-bool gpu_present() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-#define REQUIRE_GPU()                                                                          \
-  if (!gpu_present())                                                                          \
-  GTEST_SKIP() << "no CUDA device (cudaGetDeviceCount failed or returned 0): GPU test skipped; " \
-                  "run on a machine with an sm_90 GPU"
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x << ": " << cudaGetErrorString(x)
 
