@@ -9,8 +9,10 @@ namespace spear {
 namespace {
 
 // Below this many rows the packed kernel is used as is; from here on the matrix is
-// unpacked once per call and multiplied with sgemm.
+// unpacked once per call and multiplied with sgemm. The AVX2 4-bit kernel beats
+// unpack + sgemm up to 32 rows and more on mixlm and 7B shapes (bench/bench_quant_linear).
 constexpr int64_t kDequantizeMinRows = 8;
+constexpr int64_t kDequantizeMinRows4 = 64;
 
 // scale * (q - zero) of the whole matrix into w (N, K). 4-bit rows are unpacked a byte
 // (two codes) at a time; other widths go through QuantizedMatrix::code().
@@ -52,7 +54,7 @@ QuantizedLinearLayer::QuantizedLinearLayer(QuantizedMatrix m) : q_(std::move(m))
 }
 
 void QuantizedLinearLayer::forward(const float* x, int64_t M, float* y) const {
-  if (M < kDequantizeMinRows) {
+  if (M < (q_.w.scheme.bits == 4 ? kDequantizeMinRows4 : kDequantizeMinRows)) {
     q_.forward(x, M, y);
     return;
   }
