@@ -22,15 +22,6 @@ namespace spear::cli {
 
 namespace {
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 std::vector<int> int_list(const std::string& s, const char* what) {
   std::vector<int> out;
   for (const std::string& t : split_list(s)) {
@@ -202,15 +193,8 @@ void register_bench_latency(CLI::App& app) {
                            std::to_string(static_cast<int>(ceiling)) + " GB/s\n\nDecode (per step, all sequences):\n\n" +
                            md_decode + "\nPrefill (one sequence):\n\n" + md_prefill + "\nModels:\n\n" + md_models;
     std::printf("%s", md.c_str());
-    auto write = [](const std::string& path, const std::string& text) {
-      const std::string tmp = path + ".tmp";
-      std::ofstream f(tmp);
-      f << text;
-      f.close();
-      SPEAR_CHECK(f.good() && std::rename(tmp.c_str(), path.c_str()) == 0, "bench-latency: cannot write " + path);
-    };
-    if (!o->json.empty()) write(o->json, out.dump(1));
-    if (!o->md.empty()) write(o->md, md);
+    if (!o->json.empty()) write_text_file(o->json, out.dump(1) + "\n");
+    if (!o->md.empty()) write_text_file(o->md, md);
 #endif
   });
 }

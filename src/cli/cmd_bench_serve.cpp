@@ -47,11 +47,7 @@ void register_bench_serve(CLI::App& app) {
     }
     server::LoadReport rep = server::run_load(o->cfg);
     std::fputs(rep.table().c_str(), stdout);
-    if (!o->json_out.empty()) {
-      std::ofstream f(o->json_out);
-      SPEAR_CHECK(f.good(), "cannot write " + o->json_out);
-      f << rep.to_json(o->per_request).dump(2) << "\n";
-    }
+    if (!o->json_out.empty()) write_text_file(o->json_out, rep.to_json(o->per_request).dump(2) + "\n");
     for (const auto& r : rep.requests)
       if (!r.ok) {
         std::fprintf(stderr, "spear: first failure: status %d: %s\n", r.status, r.error.c_str());

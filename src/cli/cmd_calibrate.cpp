@@ -69,15 +69,7 @@ void register_calibrate(CLI::App& app) {
       sm["settings"]["objective"] = "static";
       write_spear(o->static_out, with_ecs(q, r.static_ecs, sm));
     }
-    if (!o->report.empty()) {
-      std::string tmp = o->report + ".tmp";
-      {
-        std::ofstream f(tmp);
-        SPEAR_CHECK(f.good(), "calibrate: cannot write " + tmp);
-        f << r.report.dump(1) << "\n";
-      }
-      std::filesystem::rename(tmp, o->report);
-    }
+    if (!o->report.empty()) write_text_file(o->report, r.report.dump(1) + "\n");
     std::printf("wrote %s: %zu ECs, %lld EC bytes = %.3f%% of %lld quantized bytes; calibration KL "
                 "w4 %.5f, static %.5f, %s %.5f; %.0f s\n",
                 o->out.c_str(), r.placement.size(), (long long)r.report["ec_bytes"].get<int64_t>(),

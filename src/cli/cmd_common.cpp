@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include <filesystem>
 #include "cli/commands.h"
 #include "core/error.h"
 
@@ -47,6 +48,29 @@ void Progress::finish() {
 }  // namespace spear::cli
 
 namespace spear::cli {
+
+void write_text_file(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    SPEAR_CHECK(f.good(), "cannot write " + tmp);
+    f << text;
+    f.flush();
+    SPEAR_CHECK(f.good(), "cannot write " + tmp);
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  SPEAR_CHECK(!ec, "cannot rename " + tmp + " to " + path + ": " + ec.message());
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
 
 void add_device_option(CLI::App* cmd, std::string& device) {
   cmd->add_option("--device", device, "cpu, or cuda (the GPU engine: fp16 activations, W4 kernels)")

@@ -15,19 +15,6 @@
 
 namespace spear::cli {
 
-namespace {
-void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    SPEAR_CHECK(f.good(), "cannot write " + tmp);
-    f << text;
-    SPEAR_CHECK(f.good(), "cannot write " + tmp);
-  }
-  std::filesystem::rename(tmp, path);
-}
-}  // namespace
-
 void register_diagnose(CLI::App& app) {
   auto* cmd = app.add_subcommand("diagnose", "Rank modules by quantization damage (weighted CKA), "
                                              "per-token error statistics, heatmap and histogram");
@@ -91,11 +78,11 @@ void register_diagnose(CLI::App& app) {
     std::filesystem::create_directories(o->out_dir);
     const std::string hm = (std::filesystem::path(o->out_dir) / "spear-heatmap.svg").string();
     const std::string hi = (std::filesystem::path(o->out_dir) / "spear-token-error.svg").string();
-    write_atomic(hm, heatmap_svg(d, w, q.config.num_layers));
+    write_text_file(hm, heatmap_svg(d, w, q.config.num_layers));
     std::vector<size_t> top5(order.begin(), order.begin() + std::min<size_t>(5, order.size()));
-    write_atomic(hi, histogram_svg(d, top5));
+    write_text_file(hi, histogram_svg(d, top5));
     std::printf("\nwrote %s and %s (%.0f s)\n", hm.c_str(), hi.c_str(), d.seconds);
-    if (!o->json.empty()) write_atomic(o->json, diagnosis_json(d).dump(1) + "\n");
+    if (!o->json.empty()) write_text_file(o->json, diagnosis_json(d).dump(1) + "\n");
   });
 }
 

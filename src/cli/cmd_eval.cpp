@@ -16,27 +16,6 @@
 
 namespace spear::cli {
 
-namespace {
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> r;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ','))
-    if (!t.empty()) r.push_back(t);
-  return r;
-}
-void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    SPEAR_CHECK(f.good(), "cannot write " + tmp);
-    f << text;
-    SPEAR_CHECK(f.good(), "cannot write " + tmp);
-  }
-  std::filesystem::rename(tmp, path);
-}
-}  // namespace
-
 void register_eval(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "eval", "Quantize, calibrate and compare methods: perplexity, gap recovered, memory, KL");
@@ -82,9 +61,9 @@ void register_eval(CLI::App& app) {
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o] {
     namespace fs = std::filesystem;
-    const std::vector<std::string> methods = split(o->methods);
+    const std::vector<std::string> methods = split_list(o->methods);
     std::vector<double> budgets;
-    for (const std::string& b : split(o->budgets)) {
+    for (const std::string& b : split_list(o->budgets)) {
       double v = 0;
       try {
         v = std::stod(b);
@@ -194,8 +173,8 @@ void register_eval(CLI::App& app) {
                      {"base", base.meta["quantizer"]},
                      {"rows", report_json(rows)},
                      {"calibration_reports", calib_reports}};
-    if (!o->json.empty()) write_atomic(o->json, j.dump(1) + "\n");
-    if (!o->markdown.empty()) write_atomic(o->markdown, md);
+    if (!o->json.empty()) write_text_file(o->json, j.dump(1) + "\n");
+    if (!o->markdown.empty()) write_text_file(o->markdown, md);
   });
 }
 

@@ -3,6 +3,9 @@
 // runs the command and throws spear::Error on failure (main() prints it once).
 #include <CLI/CLI.hpp>
 
+#include <string>
+#include <vector>
+
 namespace spear {
 struct CalibOptions;
 }
@@ -28,6 +31,11 @@ void add_calib_options(CLI::App* cmd, CalibOptions& c);
 
 // Reads a whole text file; throws spear::Error naming it when it cannot.
 std::string read_text_file(const std::string& path);
+// Writes a text file atomically (a temporary name, then rename): a failed write leaves
+// what was there. Throws spear::Error naming the path.
+void write_text_file(const std::string& path, const std::string& text);
+// "a,b,,c" -> {"a", "b", "c"}.
+std::vector<std::string> split_list(const std::string& s);
 
 // Progress on stderr for long runs, at most a few lines per second.
 class Progress {
