@@ -1,3 +1,4 @@
+#include "core/simd.h"
 #include "model/linear.h"
 
 #include <cblas.h>
@@ -76,13 +77,6 @@ inline float widen1(uint16_t v, DenseLinear::Storage s) {
   return _cvtsh_ss(v);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // y (R, N) = x (R, K) W^T for R <= 8 rows, W (N, K) 16-bit: each weight row is read once
 // for all R rows of x. Output rows split across OpenMP threads.
 template <int R>
@@ -98,7 +92,7 @@ void gemv16(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, D
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
     }
     for (int r = 0; r < R; ++r) {
-      float t = hsum(acc[r]);
+      float t = hsum8(acc[r]);
       for (int64_t k = K8; k < K; ++k) t += widen1(wr[k], s) * x[r * K + k];
       y[r * N + n] = t;
     }

@@ -1,3 +1,4 @@
+#include "core/simd.h"
 #include "quant/quant_linear.h"
 
 #include <immintrin.h>
@@ -60,13 +61,6 @@ void QuantLinear::forward_reference(const float* x, int64_t M, float* y) const {
 }
 
 namespace {
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // y (R, N) = x (R, K) Q^T for R <= 8 rows of x and 4-bit codes, every group starting at a
 // multiple of 16 columns: per group, s_g * sum_k (q_k - z_g) x_k, each weight row read
