@@ -1,4 +1,3 @@
-#include "core/simd.h"
 #include "model/linear.h"
 
 #include <cblas.h>
@@ -10,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "core/simd.h"
 #include "core/error.h"
 
 extern "C" void openblas_set_num_threads(int);

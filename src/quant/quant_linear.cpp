@@ -1,4 +1,3 @@
-#include "core/simd.h"
 #include "quant/quant_linear.h"
 
 #include <immintrin.h>
@@ -6,6 +5,7 @@
 
 #include <algorithm>
 
+#include "core/simd.h"
 #include "quant/rtn.h"
 
 namespace spear {
