@@ -153,6 +153,26 @@ TEST(Cli, BadInputGivesOneClearError) {
   EXPECT_LT(bad_flag.status, 128);
 }
 
+// --device cuda where it cannot run (no GPU, or a build without CUDA) is one clear error;
+// where it can, it must agree with the CPU (checked in tests/cuda). bench-latency likewise.
+TEST(Cli, DeviceCudaFailsCleanlyWithoutAGpu) {
+  const std::string model = spear::test::tiny_model_dir();
+  const std::string data = spear::test::data_dir() + "/tinystories/tinystories_val.txt";
+  for (const std::string& args :
+       {"ppl --model " + model + " --data " + data + " --ctx 256 --max-windows 2 --device cuda --json",
+        "generate --model " + model + " --prompt hi -n 4 --device cuda --json",
+        std::string("bench-latency --config llama-3.2-1b --batches 1 --contexts 64 --prefill 64 --iters 2")}) {
+    CliRun r = run_cli(args);
+    if (r.status == 0) continue;  // a GPU is present and the command ran
+    EXPECT_EQ(r.status, 1) << args << "\n" << r.err;
+    EXPECT_EQ(r.err.rfind("spear: error: ", 0), 0u) << r.err;
+    EXPECT_TRUE(r.err.find("CUDA") != std::string::npos || r.err.find("cuda") != std::string::npos) << r.err;
+  }
+  CliRun bad = run_cli("ppl --model " + model + " --data " + data + " --device tpu");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_LT(bad.status, 128);
+}
+
 TEST(Cli, DumpDiffsAgainstReferenceHiddenStates) {
   const std::string model = spear::test::tiny_model_dir();
   fs::path out = fs::temp_directory_path() / ("spear_dump_" + std::to_string(getpid()) + ".safetensors");
