@@ -250,6 +250,9 @@ struct GpuModel::Impl {
     if (opt.max_len <= 0) opt.max_len = static_cast<int>(std::min<int64_t>(cfg.max_position_embeddings, 1 << 20));
     SPEAR_CHECK(opt.max_batch >= 1 && opt.max_tokens >= 1 && opt.block_size >= 1,
                 "GPU: max_batch, max_tokens and block_size must be positive");
+    // decode attention splits positions into chunks of 256, each a whole number of blocks
+    SPEAR_CHECK(256 % opt.block_size == 0,
+                "GPU: the KV block size must divide 256 (1, 2, 4, ..., 256); got " + std::to_string(opt.block_size));
     SPEAR_CHECK(opt.max_len <= cfg.max_position_embeddings,
                 "GPU: max_len " + std::to_string(opt.max_len) + " exceeds the model's context of " +
                     std::to_string(cfg.max_position_embeddings));
