@@ -261,16 +261,10 @@ struct GpuModel::Impl {
     attn_norm.assign(cfg.num_layers, nullptr);
     ffn_norm.assign(cfg.num_layers, nullptr);
     lin.assign(cfg.num_layers, {});
-    // RoPE tables exactly as the CPU engine computes them (float32 angle, double cos/sin).
-    const std::vector<float> inv = rope_inv_freq(cfg.rope, cfg.head_dim);
+    // RoPE tables exactly as the CPU engine computes them.
     const int64_t half = cfg.head_dim / 2;
     std::vector<float> c(static_cast<size_t>(opt.max_len) * half), s(c.size());
-    for (int64_t p = 0; p < opt.max_len; ++p)
-      for (int64_t i = 0; i < half; ++i) {
-        float angle = static_cast<float>(p) * inv[i];
-        c[p * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-        s[p * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-      }
+    rope_cos_sin(rope_inv_freq(cfg.rope, cfg.head_dim), 0, opt.max_len, c.data(), s.data());
     cos_tab = upload(c.data(), static_cast<int64_t>(c.size()), &mem.activations);
     sin_tab = upload(s.data(), static_cast<int64_t>(s.size()), &mem.activations);
   }
@@ -687,7 +681,6 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
   im->embed = rand_f16(V * D, 1.0f, &im->mem.weights);
   im->head = cfg.tie_word_embeddings ? im->embed : rand_f16(V * D, std::sqrt(3.0f / D), &im->mem.weights);
   im->final_norm = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
-  int64_t quant_bytes = im->mem.weights;
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     im->attn_norm[l] = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
     im->ffn_norm[l] = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
@@ -729,7 +722,7 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
       L.kind = std::string("w4-") + (spec.group ? "g" + std::to_string(spec.group) : "pc") + "-asym";
     }
   }
-  quant_bytes = im->mem.weights;
+  const int64_t quant_bytes = im->mem.weights;  // the model the EC budget is a share of
   if (spec.kind == WeightKind::kW4Ec) {
     // Placement as calibrations on real models come out: spread over layers, the most
     // damaged module types first (down, o, v, then the rest), rank r each, until the

@@ -6,10 +6,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 #include <mutex>
 
 #include "core/simd.h"
+#include "core/dtype.h"
 #include "core/error.h"
 
 extern "C" void openblas_set_num_threads(int);
@@ -68,13 +68,7 @@ inline __m256 load8(const uint16_t* p, DenseLinear::Storage s) {
 }
 
 inline float widen1(uint16_t v, DenseLinear::Storage s) {
-  if (s == DenseLinear::Storage::BF16) {
-    const uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  return _cvtsh_ss(v);
+  return s == DenseLinear::Storage::BF16 ? bf16_to_f32(v) : f16_to_f32(v);
 }
 
 // y (R, N) = x (R, K) W^T for R <= 8 rows, W (N, K) 16-bit: each weight row is read once

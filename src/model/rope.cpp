@@ -36,6 +36,16 @@ std::vector<float> rope_inv_freq(const RopeConfig& rope, int64_t head_dim) {
   return inv;
 }
 
+void rope_cos_sin(const std::vector<float>& inv_freq, int64_t from, int64_t to, float* cos, float* sin) {
+  const int64_t half = static_cast<int64_t>(inv_freq.size());
+  for (int64_t p = from; p < to; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      float angle = static_cast<float>(p) * inv_freq[i];  // float32 product, as the reference
+      cos[p * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      sin[p * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+}
+
 Rope::Rope(const RopeConfig& rope, int64_t head_dim)
     : head_dim_(head_dim), inv_freq_(rope_inv_freq(rope, head_dim)) {}
 
@@ -46,12 +56,7 @@ void Rope::reserve(int64_t n) {
   std::vector<float> c(want * half), s(want * half);
   std::copy(cos_.begin(), cos_.end(), c.begin());
   std::copy(sin_.begin(), sin_.end(), s.begin());
-  for (int64_t p = cached_; p < want; ++p)
-    for (int64_t i = 0; i < half; ++i) {
-      float angle = static_cast<float>(p) * inv_freq_[i];  // float32 product, as the reference
-      c[p * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-      s[p * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-    }
+  rope_cos_sin(inv_freq_, cached_, want, c.data(), s.data());
   cos_.swap(c);
   sin_.swap(s);
   cached_ = want;

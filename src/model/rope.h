@@ -13,6 +13,11 @@ namespace spear {
 // pattern of the product pos * inv_freq.
 std::vector<float> rope_inv_freq(const RopeConfig& rope, int64_t head_dim);
 
+// cos/sin rows (pos, head_dim/2) for positions [from, to): the angle is the float32 product
+// pos * inv_freq[i], as the reference; cos and sin are taken in double. cos and sin must
+// hold to * head_dim/2 floats. Shared by the CPU cache below and the GPU engine's tables.
+void rope_cos_sin(const std::vector<float>& inv_freq, int64_t from, int64_t to, float* cos, float* sin);
+
 class Rope {
  public:
   Rope(const RopeConfig& rope, int64_t head_dim);

@@ -274,7 +274,9 @@ TEST(GpuModel, SyntheticConfigsBuildAndRun) {
     std::vector<int32_t> am = g->argmax_last();
     ASSERT_EQ(am.size(), 4u);
     for (int32_t id : am) EXPECT_TRUE(id >= 0 && id < cfg.vocab_size);
-    if (k == WeightKind::kW4Ec) EXPECT_GT(g->memory().ec, 0);
+    if (k == WeightKind::kW4Ec) {
+      EXPECT_GT(g->memory().ec, 0);
+    }
   }
   EXPECT_THROW(named_config("llama-9-huge"), Error);
 }
