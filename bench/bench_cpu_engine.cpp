@@ -115,7 +115,7 @@ int main(int argc, char** argv) {
     for (int64_t l = 0; l < c.num_layers; ++l)
       for (auto& mod : model->layer(l).modules)
         if (auto* d = dynamic_cast<DenseLinear*>(mod.get()); d && d->storage() != DenseLinear::Storage::F32) {
-          mod = std::make_unique<DenseLinear>(d->out_features(), d->in_features(), d->weight());
+          mod = std::make_unique<DenseLinear>(d->out_features(), d->in_features(), d->to_f32());
           any16 = true;
         }
     if (any16) {

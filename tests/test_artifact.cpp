@@ -12,8 +12,10 @@
 #include "compensate/calibrate.h"
 #include "compensate/quantize_model.h"
 #include "core/error.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 #include "model/kv_cache.h"
+#include "quant/cpu_model.h"
+#include "runtime/load.h"
 #include "test_paths.h"
 
 namespace spear {
@@ -72,7 +74,7 @@ SpearArtifact tiny_artifact() {
     p.round_to_fp16();
     return p;
   };
-  const ModelConfig& c = a.config;
+  const ModelConfig& c = a.config();
   a.at(1, Module::O).ec = ec(c.q_dim(), c.hidden_size, 3, true);
   a.at(4, Module::Down).ec = ec(c.intermediate_size, c.hidden_size, 2, false);
   return a;
@@ -83,31 +85,36 @@ TEST(Artifact, RoundTripAndModel) {
   const std::string p = tmp_path("rt.spear");
   write_spear(p, a);
   SpearArtifact b = read_spear(p);
-  ASSERT_EQ(a.modules.size(), b.modules.size());
-  for (size_t i = 0; i < a.modules.size(); ++i) {
-    EXPECT_EQ(a.modules[i].q.codes, b.modules[i].q.codes);
-    EXPECT_EQ(a.modules[i].q.scales, b.modules[i].q.scales);
-    EXPECT_EQ(a.modules[i].q.zeros, b.modules[i].q.zeros);
-    ASSERT_EQ(a.modules[i].ec.has_value(), b.modules[i].ec.has_value());
-    if (a.modules[i].ec) {
-      EXPECT_EQ(a.modules[i].ec->A, b.modules[i].ec->A);  // fp16-exact values survive F16
-      EXPECT_EQ(a.modules[i].ec->B, b.modules[i].ec->B);
-      EXPECT_EQ(a.modules[i].ec->G, b.modules[i].ec->G);
-      EXPECT_EQ(a.modules[i].ec->c, b.modules[i].ec->c);
+  ASSERT_EQ(a.weights.layers.size(), b.weights.layers.size());
+  for (int64_t l = 0; l < a.config().num_layers; ++l)
+    for (Module m : kAllModules) {
+      const ModuleWeights &x = a.at(l, m), &y = b.at(l, m);
+      ASSERT_TRUE(x.quant && y.quant);
+      EXPECT_EQ(x.quant->codes, y.quant->codes);
+      EXPECT_EQ(x.quant->scales, y.quant->scales);
+      EXPECT_EQ(x.quant->zeros, y.quant->zeros);
+      ASSERT_EQ(x.ec.has_value(), y.ec.has_value());
+      if (x.ec) {
+        EXPECT_EQ(x.ec->A, y.ec->A);  // fp16-exact values survive F16
+        EXPECT_EQ(x.ec->B, y.ec->B);
+        EXPECT_EQ(x.ec->G, y.ec->G);
+        EXPECT_EQ(x.ec->c, y.ec->c);
+      }
     }
-  }
   EXPECT_EQ(a.config_json, b.config_json);
   EXPECT_EQ(a.tokenizer_json, b.tokenizer_json);
   EXPECT_EQ(b.ec_count(), 2);
   EXPECT_EQ(a.quant_model_bytes(), b.quant_model_bytes());
   EXPECT_EQ(b.meta["source_model_sha256"], model_dir_hash(test::tiny_model_dir()));
   // The model from the file computes what the model from memory computes.
-  auto m1 = build_model(a);
-  LoadedModel m2 = load_model_any(p);
-  ASSERT_TRUE(m2.artifact.has_value());
+  auto m1 = build_cpu_model(a.weights);
+  LoadedModel m2 = load_model(p);
+  ASSERT_TRUE(m2.is_artifact);
+  auto m2_model = build_cpu_model(m2.weights);
   const int32_t ids[] = {1, 400, 20, 300, 7, 99};
-  ContiguousKVCache k1(a.config.num_layers, 8, a.config.kv_dim()), k2(a.config.num_layers, 8, a.config.kv_dim());
-  std::vector<float> l1 = m1->forward(ids, 6, k1, 0, true), l2 = m2.model->forward(ids, 6, k2, 0, true);
+  const ModelConfig& c = a.config();
+  ContiguousKVCache k1(c.num_layers, 8, c.kv_dim()), k2(c.num_layers, 8, c.kv_dim());
+  std::vector<float> l1 = m1->forward(ids, 6, k1, 0, true), l2 = m2_model->forward(ids, 6, k2, 0, true);
   EXPECT_EQ(l1, l2);
   Tokenizer tok = load_tokenizer(m2);
   EXPECT_FALSE(tok.encode("Once upon a time").empty());
@@ -142,29 +149,33 @@ TEST(Artifact, RefusesCorruptedFiles) {
   // Not a file at all, and a plain safetensors checkpoint that is not a .spear.
   EXPECT_THROW(read_spear(tmp_path("missing.spear")), Error);
   EXPECT_THROW(read_spear(test::tiny_model_dir() + "/model.safetensors"), Error);
-  EXPECT_THROW(load_model_any(tmp_path("nowhere")), Error);
+  EXPECT_THROW(load_model(tmp_path("nowhere")), Error);
 }
 
 TEST(Artifact, RefusesInvalidContent) {
   SpearArtifact a = tiny_artifact();
   SpearArtifact b = a;
-  b.at(0, Module::Q).q.zeros[0] = 99;  // outside [0, 15]
+  b.quant(0, Module::Q).zeros[0] = 99;  // outside [0, 15]
   EXPECT_THROW(write_spear(tmp_path("x.spear"), b), Error);
   b = a;
-  b.at(0, Module::Q).q.scales[3] = -1;
+  b.quant(0, Module::Q).scales[3] = -1;
   EXPECT_THROW(write_spear(tmp_path("x.spear"), b), Error);
   b = a;
   b.at(1, Module::O).ec->A.pop_back();
   EXPECT_THROW(write_spear(tmp_path("x.spear"), b), Error);
   b = a;
-  b.dense.pop_back();
+  b.weights.final_norm = WeightTensor{};  // a missing unquantized tensor
+  EXPECT_THROW(write_spear(tmp_path("x.spear"), b), Error);
+  b = a;
+  b.at(2, Module::Up).quant.reset();  // a module neither dense nor quantized
   EXPECT_THROW(write_spear(tmp_path("x.spear"), b), Error);
 }
 
 // Calibrating against a different model than the one quantized is refused.
 TEST(Artifact, RefusesMismatchedModel) {
   SpearArtifact a = tiny_artifact();
-  for (auto& m : a.modules) m.ec.reset();
+  for (auto& layer : a.weights.layers)
+    for (ModuleWeights& m : layer.modules) m.ec.reset();
   const fs::path other = tmp_path("other-model");
   fs::create_directories(other);
   for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})

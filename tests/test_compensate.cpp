@@ -8,12 +8,13 @@
 #include <random>
 
 #include "compensate/calibrate.h"
-#include "compensate/ec_layer.h"
+#include "model/ec_layer.h"
 #include "compensate/ec_train.h"
 #include "compensate/network.h"
 #include "compensate/static_control.h"
 #include "core/error.h"
 #include "model/kv_cache.h"
+#include "model/llama.h"
 #include "quant/quantized_linear_layer.h"
 #include "quant/rtn.h"
 
@@ -63,11 +64,11 @@ Network random_network(uint64_t seed) {
     n.q[l].ffn_norm = n.fp[l].ffn_norm;
     for (Module m : kAllModules) {
       const int64_t out = n.module_out(m), in = n.module_in(m);
-      n.fp[l].W[static_cast<int>(m)] = randn(out * in, g, 1.0f / std::sqrt(static_cast<float>(in)));
+      n.fp[l].W[m] = randn(out * in, g, 1.0f / std::sqrt(static_cast<float>(in)));
       QuantScheme s;
       s.bits = 3;
-      n.q[l].W[static_cast<int>(m)] =
-          dequantize(quantize_rtn(n.fp[l].W[static_cast<int>(m)].data(), out, in, s));
+      n.q[l].W[m] =
+          dequantize(quantize_rtn(n.fp[l].W[m].data(), out, in, s));
     }
   }
   return n;
@@ -105,19 +106,18 @@ TEST(Compensate, TrainingForwardMatchesEngine) {
   Network n = random_network(1);
   const ModelConfig& c = n.cfg;
   std::mt19937_64 g(2);
-  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
-  ecs[0 * 7 + 0] = random_ec(n.module_in(Module::Q), n.module_out(Module::Q), 3, true, g);
-  ecs[1 * 7 + 6] = random_ec(n.module_in(Module::Down), n.module_out(Module::Down), 2, true, g);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
+  ecs[module_index(0, Module::Q)] = random_ec(n.module_in(Module::Q), n.module_out(Module::Q), 3, true, g);
+  ecs[module_index(1, Module::Down)] = random_ec(n.module_in(Module::Down), n.module_out(Module::Down), 2, true, g);
   std::vector<LayerWeights> layers(c.num_layers);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     layers[l].attn_norm = n.q[l].attn_norm;
     layers[l].ffn_norm = n.q[l].ffn_norm;
     for (Module m : kAllModules) {
-      const int i = static_cast<int>(m);
       std::unique_ptr<Linear> lin =
-          std::make_unique<DenseLinear>(n.module_out(m), n.module_in(m), n.q[l].W[i]);
-      if (ecs[l * 7 + i]) lin = std::make_unique<ECLinear>(std::move(lin), *ecs[l * 7 + i]);
-      layers[l].modules[i] = std::move(lin);
+          std::make_unique<DenseLinear>(n.module_out(m), n.module_in(m), n.q[l].W[m]);
+      if (ecs[module_index(l, m)]) lin = std::make_unique<ECLinear>(std::move(lin), *ecs[module_index(l, m)]);
+      layers[l].modules[m] = std::move(lin);
     }
   }
   LlamaModel model(c, n.embed, std::move(layers), n.final_norm, n.head);
@@ -135,12 +135,12 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
   Network n = random_network(4);
   const ModelConfig& c = n.cfg;
   std::mt19937_64 g(5);
-  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
   for (Module m : {Module::Q, Module::K, Module::O, Module::Up, Module::Down})
-    ecs[0 * 7 + static_cast<int>(m)] = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
-  ecs[1 * 7 + static_cast<int>(Module::V)] =
+    ecs[module_index(0, m)] = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
+  ecs[module_index(1, Module::V)] =
       random_ec(n.module_in(Module::V), n.module_out(Module::V), 2, true, g);
-  ecs[1 * 7 + static_cast<int>(Module::Gate)] =
+  ecs[module_index(1, Module::Gate)] =
       random_ec(n.module_in(Module::Gate), n.module_out(Module::Gate), 3, false, g);
   const int64_t T = 7, B = 2, V = c.vocab_size;
   CalibData d = random_data(c, B, T, 6);
@@ -163,9 +163,9 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
     kl_rows(logits.data(), &targets[w * T * V], T, V, 1.0f / (B * T), logits.data());
     run.head_backward(x.data(), rstd, logits.data(), T, dx.data());
     for (int64_t l = c.num_layers - 1; l >= 0; --l) {
-      ECGrad* gp[7] = {};
-      for (int m = 0; m < 7; ++m)
-        if (ecs[l * 7 + m]) gp[m] = &grads[l * 7 + m];
+      PerModule<ECGrad*> gp;
+      for (Module m : kAllModules)
+        if (ecs[module_index(l, m)]) gp[m] = &grads[module_index(l, m)];
       run.layer_backward(q_view(n, l, &ecs), l, caches[l], dx.data(), 1, T, gp);
     }
   }
@@ -256,7 +256,7 @@ TEST(Compensate, E2ETrainingLowersItsObjective) {
   Network n = random_network(9);
   const ModelConfig& c = n.cfg;
   std::mt19937_64 g(10);
-  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
   for (Module m : kAllModules) {
     ECParams p = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
     for (float& v : p.B) v *= 0.01f;  // start close to the plain quantized model
@@ -282,7 +282,7 @@ TEST(Compensate, BlockTrainingLowersItsObjective) {
   Network n = random_network(12);
   const ModelConfig& c = n.cfg;
   std::mt19937_64 g(13);
-  std::vector<std::optional<ECParams>> ecs(c.num_layers * 7);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
   for (Module m : {Module::O, Module::Down}) {
     ECParams p = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
     for (float& v : p.B) v *= 0.01f;

@@ -1,4 +1,4 @@
-// The scheduler's cost model: EC inventory from Linear::kind(), least-squares fit
+// The scheduler's cost model: EC inventory (typed, from Linear::ec_rank), least-squares fit
 // (non-negative), online refit, and the EC-blind variant.
 #include <gtest/gtest.h>
 
@@ -9,19 +9,6 @@
 #include "test_paths.h"
 
 using namespace spear;
-
-TEST(EngineCostModel, ParsesEcKinds) {
-  int64_t r = -1;
-  EXPECT_FALSE(parse_ec_kind("f32", &r));
-  EXPECT_FALSE(parse_ec_kind("w4-pc-asym", &r));
-  EXPECT_FALSE(parse_ec_kind("spec-decoder", &r));
-  EXPECT_TRUE(parse_ec_kind("w4-pc-asym+ec(r=8)", &r));
-  EXPECT_EQ(r, 8);
-  EXPECT_TRUE(parse_ec_kind("w4-pc-asym+ec(r=32,gated)", &r));
-  EXPECT_EQ(r, 32);
-  EXPECT_TRUE(parse_ec_kind("w4+ec", &r));
-  EXPECT_EQ(r, 0);
-}
 
 TEST(EngineCostModel, FitsAndRefitsOnline) {
   // Synthetic truth: 2 ms + 0.1 ms/token + 0.05 ms/seq + 0.01 ms per 1024 pairs.

@@ -62,7 +62,7 @@ std::unique_ptr<LlamaModel> random_model(const ModelConfig& c, RefWeights* ref, 
     for (int m = 0; m < 7; ++m) {
       auto w = randn(shapes[m][0] * shapes[m][1], g, 1.0f / std::sqrt(float(shapes[m][1])));
       ref->layers[l].m[m] = to_d(w);
-      layers[l].modules[m] = std::make_unique<DenseLinear>(shapes[m][0], shapes[m][1], w);
+      layers[l].modules[kAllModules[m]] = std::make_unique<DenseLinear>(shapes[m][0], shapes[m][1], w);
     }
   }
   auto fnorm = randn(D, g, 0.1f);

@@ -8,7 +8,7 @@
 #include "cli/commands.h"
 #include "compensate/calibrate.h"
 #include "core/error.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 
 namespace spear::cli {
 

@@ -11,7 +11,7 @@
 #include "cli/commands.h"
 #include "compensate/diagnostic.h"
 #include "core/error.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 
 namespace spear::cli {
 
@@ -78,7 +78,7 @@ void register_diagnose(CLI::App& app) {
     std::filesystem::create_directories(o->out_dir);
     const std::string hm = (std::filesystem::path(o->out_dir) / "spear-heatmap.svg").string();
     const std::string hi = (std::filesystem::path(o->out_dir) / "spear-token-error.svg").string();
-    write_text_file(hm, heatmap_svg(d, w, q.config.num_layers));
+    write_text_file(hm, heatmap_svg(d, w, q.config().num_layers));
     std::vector<size_t> top5(order.begin(), order.begin() + std::min<size_t>(5, order.size()));
     write_text_file(hi, histogram_svg(d, top5));
     std::printf("\nwrote %s and %s (%.0f s)\n", hm.c_str(), hi.c_str(), d.seconds);

@@ -12,7 +12,8 @@
 #include "compensate/quantize_model.h"
 #include "core/error.h"
 #include "eval/report.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
+#include "quant/cpu_model.h"
 
 namespace spear::cli {
 
@@ -110,7 +111,7 @@ void register_eval(CLI::App& app) {
     // The base is always scored: the gap column is measured against it.
     add({"w4", base_name, 0, {}, base.quant_model_bytes(), 0, 0,
          base.meta["quantizer"].value("seconds", 0.0)},
-        build_model(base));
+        build_cpu_model(base.weights));
     nlohmann::json calib_reports = nlohmann::json::array();
     if (has("static") || has("spear") || has("ungated"))
       for (double b : budgets) {
@@ -129,7 +130,7 @@ void register_eval(CLI::App& app) {
             write_spear((fs::path(o->workdir) / name).string(), a);
           }
           add({m, base_name, b, {}, a.quant_model_bytes(), a.ec_bytes(), a.ec_count(), secs},
-              build_model(a));
+              build_cpu_model(a.weights));
         };
         const double static_secs = r.report.value("seconds_static", 0.0);
         if (has("static")) row_for("static", r.static_ecs, static_secs);
@@ -145,7 +146,7 @@ void register_eval(CLI::App& app) {
           SpearArtifact a = with_ecs(base, e, ru.report);
           add({"ungated", base_name, b, {}, a.quant_model_bytes(), a.ec_bytes(), a.ec_count(),
                ru.report.value("seconds", 0.0)},
-              build_model(a));
+              build_cpu_model(a.weights));
         }
       }
     Progress progress("eval");

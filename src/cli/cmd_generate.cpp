@@ -1,4 +1,5 @@
 // spear generate --model DIR --prompt TEXT: greedy or sampled text, streamed.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -7,11 +8,9 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "engine/generate.h"
-#include "io/spear_artifact.h"
+#include "runtime/backend.h"
+#include "runtime/load.h"
 #include "tokenizer/tokenizer.h"
-#ifdef SPEAR_WITH_CUDA
-#include "cuda/gpu_model.h"
-#endif
 
 namespace spear::cli {
 
@@ -36,11 +35,16 @@ void register_generate(CLI::App& app) {
   add_device_option(cmd, o->device);
   cmd->callback([o] {
     SPEAR_CHECK(o->max_tokens >= 0 && o->max_tokens <= 1 << 20, "generate: bad --max-tokens");
+    const Device device = parse_device(o->device);
     // A model directory or a .spear artifact (quantized, possibly with ECs).
-    LoadedModel loaded = load_model_any(o->model);
+    LoadedModel loaded = load_model(o->model);
     Tokenizer tok = load_tokenizer(loaded);
-    const std::unique_ptr<LlamaModel>& model = loaded.model;
     std::vector<int32_t> prompt = tok.encode(o->prompt, true);
+    SequenceOptions so;
+    so.max_len = static_cast<int64_t>(prompt.size()) + o->max_tokens;
+    so.max_tokens = std::max<int64_t>(static_cast<int64_t>(prompt.size()), 1);
+    std::unique_ptr<SequenceRunner> runner = make_sequence_runner(loaded.weights, device, so);
+    loaded.weights = LlamaWeights{};
     GenerateOptions g;
     g.max_new_tokens = o->max_tokens;
     g.sampling = o->s;
@@ -56,29 +60,7 @@ void register_generate(CLI::App& app) {
         return true;
       };
     }
-    GenerateResult r;
-    if (o->device == "cuda") {
-#ifdef SPEAR_WITH_CUDA
-      const ModelConfig& cfg = model->config();
-      cuda::GpuOptions go;
-      go.max_batch = 1;
-      go.max_tokens = static_cast<int>(std::max<size_t>(prompt.size(), 1));
-      go.max_len = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(prompt.size()) + o->max_tokens,
-                                                      cfg.max_position_embeddings));
-      go.max_len = std::max(go.max_len, go.max_tokens);
-      auto gm = cuda::GpuModel::from_cpu(*model, go);
-      StepFn step = [&](const int32_t* t, int64_t n, int64_t start, float* logits) {
-        cuda::GpuChunk c{0, t, static_cast<int>(n), static_cast<int>(start), false};
-        gm->forward(std::span<const cuda::GpuChunk>(&c, 1));
-        gm->logits_to_host(logits);
-      };
-      r = generate_with(cfg, step, prompt, g);
-#else
-      throw Error("generate: --device cuda: this spear was built without CUDA");
-#endif
-    } else {
-      r = generate(*model, prompt, g);
-    }
+    GenerateResult r = runner->generate(prompt, g);
     if (o->json) {
       std::vector<int32_t> all = prompt;
       all.insert(all.end(), r.ids.begin(), r.ids.end());

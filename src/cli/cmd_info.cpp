@@ -8,7 +8,7 @@
 #include "cli/commands.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 
 namespace spear::cli {
 
@@ -18,18 +18,20 @@ namespace {
 // bytes the budget is measured in (quant_model_bytes, ec_bytes).
 void print_spear_info(const std::string& path, bool as_json) {
   SpearArtifact a = read_spear(path);
-  const ModelConfig& cfg = a.config;
+  const ModelConfig& cfg = a.config();
   std::map<std::string, int64_t> schemes;
   nlohmann::json placement = nlohmann::json::array();
-  for (const SpearModule& m : a.modules) {
-    schemes[m.q.scheme.name()]++;
-    if (m.ec)
-      placement.push_back({{"layer", m.layer},
-                           {"module", std::string(module_name(m.module))},
-                           {"rank", m.ec->rank},
-                           {"gated", m.ec->gated},
-                           {"bytes", m.ec->bytes()}});
-  }
+  for (int64_t l = 0; l < cfg.num_layers; ++l)
+    for (Module mod : kAllModules) {
+      const ModuleWeights& m = a.at(l, mod);
+      schemes[m.quant->scheme.name()]++;
+      if (m.ec)
+        placement.push_back({{"layer", l},
+                             {"module", std::string(module_name(mod))},
+                             {"rank", m.ec->rank},
+                             {"gated", m.ec->gated},
+                             {"bytes", m.ec->bytes()}});
+    }
   nlohmann::json j;
   j["path"] = path;
   j["format"] = "spear";

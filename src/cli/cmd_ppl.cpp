@@ -8,11 +8,10 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "eval/perplexity.h"
-#include "io/spear_artifact.h"
+#include "quant/cpu_model.h"
+#include "runtime/backend.h"
+#include "runtime/load.h"
 #include "tokenizer/tokenizer.h"
-#ifdef SPEAR_WITH_CUDA
-#include "cuda/gpu_model.h"
-#endif
 
 namespace spear::cli {
 
@@ -32,12 +31,19 @@ void register_ppl(CLI::App& app) {
   cmd->add_flag("--json", o->json, "Print one JSON object");
   add_device_option(cmd, o->device);
   cmd->callback([o] {
+    const Device device = parse_device(o->device);
     // A model directory or a .spear artifact (quantized, possibly with ECs).
-    LoadedModel loaded = load_model_any(o->model);
+    LoadedModel loaded = load_model(o->model);
     Tokenizer tok = load_tokenizer(loaded);
-    const std::unique_ptr<LlamaModel>& model = loaded.model;
     std::unique_ptr<LlamaModel> ref;
-    if (!o->ref_model.empty()) ref = load_model_any(o->ref_model).model;
+    if (!o->ref_model.empty()) ref = build_cpu_model(load_model(o->ref_model).weights);
+    SequenceOptions so;
+    so.max_len = o->ctx;
+    so.graphs = false;
+    std::unique_ptr<SequenceRunner> runner = make_sequence_runner(loaded.weights, device, so);
+    if (const std::string mem = runner->memory_report(); !mem.empty())
+      std::fprintf(stderr, "spear: on the GPU: %s\n", mem.c_str());
+    loaded.weights = LlamaWeights{};  // the backend holds what it needs; unmap the rest
     std::string text = read_text_file(o->data);
     std::vector<int32_t> ids = tok.encode(text, true);
     Progress progress("ppl");
@@ -46,33 +52,7 @@ void register_ppl(CLI::App& app) {
     opt.max_windows = o->max_windows;
     opt.ref_model = ref.get();
     opt.progress = [&](int64_t done, int64_t total) { progress.update(done, total, "windows"); };
-    PplResult r;
-    if (o->device == "cuda") {
-#ifdef SPEAR_WITH_CUDA
-      // fp16 activations, fp32 residual stream; NLL reduced on the device per window.
-      cuda::GpuOptions go;
-      go.max_batch = 1;
-      go.max_tokens = static_cast<int>(std::min<int64_t>(o->ctx, model->config().max_position_embeddings));
-      go.max_len = go.max_tokens;
-      go.graphs = false;
-      auto gm = cuda::GpuModel::from_cpu(*model, go);
-      std::fprintf(stderr, "spear: on the GPU: %s\n", gm->memory().str().c_str());
-      std::vector<int32_t> targets;
-      WindowScorer score = [&](const int32_t* win, int64_t n) {
-        gm->reset(0);
-        cuda::GpuChunk c{0, win, static_cast<int>(n), 0, true};
-        gm->forward(std::span<const cuda::GpuChunk>(&c, 1));
-        targets.assign(win + 1, win + n);
-        targets.push_back(-1);  // the last position has no next token in the window
-        return gm->nll_last(targets);
-      };
-      r = perplexity_with(score, model->config().max_position_embeddings, ids, opt);
-#else
-      throw Error("ppl: --device cuda: this spear was built without CUDA");
-#endif
-    } else {
-      r = perplexity(*model, ids, opt);
-    }
+    PplResult r = runner->perplexity(ids, opt);
     progress.finish();
     nlohmann::json j{{"ppl", r.ppl},
                      {"nll", r.nll_sum / static_cast<double>(r.predicted_tokens)},

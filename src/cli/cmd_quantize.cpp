@@ -7,7 +7,7 @@
 #include "compensate/calib_data.h"
 #include "compensate/quantize_model.h"
 #include "core/error.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 
 namespace spear::cli {
 

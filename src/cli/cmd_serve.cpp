@@ -10,13 +10,11 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "engine/engine_loop.h"
-#include "io/spear_artifact.h"
+#include "runtime/backend.h"
+#include "runtime/load.h"
 #include "server/chat_template.h"
 #include "server/http_server.h"
 #include "tokenizer/tokenizer.h"
-#ifdef SPEAR_WITH_CUDA
-#include "cuda/gpu_step_model.h"
-#endif
 
 namespace spear::cli {
 
@@ -74,6 +72,7 @@ void register_serve(CLI::App& app) {
   cmd->add_flag("--no-profile", o->no_profile, "Skip the start-up cost-model profile (use the online fit only)");
   cmd->callback([o] {
     namespace fs = std::filesystem;
+    const Device device = parse_device(o->device);
     SPEAR_CHECK(parse_policy(o->scheduler, &o->eng.sched.policy),
                 "--scheduler must be one of ec-aware, ec-blind, fixed, no-chunk");
     SPEAR_CHECK(o->slo_tpot_ms > 0 && o->slo_ttft_ms > 0, "SLOs must be positive");
@@ -99,43 +98,31 @@ void register_serve(CLI::App& app) {
                  http.port(), o->model.c_str());
     std::fflush(stderr);
 
-    LoadedModel lm = load_model_any(o->model);
+    LoadedModel lm = load_model(o->model);
     Tokenizer tok = load_tokenizer(lm);
     std::string note;
     server::ChatTemplate tmpl = fs::is_directory(o->model)
                                     ? server::ChatTemplate::from_model_dir(o->model, &note)
                                     : server::ChatTemplate::plain();
     if (!note.empty()) note = " (" + note + ")";
-    std::unique_ptr<StepModel> backend;
-    if (o->device == "cuda") {
-#ifdef SPEAR_WITH_CUDA
-      cuda::GpuServeOptions g;
-      g.max_batch = static_cast<int>(o->eng.sched.max_batch);
-      g.max_tokens = static_cast<int>(std::max<int64_t>(o->eng.sched.max_batched_tokens, 1));
-      g.max_len = static_cast<int>(o->eng.max_model_len > 0 ? o->eng.max_model_len
-                                                           : lm.model->config().max_position_embeddings);
-      g.block_size = static_cast<int>(o->eng.block_size);
-      g.gpu_memory_fraction = o->gpu_memory_fraction;
-      auto gs = std::make_unique<cuda::GpuStepModel>(*lm.model, g);
-      const cuda::GpuMemory& gm = gs->memory();
-      std::fprintf(stderr, "spear: %s: %s\n", gs->device().c_str(), gm.str().c_str());
-      http.metrics().set_memory("cuda", {{"weights", gm.weights},
-                                         {"ec", gm.ec},
-                                         {"kv_cache", gm.kv_cache},
-                                         {"activations", gm.activations}});
-      backend = std::move(gs);
-#else
-      throw Error("serve: --device cuda: this spear was built without CUDA");
-#endif
-    } else {
-      backend = std::make_unique<CpuStepModel>(*lm.model);
-    }
+    const ModelConfig mc = lm.weights.config;
+    ServeDeviceOptions dev;
+    dev.max_batch = static_cast<int>(o->eng.sched.max_batch);
+    dev.max_tokens = static_cast<int>(std::max<int64_t>(o->eng.sched.max_batched_tokens, 1));
+    dev.max_len = static_cast<int>(o->eng.max_model_len > 0 ? o->eng.max_model_len : mc.max_position_embeddings);
+    dev.block_size = static_cast<int>(o->eng.block_size);
+    dev.gpu_memory_fraction = o->gpu_memory_fraction;
+    std::unique_ptr<StepModel> backend = make_step_model(lm.weights, device, dev);
+    lm.weights = LlamaWeights{};  // the backend holds what it needs
     Engine engine(*backend, o->eng, &http.metrics());
-    if (o->device == "cpu") {
-      const ModelConfig& mc = lm.model->config();
-      const int64_t kv = engine.stats().kv_blocks_total * o->eng.block_size * mc.num_layers * mc.kv_dim() * 2 * 4;
-      http.metrics().set_memory("cpu", {{"weights", lm.model->weight_bytes()}, {"kv_cache", kv}});
-    }
+    std::vector<std::pair<std::string, int64_t>> mem = backend->memory_by_use();
+    if (backend->host_kv())  // the KV cache lives in the engine's pool, in float32
+      mem.push_back({"kv_cache", engine.stats().kv_blocks_total * o->eng.block_size * mc.num_layers * mc.kv_dim() * 2 * 4});
+    std::string mem_line;
+    for (const auto& [use, bytes] : mem)
+      mem_line += (mem_line.empty() ? "" : ", ") + use + " " + std::to_string(bytes >> 20) + " MiB";
+    std::fprintf(stderr, "spear: %s: %s\n", backend->device().c_str(), mem_line.c_str());
+    http.metrics().set_memory(std::string(device_name(device)), std::map<std::string, int64_t>(mem.begin(), mem.end()));
     engine.start();
 
     server::ServeState st;
@@ -150,7 +137,7 @@ void register_serve(CLI::App& app) {
     st.model_name = name;
     st.chat_stop_ids = tmpl.is_jinja() ? chat_stop_ids(tok, tmpl) : std::vector<int32_t>{};
     st.limits.max_model_len = engine.max_model_len();
-    st.limits.vocab_size = lm.model->vocab_size();
+    st.limits.vocab_size = mc.vocab_size;
     http.set_ready(st);
     std::fprintf(stderr,
                  "spear: ready: model '%s', scheduler %s, max batch %lld, context %lld, KV %lld "

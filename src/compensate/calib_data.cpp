@@ -4,7 +4,7 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "io/spear_artifact.h"
+#include "io/sha256.h"
 
 namespace spear {
 

@@ -95,7 +95,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
                             "(source_model_sha256 " + want.substr(0, 12) + "..., directory " +
                                 have.substr(0, 12) + "...)");
   Network net = Network::load_fp(dir);
-  net.set_quantized(quantized);
+  net.set_quantized(quantized.weights);
   Runner run(net);
   const ModelConfig& c = net.cfg;
   const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows;
@@ -116,7 +116,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   log("full-precision targets of %lld windows x %lld tokens", (long long)nw, (long long)T);
 
   // 2. Statistics and static fits of every module (quantized path without ECs).
-  std::vector<StaticFit> fits(L * 7);
+  std::vector<StaticFit> fits(L * kNumModules);
   const int64_t P = std::max<int64_t>(1, std::min(opt.probe_windows, nw));
   const int64_t S = std::max<int64_t>(1, std::min(opt.stat_windows, nw));
   {
@@ -130,15 +130,14 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
         Whitening wh = whiten(st[s], opt.damp);
         for (Module m : kAllModules) {
           if (static_cast<int>(module_site(m)) != s) continue;
-          const int i = static_cast<int>(m);
-          fits[l * 7 + i] = fit_static(net.fp[l].W[i].data(), net.q[l].W[i].data(), net.module_out(m),
+          fits[module_index(l, m)] = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
                                        net.module_in(m), st[s], wh, opt.max_rank, opt.static_mode);
         }
       }
     }
   }
   rep["seconds_static_fits"] = seconds_since(t0);
-  log("static fits of %lld modules", (long long)L * 7);
+  log("static fits of %lld modules", (long long)L * kNumModules);
 
   // 3. Placement.
   std::vector<PlacementEntry> placement;
@@ -146,7 +145,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     placement = opt.fixed_placement;
     for (PlacementEntry& e : placement) {
       SPEAR_CHECK(e.layer >= 0 && e.layer < L, "placement: layer out of range");
-      const StaticFit& f = fits[e.layer * 7 + static_cast<int>(e.module)];
+      const StaticFit& f = fits[module_index(e.layer, e.module)];
       SPEAR_CHECK(e.rank > 0 && e.rank <= f.max_rank, "placement: rank out of range");
       e.bytes = ECParams::bytes_for(f.in, f.out, e.rank, opt.gated);
       e.captured = f.captured(e.rank);
@@ -159,13 +158,13 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     rep["seconds_restore_gains"] = seconds_since(t0);
     log("restoration gains measured (probe KL of the quantized model %.5f)", base_kl);
     // Greedy rank steps by gain per byte.
-    std::vector<int64_t> rank(L * 7, 0);
+    std::vector<int64_t> rank(L * kNumModules, 0);
     int64_t used = 0;
     for (;;) {
       int64_t best = -1;
       double best_ratio = 0;
       int64_t best_cost = 0;
-      for (int64_t i = 0; i < L * 7; ++i) {
+      for (int64_t i = 0; i < L * kNumModules; ++i) {
         const StaticFit& f = fits[i];
         if (rank[i] >= f.max_rank) continue;
         const int64_t cost = ECParams::bytes_for(f.in, f.out, rank[i] + 1, opt.gated) -
@@ -183,12 +182,12 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       ++rank[best];
       used += best_cost;
     }
-    for (int64_t i = 0; i < L * 7; ++i) {
+    for (int64_t i = 0; i < L * kNumModules; ++i) {
       if (!rank[i]) continue;
       const StaticFit& f = fits[i];
       PlacementEntry e;
-      e.layer = i / 7;
-      e.module = static_cast<Module>(i % 7);
+      e.layer = i / kNumModules;
+      e.module = static_cast<Module>(i % kNumModules);
       e.rank = rank[i];
       e.bytes = ECParams::bytes_for(f.in, f.out, rank[i], opt.gated);
       e.restore_gain = gain[i];
@@ -196,9 +195,9 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       placement.push_back(e);
     }
     nlohmann::json gj = nlohmann::json::array();
-    for (int64_t i = 0; i < L * 7; ++i)
-      gj.push_back({{"layer", i / 7},
-                    {"module", std::string(module_name(static_cast<Module>(i % 7)))},
+    for (int64_t i = 0; i < L * kNumModules; ++i)
+      gj.push_back({{"layer", i / kNumModules},
+                    {"module", std::string(module_name(static_cast<Module>(i % kNumModules)))},
                     {"restore_gain_kl", gain[i]},
                     {"error_energy", fits[i].target_energy},
                     {"captured_r8", fits[i].captured(8)}});
@@ -213,16 +212,16 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   //    that already carry the earlier layers' static ECs.
   CalibrateResult res;
   res.placement = placement;
-  res.static_ecs.assign(L * 7, std::nullopt);
-  std::vector<int64_t> rank_of(L * 7, 0);
-  for (const PlacementEntry& e : placement) rank_of[e.layer * 7 + static_cast<int>(e.module)] = e.rank;
+  res.static_ecs.assign(L * kNumModules, std::nullopt);
+  std::vector<int64_t> rank_of(L * kNumModules, 0);
+  for (const PlacementEntry& e : placement) rank_of[module_index(e.layer, e.module)] = e.rank;
   if (opt.sequential_static && !placement.empty()) {
     std::vector<float> xf(S * T * D), xq;
     run.embed(data.tokens.data(), S * T, xf.data());
     xq = xf;
     for (int64_t l = 0; l < L; ++l) {
       bool any = false;
-      for (int m = 0; m < 7; ++m) any = any || rank_of[l * 7 + m] > 0;
+      for (Module m : kAllModules) any = any || rank_of[module_index(l, m)] > 0;
       std::vector<float> xq_in = xq;
       SiteStats st[kNumSites];
       layer_stats(run, l, S, T, xf, xq, &res.static_ecs, st);
@@ -230,15 +229,14 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       for (int s = 0; s < kNumSites; ++s) {
         bool site_used = false;
         for (Module m : kAllModules)
-          site_used = site_used || (static_cast<int>(module_site(m)) == s && rank_of[l * 7 + static_cast<int>(m)]);
+          site_used = site_used || (static_cast<int>(module_site(m)) == s && rank_of[module_index(l, m)]);
         if (!site_used) continue;
         Whitening wh = whiten(st[s], opt.damp);
         for (Module m : kAllModules) {
-          const int i = static_cast<int>(m);
-          if (static_cast<int>(module_site(m)) != s || !rank_of[l * 7 + i]) continue;
-          StaticFit f = fit_static(net.fp[l].W[i].data(), net.q[l].W[i].data(), net.module_out(m),
-                                   net.module_in(m), st[s], wh, rank_of[l * 7 + i], opt.static_mode);
-          res.static_ecs[l * 7 + i] = ec_from_fit(f, rank_of[l * 7 + i], false);
+          if (static_cast<int>(module_site(m)) != s || !rank_of[module_index(l, m)]) continue;
+          StaticFit f = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
+                                   net.module_in(m), st[s], wh, rank_of[module_index(l, m)], opt.static_mode);
+          res.static_ecs[module_index(l, m)] = ec_from_fit(f, rank_of[module_index(l, m)], false);
         }
       }
       // The stream must leave this layer through the ECs just fitted.
@@ -248,7 +246,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     }
   } else {
     for (const PlacementEntry& e : placement) {
-      const int64_t i = e.layer * 7 + static_cast<int>(e.module);
+      const int64_t i = module_index(e.layer, e.module);
       res.static_ecs[i] = ec_from_fit(fits[i], e.rank, false);
     }
   }
@@ -257,7 +255,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   rep["seconds_static"] = seconds_since(t0);
   const int64_t kl_windows = std::max<int64_t>(1, std::min(opt.report_windows, nw));
   {
-    std::vector<std::optional<ECParams>> none(L * 7);
+    std::vector<std::optional<ECParams>> none(L * kNumModules);
     rep["calib_kl_w4"] = mean_kl(run, data, targets, none, kl_windows);
     rep["calib_kl_static"] = mean_kl(run, data, targets, res.static_ecs, kl_windows);
   }
@@ -311,8 +309,10 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
 SpearArtifact with_ecs(const SpearArtifact& base, const std::vector<std::optional<ECParams>>& ecs,
                        const nlohmann::json& calib_meta) {
   SpearArtifact a = base;
-  SPEAR_CHECK(ecs.size() == a.modules.size(), "with_ecs: EC table does not match the model");
-  for (size_t i = 0; i < ecs.size(); ++i) a.modules[i].ec = ecs[i];
+  const int64_t L = a.config().num_layers;
+  SPEAR_CHECK(static_cast<int64_t>(ecs.size()) == L * kNumModules, "with_ecs: EC table does not match the model");
+  for (int64_t l = 0; l < L; ++l)
+    for (Module m : kAllModules) a.at(l, m).ec = ecs[module_index(l, m)];
   a.meta["calibration"] = calib_meta;
   return a;
 }

@@ -24,7 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 
 namespace spear {
 

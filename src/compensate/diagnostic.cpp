@@ -120,12 +120,12 @@ std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
   };
   const double base = kl_from(0, nullptr);
   if (base_kl) *base_kl = base;
-  std::vector<double> gain(L * 7, 0.0);
+  std::vector<double> gain(L * kNumModules, 0.0);
   for (int64_t l = 0; l < L; ++l)
     for (Module m : kAllModules) {
       LayerView lv = q_view(net, l, nullptr);
-      lv.W[static_cast<int>(m)] = net.fp[l].W[static_cast<int>(m)].data();
-      gain[l * 7 + static_cast<int>(m)] = std::max(0.0, base - kl_from(l, &lv));
+      lv.W[m] = net.fp[l].W[m].data();
+      gain[module_index(l, m)] = std::max(0.0, base - kl_from(l, &lv));
     }
   return gain;
 }
@@ -136,7 +136,7 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
   SPEAR_CHECK(quantized.meta.value("source_model_sha256", std::string()) == model_dir_hash(dir),
               "diagnose: " + dir + " is not the model the artifact was quantized from");
   Network net = Network::load_fp(dir);
-  net.set_quantized(quantized);
+  net.set_quantized(quantized.weights);
   Runner run(net);
   const ModelConfig& c = net.cfg;
   const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows,
@@ -154,14 +154,14 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
     entropy[t] = std::max(h, 1e-6);
   }
   {
-    std::vector<std::optional<ECParams>> none(L * 7);
+    std::vector<std::optional<ECParams>> none(L * kNumModules);
     d.kl_w4 = mean_kl(run, data, targets, none, nw);
   }
   if (opt.verbose) std::fprintf(stderr, "diagnose: targets and KL of the quantized model (%.0f s)\n", seconds_since(t0));
   std::vector<float> xf(N * D), xq;  // (N, dim) both residual streams
   run.embed(data.tokens.data(), N, xf.data());
   xq = xf;
-  d.modules.resize(L * 7);
+  d.modules.resize(L * kNumModules);
   for (int64_t l = 0; l < L; ++l) {
     std::vector<float> sf[kNumSites], sq[kNumSites];  // (N, width) site inputs, all tokens
     auto tap_into = [&](std::vector<float>* dst) {
@@ -174,12 +174,12 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
       run.layer_forward(q_view(net, l, nullptr), l, &xq[w * T * D], 1, T, nullptr, tap_into(sq));
     }
     for (Module m : kAllModules) {
-      const int i = static_cast<int>(m), s = static_cast<int>(module_site(m));
+      const int s = static_cast<int>(module_site(m));
       const int64_t in = net.module_in(m), out = net.module_out(m);
       std::vector<float> yf(N * out), yq(N * out);  // (N, out)
-      matmul_nt(sf[s].data(), net.fp[l].W[i].data(), yf.data(), N, in, out);
-      matmul_nt(sq[s].data(), net.q[l].W[i].data(), yq.data(), N, in, out);
-      ModuleDiagnosis& md = d.modules[l * 7 + i];
+      matmul_nt(sf[s].data(), net.fp[l].W[m].data(), yf.data(), N, in, out);
+      matmul_nt(sq[s].data(), net.q[l].W[m].data(), yq.data(), N, in, out);
+      ModuleDiagnosis& md = d.modules[module_index(l, m)];
       md.layer = l;
       md.module = m;
       double ref = 0;
@@ -251,7 +251,7 @@ std::string heat_colour(double t) {
 
 std::string heatmap_svg(const Diagnosis& d, int weighting, int64_t L) {
   const int cw = 90, ch = 26, left = 70, top = 50;
-  const int W = left + 7 * cw + 20, H = top + static_cast<int>(L) * ch + 50;
+  const int W = left + kNumModules * cw + 20, H = top + static_cast<int>(L) * ch + 50;
   double mx = 0;
   for (const ModuleDiagnosis& m : d.modules) mx = std::max(mx, m.damage[weighting]);
   std::string s;
@@ -262,8 +262,9 @@ std::string heatmap_svg(const Diagnosis& d, int weighting, int64_t L) {
                 "<text x=\"%d\" y=\"20\" font-size=\"14\">Quantization damage (1 - CKA, %s-weighted) per layer and module</text>\n",
                 W, H, left, kWeightings[weighting]);
   s += buf;
-  for (int m = 0; m < 7; ++m) {
-    std::string name(module_name(static_cast<Module>(m)));
+  for (Module mod : kAllModules) {
+    const int m = static_cast<int>(mod);  // the column
+    std::string name(module_name(mod));
     name = name.substr(name.find('.') + 1);
     std::snprintf(buf, sizeof buf, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%s</text>\n",
                   left + m * cw + cw / 2, top - 8, name.c_str());
@@ -273,8 +274,9 @@ std::string heatmap_svg(const Diagnosis& d, int weighting, int64_t L) {
     std::snprintf(buf, sizeof buf, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">layer %lld</text>\n",
                   left - 6, top + static_cast<int>(l) * ch + ch / 2 + 4, (long long)l);
     s += buf;
-    for (int m = 0; m < 7; ++m) {
-      const double v = d.modules[l * 7 + m].damage[weighting];
+    for (Module mod : kAllModules) {
+      const int m = static_cast<int>(mod);  // the column
+      const double v = d.modules[module_index(l, mod)].damage[weighting];
       std::snprintf(buf, sizeof buf,
                     "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"%s\" stroke=\"#888\"/>"
                     "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%.4f</text>\n",

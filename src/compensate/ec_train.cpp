@@ -159,9 +159,9 @@ nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::ve
         ep_kl += kl_rows(logits.data(), &targets[w * T * V], T, V, scale, logits.data());
         run.head_backward(x.data(), hrstd, logits.data(), T, dx.data());
         for (int64_t l = L - 1; l >= 0; --l) {
-          ECGrad* g[7] = {};
-          for (int m = 0; m < 7; ++m)
-            if (ecs[l * 7 + m]) g[m] = &grads[l * 7 + m];
+          PerModule<ECGrad*> g;
+          for (Module m : kAllModules)
+            if (ecs[module_index(l, m)]) g[m] = &grads[module_index(l, m)];
           run.layer_backward(q_view(net, l, &ecs), l, caches[l], dx.data(), 1, T, g);
         }
       }
@@ -194,11 +194,11 @@ nlohmann::json train_block(const Runner& run, const CalibData& data,
     for (int64_t w = 0; w < nw; ++w)
       run.layer_forward(fp_view(net, l), l, &target[w * T * D], 1, T, nullptr);
     bool any = false;
-    for (int m = 0; m < 7; ++m) any = any || ecs[l * 7 + m].has_value();
+    for (Module m : kAllModules) any = any || ecs[module_index(l, m)].has_value();
     double last = 0;
     if (any) {
       std::vector<std::optional<ECParams>> sub(ecs.size());  // only this layer's ECs train
-      for (int m = 0; m < 7; ++m) sub[l * 7 + m] = ecs[l * 7 + m];
+      for (Module m : kAllModules) sub[module_index(l, m)] = ecs[module_index(l, m)];
       ECAdam adam(sub, opt.lr, opt.lr_gate);
       std::vector<ECGrad> grads(ecs.size());
       const int64_t spe = (nw + batch - 1) / batch, total = spe * opt.epochs;
@@ -206,8 +206,8 @@ nlohmann::json train_block(const Runner& run, const CalibData& data,
       for (int64_t ep = 0; ep < opt.epochs; ++ep) {
         double loss = 0;
         for (int64_t s = 0; s < spe; ++s, ++step) {
-          for (int m = 0; m < 7; ++m)
-            if (sub[l * 7 + m]) grads[l * 7 + m].zero_like(*sub[l * 7 + m]);
+          for (Module m : kAllModules)
+            if (sub[module_index(l, m)]) grads[module_index(l, m)].zero_like(*sub[module_index(l, m)]);
           const int64_t w0 = s * batch, w1 = std::min(nw, w0 + batch);
           for (int64_t w = w0; w < w1; ++w) {
             std::copy_n(&xq[w * T * D], T * D, y.data());
@@ -221,16 +221,16 @@ nlohmann::json train_block(const Runner& run, const CalibData& data,
               loss += static_cast<double>(e) * e / norm;
               dy[i] = 2.0f * e * sc;
             }
-            ECGrad* g[7] = {};
-            for (int m = 0; m < 7; ++m)
-              if (sub[l * 7 + m]) g[m] = &grads[l * 7 + m];
+            PerModule<ECGrad*> g;
+            for (Module m : kAllModules)
+              if (sub[module_index(l, m)]) g[m] = &grads[module_index(l, m)];
             run.layer_backward(q_view(net, l, &sub), l, cache, dy.data(), 1, T, g);
           }
           adam.step(sub, grads, schedule(step, total));
         }
         last = loss / static_cast<double>(nw);
       }
-      for (int m = 0; m < 7; ++m) ecs[l * 7 + m] = sub[l * 7 + m];
+      for (Module m : kAllModules) ecs[module_index(l, m)] = sub[module_index(l, m)];
     }
     // Advance both streams: the quantized one through the trained layer.
     for (int64_t w = 0; w < nw; ++w)

@@ -7,8 +7,8 @@
 #include <limits>
 
 #include "core/error.h"
-#include "io/safetensors.h"
 #include "model/linear.h"
+#include "model/load_hf.h"
 #include "quant/rtn.h"
 
 namespace spear {
@@ -30,31 +30,29 @@ const char* site_name(Site s) {
 
 // ---- weights ------------------------------------------------------------------
 
-Network Network::load_fp(const std::string& dir) {
-  std::unique_ptr<LlamaModel> m = LlamaModel::load(dir);
+Network Network::from_weights(const LlamaWeights& w) {
   Network n;
-  n.cfg = m->config();
-  n.embed = m->embeddings();
-  // The final norm and the head are private to LlamaModel: read them from the files.
-  TensorStore store = TensorStore::open(dir);
-  n.final_norm = to_f32(store.get("model.norm.weight"));
-  n.head = n.cfg.tie_word_embeddings ? n.embed : to_f32(store.get("lm_head.weight"));
+  n.cfg = w.config;
+  n.embed = w.embed.to_f32();
+  n.final_norm = w.final_norm.to_f32();
+  n.head = w.head().to_f32();
   n.fp.resize(n.cfg.num_layers);
   for (int64_t l = 0; l < n.cfg.num_layers; ++l) {
-    const LayerWeights& L = m->layer(l);
-    n.fp[l].attn_norm = L.attn_norm;
-    n.fp[l].ffn_norm = L.ffn_norm;
+    n.fp[l].attn_norm = w.layers[l].attn_norm.to_f32();
+    n.fp[l].ffn_norm = w.layers[l].ffn_norm.to_f32();
     for (Module mod : kAllModules) {
-      const auto* d = dynamic_cast<const DenseLinear*>(&L.at(mod));
-      SPEAR_CHECK(d, "calibration needs a full-precision model directory");
-      n.fp[l].W[static_cast<int>(mod)] = d->weight();
+      const ModuleWeights& mw = w.at(l, mod);
+      SPEAR_CHECK(!mw.quantized(), "calibration needs a full-precision model directory");
+      n.fp[l].W[mod] = mw.dense.to_f32();
     }
   }
   return n;
 }
 
-void Network::set_quantized(const SpearArtifact& a) {
-  const ModelConfig& c = a.config;
+Network Network::load_fp(const std::string& dir) { return from_weights(load_hf_weights(dir)); }
+
+void Network::set_quantized(const LlamaWeights& w) {
+  const ModelConfig& c = w.config;
   SPEAR_CHECK(c.num_layers == cfg.num_layers && c.hidden_size == cfg.hidden_size &&
                   c.intermediate_size == cfg.intermediate_size && c.vocab_size == cfg.vocab_size &&
                   c.num_heads == cfg.num_heads && c.num_kv_heads == cfg.num_kv_heads,
@@ -63,31 +61,21 @@ void Network::set_quantized(const SpearArtifact& a) {
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     q[l].attn_norm = fp[l].attn_norm;
     q[l].ffn_norm = fp[l].ffn_norm;
-    for (Module m : kAllModules) q[l].W[static_cast<int>(m)] = dequantize(a.at(l, m).q);
+    for (Module m : kAllModules) {
+      const ModuleWeights& mw = w.at(l, m);
+      SPEAR_CHECK(mw.quantized(), "the quantized artifact has a full-precision module");
+      q[l].W[m] = dequantize(*mw.quant);
+    }
   }
 }
 
-int64_t Network::module_out(Module m) const {
-  switch (m) {
-    case Module::Q: return cfg.q_dim();
-    case Module::K: case Module::V: return cfg.kv_dim();
-    case Module::O: case Module::Down: return cfg.hidden_size;
-    default: return cfg.intermediate_size;
-  }
-}
-
-int64_t Network::module_in(Module m) const {
-  switch (m) {
-    case Module::O: return cfg.q_dim();
-    case Module::Down: return cfg.intermediate_size;
-    default: return cfg.hidden_size;
-  }
-}
+int64_t Network::module_out(Module m) const { return module_shape(cfg, m).out; }
+int64_t Network::module_in(Module m) const { return module_shape(cfg, m).in; }
 
 LayerView fp_view(const Network& n, int64_t l) {
   LayerView v;
   v.norms = &n.fp[l];
-  for (int i = 0; i < 7; ++i) v.W[i] = n.fp[l].W[i].data();
+  for (Module m : kAllModules) v.W[m] = n.fp[l].W[m].data();
   return v;
 }
 
@@ -95,9 +83,9 @@ LayerView q_view(const Network& n, int64_t l, const std::vector<std::optional<EC
   SPEAR_CHECK(!n.q.empty(), "quantized weights not set");
   LayerView v;
   v.norms = &n.q[l];
-  for (int i = 0; i < 7; ++i) {
-    v.W[i] = n.q[l].W[i].data();
-    if (ecs && (*ecs)[l * 7 + i]) v.ec[i] = &*(*ecs)[l * 7 + i];
+  for (Module m : kAllModules) {
+    v.W[m] = n.q[l].W[m].data();
+    if (ecs && (*ecs)[module_index(l, m)]) v.ec[m] = &*(*ecs)[module_index(l, m)];
   }
   return v;
 }
@@ -222,10 +210,10 @@ void Runner::layer_forward(const LayerView& lv, int64_t layer, float* x, int64_t
   const float eps = static_cast<float>(c.rms_norm_eps);
   LayerCache local;
   LayerCache& C = cache ? *cache : local;
-  auto W = [&](Module m) { return lv.W[static_cast<int>(m)]; };
-  auto E = [&](Module m) { return lv.ec[static_cast<int>(m)]; };
-  auto zs = [&](Module m) { return cache ? &C.z[static_cast<int>(m)] : nullptr; };
-  auto gs = [&](Module m) { return cache ? &C.gamma[static_cast<int>(m)] : nullptr; };
+  auto W = [&](Module m) { return lv.W[m]; };
+  auto E = [&](Module m) { return lv.ec[m]; };
+  auto zs = [&](Module m) { return cache ? &C.z[m] : nullptr; };
+  auto gs = [&](Module m) { return cache ? &C.gamma[m] : nullptr; };
 
   C.x_in.assign(x, x + rows * D);
   C.rstd1.resize(rows);
@@ -298,19 +286,18 @@ void Runner::layer_forward(const LayerView& lv, int64_t layer, float* x, int64_t
 }
 
 void Runner::layer_backward(const LayerView& lv, int64_t layer, const LayerCache& C, float* dx,
-                            int64_t B, int64_t T, ECGrad* grads[7]) const {
+                            int64_t B, int64_t T, const PerModule<ECGrad*>& grads) const {
   const ModelConfig& c = net_.cfg;
   const int64_t D = c.hidden_size, HD = c.head_dim, NH = c.num_heads, NKV = c.num_kv_heads,
                 QD = c.q_dim(), KVD = c.kv_dim(), FF = c.intermediate_size, rows = B * T;
-  auto W = [&](Module m) { return lv.W[static_cast<int>(m)]; };
-  auto E = [&](Module m) { return lv.ec[static_cast<int>(m)]; };
-  auto G = [&](Module m) { return grads ? grads[static_cast<int>(m)] : nullptr; };
+  auto W = [&](Module m) { return lv.W[m]; };
+  auto E = [&](Module m) { return lv.ec[m]; };
+  auto G = [&](Module m) { return grads[m]; };
   auto bwd = [&](Module m, const float* xin, const float* dy, int64_t M, int64_t in, int64_t out,
                  float* dxin, bool acc) {
-    const int i = static_cast<int>(m);
     const ECParams* ec = E(m);
     SPEAR_CHECK(!ec || G(m), "layer_backward: an EC without a gradient buffer");
-    linear_ec_backward(W(m), ec, xin, dy, M, in, out, &C.z[i], &C.gamma[i], dxin, acc, G(m));
+    linear_ec_backward(W(m), ec, xin, dy, M, in, out, &C.z[m], &C.gamma[m], dxin, acc, G(m));
   };
 
   // --- SwiGLU block: x_out = x_mid + Down(silu(g) ⊙ u)

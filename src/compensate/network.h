@@ -14,10 +14,10 @@
 #include <string>
 #include <vector>
 
-#include "compensate/ec_layer.h"
+#include "model/ec_layer.h"
 #include "io/model_config.h"
-#include "io/spear_artifact.h"
-#include "model/llama.h"
+#include "model/module.h"
+#include "model/weights.h"
 #include "model/rope.h"
 
 namespace spear {
@@ -30,7 +30,7 @@ const char* site_name(Site s);
 
 struct FrozenLayer {
   std::vector<float> attn_norm, ffn_norm;  // (dim)
-  std::vector<float> W[7];                 // (out, in) per Module
+  PerModule<std::vector<float>> W;         // (out, in) per module
 };
 
 // Weights of both paths. The unquantized tensors (embeddings, norms, head) are shared.
@@ -42,11 +42,13 @@ struct Network {
   std::vector<FrozenLayer> fp;    // full precision
   std::vector<FrozenLayer> q;     // dequantized quantized weights (empty until set)
 
-  // Full precision from a model directory.
+  // Full precision from the model description (every module dense), widened to float32.
+  static Network from_weights(const LlamaWeights& w);
+  // The same, loading a model directory.
   static Network load_fp(const std::string& dir);
-  // Sets `q` from an artifact's quantized modules; the artifact must come from the
-  // same architecture (checked).
-  void set_quantized(const SpearArtifact& a);
+  // Sets `q` from quantized weights (an artifact's): the dequantized values QuantLinear
+  // computes with. Same architecture required (checked).
+  void set_quantized(const LlamaWeights& w);
   int64_t module_out(Module m) const;
   int64_t module_in(Module m) const;
 };
@@ -54,8 +56,8 @@ struct Network {
 // Which weights a layer runs with: per module a weight matrix and optionally an EC.
 struct LayerView {
   const FrozenLayer* norms = nullptr;  // attn_norm / ffn_norm
-  const float* W[7] = {};              // (out, in)
-  const ECParams* ec[7] = {};          // nullptr = no EC
+  PerModule<const float*> W;           // (out, in)
+  PerModule<const ECParams*> ec;       // nullptr = no EC
 };
 LayerView fp_view(const Network& n, int64_t l);
 LayerView q_view(const Network& n, int64_t l, const std::vector<std::optional<ECParams>>* ecs);
@@ -70,7 +72,7 @@ struct ECGrad {
 struct LayerCache {
   std::vector<float> x_in, rstd1, xn1, q, k, v, P, att, x_mid, rstd2, xn2, g, u, h;
   // Per module with an EC: z = A x and γ, both (rows, r).
-  std::vector<float> z[7], gamma[7];
+  PerModule<std::vector<float>> z, gamma;
 };
 
 // Called with the input of each site: (site, x (rows, cols)).
@@ -92,7 +94,7 @@ class Runner {
   // dx (rows, dim) in: dL/d(layer output); out: dL/d(layer input). grads: per module
   // with an EC, accumulated into (must be sized by zero_like).
   void layer_backward(const LayerView& lv, int64_t layer, const LayerCache& cache, float* dx,
-                      int64_t B, int64_t T, ECGrad* grads[7]) const;
+                      int64_t B, int64_t T, const PerModule<ECGrad*>& grads) const;
   // dlogits (rows, vocab) -> dx (rows, dim), for the x given to head_forward.
   void head_backward(const float* x, const std::vector<float>& rstd, const float* dlogits,
                      int64_t rows, float* dx) const;

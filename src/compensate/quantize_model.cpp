@@ -17,10 +17,9 @@ SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt)
               "quantize: --method must be rtn or gptq, got '" + opt.method + "'");
   SPEAR_CHECK(opt.scheme.bits >= 2 && opt.scheme.bits <= 8, "quantize: --bits must be in 2..8");
   SpearArtifact a = artifact_from_model_dir(dir);
-  Network net = Network::load_fp(dir);
-  const ModelConfig& c = net.cfg;
+  const ModelConfig& c = a.config();
   for (Module m : kAllModules) {
-    const int64_t K = net.module_in(m);
+    const int64_t K = module_shape(c, m).in;
     SPEAR_CHECK(opt.scheme.group <= 0 || opt.scheme.group <= K,
                 "quantize: --group " + std::to_string(opt.scheme.group) + " exceeds the input size " +
                     std::to_string(K) + " of " + std::string(module_name(m)));
@@ -30,13 +29,22 @@ SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt)
                        {"group", opt.scheme.group},
                        {"symmetric", opt.scheme.symmetric},
                        {"scheme", opt.scheme.name()}};
+  // Each module's dense weight (a view of the mapped checkpoint) is replaced by its codes.
+  auto set_quantized = [&](int64_t l, Module m, QuantizedMatrix q) {
+    ModuleWeights& mw = a.at(l, m);
+    mw.quant = std::move(q);
+    mw.dense = WeightTensor{};
+  };
   if (opt.method == "rtn") {
+    // One module widened to float32 at a time: host memory stays near the mapped file.
     for (int64_t l = 0; l < c.num_layers; ++l)
       for (Module m : kAllModules) {
-        const std::vector<float>& W = net.fp[l].W[static_cast<int>(m)];
-        a.at(l, m).q = quantize_rtn(W.data(), net.module_out(m), net.module_in(m), opt.scheme);
+        const ModuleShape s = module_shape(c, m);
+        const std::vector<float> W = a.at(l, m).dense.to_f32();
+        set_quantized(l, m, quantize_rtn(W.data(), s.out, s.in, opt.scheme));
       }
   } else {
+    Network net = Network::from_weights(a.weights);
     SPEAR_CHECK(opt.calib_ctx > 0 && !opt.calib_tokens.empty() &&
                     opt.calib_tokens.size() % opt.calib_ctx == 0,
                 "quantize: gptq needs calibration windows (--calib FILE)");
@@ -72,10 +80,10 @@ SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt)
       net.q[l].attn_norm = net.fp[l].attn_norm;
       net.q[l].ffn_norm = net.fp[l].ffn_norm;
       for (Module m : kAllModules) {
-        const std::vector<float>& W = net.fp[l].W[static_cast<int>(m)];
-        a.at(l, m).q = quantize_gptq(W.data(), net.module_out(m), net.module_in(m), opt.scheme,
-                                     H[static_cast<int>(module_site(m))], opt.gptq);
-        net.q[l].W[static_cast<int>(m)] = dequantize(a.at(l, m).q);
+        const std::vector<float>& W = net.fp[l].W[m];
+        set_quantized(l, m, quantize_gptq(W.data(), net.module_out(m), net.module_in(m), opt.scheme,
+                                          H[static_cast<int>(module_site(m))], opt.gptq));
+        net.q[l].W[m] = dequantize(*a.at(l, m).quant);
       }
       LayerView qv = q_view(net, l, nullptr);
       for (int64_t w = 0; w < nw; ++w)

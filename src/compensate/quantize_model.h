@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "io/spear_artifact.h"
+#include "model/spear_artifact.h"
 #include "quant/gptq.h"
-#include "quant/quant_format.h"
+#include "core/quant_format.h"
 
 namespace spear {
 

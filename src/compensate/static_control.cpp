@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "compensate/linalg.h"
+#include "core/linalg.h"
 #include "core/error.h"
 
 namespace spear {

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "compensate/ec_layer.h"
+#include "model/ec_layer.h"
 
 namespace spear {
 

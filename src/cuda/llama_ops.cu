@@ -910,6 +910,16 @@ __global__ void __launch_bounds__(256) k_fill_f16(__half* __restrict__ out, int6
   }
 }
 
+// bf16 bits -> fp16 in place: bf16 widens to float32 exactly (the high half of its bits),
+// then __float2half_rn rounds to nearest even, overflowing to inf: the host's f32_to_f16.
+__global__ void __launch_bounds__(256) k_bf16_to_f16(uint16_t* __restrict__ p, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float f = __uint_as_float(static_cast<uint32_t>(p[i]) << 16);
+    p[i] = __half_as_ushort(__float2half_rn(f));
+  }
+}
+
 __global__ void __launch_bounds__(256) k_fill_f32(float* __restrict__ out, int64_t n, uint64_t key, float lo,
                                                   float hi) {
   const float top = lo < hi ? nextafterf(hi, lo) : hi;
@@ -1125,6 +1135,14 @@ cudaError_t fill_uniform_f16(__half* out, int64_t n, uint64_t seed, float scale,
   if (n == 0) return cudaSuccess;
   SPEAR_REQUIRE(out);
   k_fill_f16<<<grid_for(n, 256), 256, 0, stream>>>(out, n, mix64(seed), scale);
+  return cudaGetLastError();
+}
+
+cudaError_t bf16_to_f16_inplace(__half* data, int64_t n, cudaStream_t stream) {
+  SPEAR_REQUIRE(n >= 0);
+  if (n == 0) return cudaSuccess;
+  SPEAR_REQUIRE(data);
+  k_bf16_to_f16<<<grid_for(n, 256), 256, 0, stream>>>(reinterpret_cast<uint16_t*>(data), n);
   return cudaGetLastError();
 }
 

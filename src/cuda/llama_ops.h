@@ -84,7 +84,7 @@ cudaError_t prefill_attention(const __half* q, int64_t ldq, const PagedKV& kv, c
 cudaError_t silu_mul(const __half* gate, int64_t ldg, const __half* up, int64_t ldu, int T, int H, __half* out,
                      cudaStream_t stream);
 
-// The full EC gate of src/compensate/ec_layer.h, per token: s = (1 + tanh(G z + c)) ⊙ z.
+// The full EC gate of src/model/ec_layer.h, per token: s = (1 + tanh(G z + c)) ⊙ z.
 // z (T, r) fp16, G (r, r) f32 row-major, c (r) f32, s (T, r) fp16; r <= 256.
 // G == nullptr: the static control, s = z.
 cudaError_t ec_gate(const __half* z, const float* G, const float* c, int T, int r, __half* s,
@@ -99,6 +99,8 @@ cudaError_t nll_rows(const float* logits, int64_t ld, const int32_t* target, int
 
 // Conversions and synthetic data (bench-latency builds random models on the GPU).
 cudaError_t f32_to_f16(const float* in, int64_t n, __half* out, cudaStream_t stream);
+// data (n): bf16 bit patterns in, the same values rounded to fp16 out (nearest even).
+cudaError_t bf16_to_f16_inplace(__half* data, int64_t n, cudaStream_t stream);
 // out[i] = scale * u, u uniform in [-1, 1) from a counter-based hash of (seed, i).
 cudaError_t fill_uniform_f16(__half* out, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
 cudaError_t fill_uniform_f32(float* out, int64_t n, uint64_t seed, float lo, float hi, cudaStream_t stream);

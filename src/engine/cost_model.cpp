@@ -2,7 +2,6 @@
 #include "engine/step_model.h"
 
 #include <algorithm>
-#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -18,36 +17,21 @@ namespace spear {
 
 // ---- EC inventory -------------------------------------------------------------
 
-bool parse_ec_kind(const std::string& kind, int64_t* rank) {
-  // "ec" as its own word-ish token: "+ec", "ec(", "-ec"; not e.g. "spec".
-  size_t p = kind.find("ec");
-  bool found = false;
-  while (p != std::string::npos) {
-    bool left_ok = p == 0 || kind[p - 1] == '+' || kind[p - 1] == '-' || kind[p - 1] == '_';
-    bool right_ok = p + 2 >= kind.size() || !std::isalpha(static_cast<unsigned char>(kind[p + 2]));
-    if (left_ok && right_ok) {
-      found = true;
-      break;
-    }
-    p = kind.find("ec", p + 1);
-  }
-  if (!found) return false;
-  *rank = 0;
-  size_t r = kind.find("r=", p);
-  if (r != std::string::npos) {
-    int64_t v = 0;
-    size_t i = r + 2;
-    while (i < kind.size() && std::isdigit(static_cast<unsigned char>(kind[i])) && v < (1 << 20))
-      v = v * 10 + (kind[i++] - '0');
-    *rank = v;
-  }
-  return true;
-}
-
 int64_t EcInventory::total_rank_work() const {
   int64_t w = 0;
   for (const EcModule& m : modules) w += m.rank * (m.in + m.out);
   return w;
+}
+
+EcInventory ec_inventory(const LlamaWeights& w) {
+  EcInventory inv;
+  for (int64_t l = 0; l < w.config.num_layers; ++l)
+    for (Module m : kAllModules)
+      if (const int64_t r = w.at(l, m).ec_rank(); r > 0) {
+        const ModuleShape s = module_shape(w.config, m);
+        inv.modules.push_back({s.in, s.out, r});
+      }
+  return inv;
 }
 
 EcInventory ec_inventory(const LlamaModel& model) {
@@ -55,9 +39,7 @@ EcInventory ec_inventory(const LlamaModel& model) {
   for (int64_t l = 0; l < model.config().num_layers; ++l)
     for (Module m : kAllModules) {
       const Linear& lin = model.layer(l).at(m);
-      int64_t rank = 0;
-      if (parse_ec_kind(lin.kind(), &rank))
-        inv.modules.push_back({lin.in_features(), lin.out_features(), rank});
+      if (const int64_t r = lin.ec_rank(); r > 0) inv.modules.push_back({lin.in_features(), lin.out_features(), r});
     }
   return inv;
 }
@@ -307,7 +289,7 @@ void profile_cost_model(StepModel& model, int64_t max_len, CostModel& cm, int64_
   const ModelConfig& cfg = model.config();
   max_len = std::min<int64_t>(max_len, cfg.max_position_embeddings);
   SPEAR_CHECK(max_len >= 2, "profile: max_len too small");
-  EcInventory inv = ec_inventory(model.source());
+  EcInventory inv = model.ec_inventory();
   model.profile_ec(inv, cm);
 
   const int64_t ctx = std::min<int64_t>(128, max_len - 1);

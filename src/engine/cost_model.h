@@ -27,6 +27,7 @@
 namespace spear {
 
 class LlamaModel;
+struct LlamaWeights;
 class StepModel;
 
 struct StepShape {
@@ -38,9 +39,8 @@ struct StepShape {
 // Attention pairs of a chunk of n rows starting at position s.
 inline int64_t attn_pairs(int64_t start, int64_t n) { return n * start + n * (n + 1) / 2; }
 
-// EC modules of a model, read from Linear::kind() ("...+ec(r=8)"): any kind naming
-// "ec" is an EC module; its rank comes from "r=N" (0 when absent: then only the
-// per-call overhead is charged).
+// EC modules of a model: every module with an Error Compensator, its shape and rank
+// (a typed question to the model, never a parse of its display strings).
 struct EcModule {
   int64_t in = 0, out = 0, rank = 0;
 };
@@ -48,9 +48,8 @@ struct EcInventory {
   std::vector<EcModule> modules;
   int64_t total_rank_work() const;  // sum of r*(in+out): multiply-adds per token
 };
-EcInventory ec_inventory(const LlamaModel& model);
-// Parses a Linear::kind() string; returns false when it names no EC.
-bool parse_ec_kind(const std::string& kind, int64_t* rank);
+EcInventory ec_inventory(const LlamaWeights& w);   // from the model description
+EcInventory ec_inventory(const LlamaModel& model);  // from the CPU engine's modules
 
 class CostModel {
  public:

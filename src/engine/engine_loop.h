@@ -70,7 +70,7 @@ class Engine {
  public:
   // The model must outlive the engine. Throws spear::Error on a bad configuration.
   Engine(const LlamaModel& model, EngineConfig cfg, EngineObserver* observer = nullptr);
-  // Any backend (the GPU engine: src/cuda/gpu_step_model.h); it must outlive the engine.
+  // Any backend (the GPU engine: src/gpu/gpu_step_model.h); it must outlive the engine.
   Engine(StepModel& model, EngineConfig cfg, EngineObserver* observer = nullptr);
   ~Engine();
   Engine(const Engine&) = delete;

@@ -7,7 +7,10 @@
 // either backend (`spear serve --device cpu|cuda`).
 #include <cstdint>
 #include <span>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "engine/cost_model.h"
 #include "model/llama.h"
@@ -22,8 +25,8 @@ class StepModel {
   // Logits rows (host memory): per chunk n_tokens rows (all_logits) or one row.
   // Every chunk's kv is a PagedSequence of the engine's pool.
   virtual void forward(std::span<const SeqChunk> chunks, float* logits) = 0;
-  // The model as loaded on the CPU (for the EC inventory the cost model charges).
-  virtual const LlamaModel& source() const = 0;
+  // The model's Error Compensators (what the cost model charges for).
+  virtual EcInventory ec_inventory() const = 0;
   // true: the BlockPool must hold K/V floats (the CPU engine reads them from it).
   virtual bool host_kv() const = 0;
   // Blocks (of the engine's block size) the backend holds K/V for; 0 = the engine decides.
@@ -31,20 +34,28 @@ class StepModel {
   // Measures the ECs' share of a step on this backend into cm (set_ec_cost).
   virtual void profile_ec(const EcInventory& inv, CostModel& cm) = 0;
   virtual std::string device() const = 0;  // "cpu", "cuda: NVIDIA H200"
+  // Bytes the backend holds, by use ("weights", "ec", "kv_cache", "activations"); a
+  // backend with host_kv() leaves the KV cache to the engine's pool.
+  virtual std::vector<std::pair<std::string, int64_t>> memory_by_use() const = 0;
 };
 
 // The CPU engine (LlamaModel) as a StepModel.
 class CpuStepModel final : public StepModel {
  public:
-  explicit CpuStepModel(const LlamaModel& m) : m_(m) {}
+  explicit CpuStepModel(const LlamaModel& m) : m_(m) {}  // m must outlive this
+  explicit CpuStepModel(std::unique_ptr<LlamaModel> m) : owned_(std::move(m)), m_(*owned_) {}
   const ModelConfig& config() const override { return m_.config(); }
   void forward(std::span<const SeqChunk> chunks, float* logits) override { m_.forward(chunks, logits); }
-  const LlamaModel& source() const override { return m_; }
+  EcInventory ec_inventory() const override { return ::spear::ec_inventory(m_); }
   bool host_kv() const override { return true; }
   void profile_ec(const EcInventory& inv, CostModel& cm) override;
   std::string device() const override { return "cpu"; }
+  std::vector<std::pair<std::string, int64_t>> memory_by_use() const override {
+    return {{"weights", m_.weight_bytes()}};
+  }
 
  private:
+  std::unique_ptr<LlamaModel> owned_;
   const LlamaModel& m_;
 };
 

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 
 #include "core/simd.h"
@@ -43,14 +44,30 @@ void matmul_nt(const float* x, const float* w, float* y, int64_t M, int64_t K, i
 }
 
 DenseLinear::DenseLinear(int64_t out, int64_t in, std::vector<float> w)
-    : out_(out), in_(in), w_(std::move(w)) {
-  SPEAR_CHECK(static_cast<int64_t>(w_.size()) == out * in, "DenseLinear: weight size mismatch");
-}
+    : out_(out), in_(in), w_(WeightTensor::from_f32({out, in}, std::move(w))) {}
 
 DenseLinear::DenseLinear(int64_t out, int64_t in, std::vector<uint16_t> w16, Storage storage)
-    : out_(out), in_(in), storage_(storage), h_(std::move(w16)) {
+    : out_(out), in_(in), storage_(storage) {
   SPEAR_CHECK(storage != Storage::F32, "DenseLinear: 16-bit storage expected");
-  SPEAR_CHECK(static_cast<int64_t>(h_.size()) == out * in, "DenseLinear: weight size mismatch");
+  SPEAR_CHECK(static_cast<int64_t>(w16.size()) == out * in, "DenseLinear: weight size mismatch");
+  std::vector<uint8_t> bytes(w16.size() * 2);
+  std::memcpy(bytes.data(), w16.data(), bytes.size());
+  w_ = WeightTensor::owned(storage == Storage::BF16 ? DType::BF16 : DType::F16, {out, in}, std::move(bytes));
+}
+
+DenseLinear::DenseLinear(const WeightTensor& w) : w_(w) {
+  SPEAR_CHECK(w.shape.size() == 2, "DenseLinear: the weight must be a matrix");
+  out_ = w.shape[0];
+  in_ = w.shape[1];
+  switch (w.dtype) {
+    case DType::F32: storage_ = Storage::F32; break;
+    case DType::BF16: storage_ = Storage::BF16; break;
+    case DType::F16: storage_ = Storage::F16; break;
+    default: throw Error("DenseLinear: weights must be F32, BF16 or F16");
+  }
+  const size_t align = storage_ == Storage::F32 ? alignof(float) : alignof(uint16_t);
+  if (reinterpret_cast<uintptr_t>(w.data) % align != 0)  // a view at an odd offset: copy
+    w_ = WeightTensor::owned(w.dtype, w.shape, std::vector<uint8_t>(w.data, w.data + w.nbytes));
 }
 
 std::string DenseLinear::kind() const {
@@ -102,18 +119,11 @@ void widen_16(const uint16_t* src, int64_t n, DenseLinear::Storage s, float* dst
   for (int64_t i = n8; i < n; ++i) dst[i] = widen1(src[i], s);
 }
 
-const std::vector<float>& DenseLinear::weight() const {
-  if (storage_ == Storage::F32) return w_;
-  std::call_once(widen_once_, [this] {
-    widened_.resize(h_.size());
-    widen_16(h_.data(), static_cast<int64_t>(h_.size()), storage_, widened_.data());
-  });
-  return widened_;
-}
+std::vector<float> DenseLinear::to_f32() const { return w_.to_f32(); }
 
 void DenseLinear::forward(const float* x, int64_t M, float* y) const {
   if (storage_ == Storage::F32) {
-    matmul_nt(x, w_.data(), y, M, in_, out_);
+    matmul_nt(x, f32(), y, M, in_, out_);
     return;
   }
   if (M <= 32) {  // decode and small batches: straight from the 16-bit rows, 8 rows of x at a time
@@ -122,22 +132,22 @@ void DenseLinear::forward(const float* x, int64_t M, float* y) const {
       const float* xr = x + m0 * in_;
       float* yr = y + m0 * out_;
       switch (r) {
-        case 1: gemv16<1>(xr, h_.data(), yr, in_, out_, storage_); break;
-        case 2: gemv16<2>(xr, h_.data(), yr, in_, out_, storage_); break;
-        case 3: gemv16<3>(xr, h_.data(), yr, in_, out_, storage_); break;
-        case 4: gemv16<4>(xr, h_.data(), yr, in_, out_, storage_); break;
-        case 5: gemv16<5>(xr, h_.data(), yr, in_, out_, storage_); break;
-        case 6: gemv16<6>(xr, h_.data(), yr, in_, out_, storage_); break;
-        case 7: gemv16<7>(xr, h_.data(), yr, in_, out_, storage_); break;
-        default: gemv16<8>(xr, h_.data(), yr, in_, out_, storage_); break;
+        case 1: gemv16<1>(xr, h16(), yr, in_, out_, storage_); break;
+        case 2: gemv16<2>(xr, h16(), yr, in_, out_, storage_); break;
+        case 3: gemv16<3>(xr, h16(), yr, in_, out_, storage_); break;
+        case 4: gemv16<4>(xr, h16(), yr, in_, out_, storage_); break;
+        case 5: gemv16<5>(xr, h16(), yr, in_, out_, storage_); break;
+        case 6: gemv16<6>(xr, h16(), yr, in_, out_, storage_); break;
+        case 7: gemv16<7>(xr, h16(), yr, in_, out_, storage_); break;
+        default: gemv16<8>(xr, h16(), yr, in_, out_, storage_); break;
       }
     }
     return;
   }
   // Many rows: widen once into a per-thread scratch buffer, then sgemm.
   thread_local std::vector<float> scratch;
-  scratch.resize(h_.size());
-  widen_16(h_.data(), static_cast<int64_t>(h_.size()), storage_, scratch.data());
+  scratch.resize(static_cast<size_t>(out_ * in_));
+  widen_16(h16(), out_ * in_, storage_, scratch.data());
   matmul_nt(x, scratch.data(), y, M, in_, out_);
 }
 

@@ -9,122 +9,33 @@
 #include <omp.h>
 
 #include "core/error.h"
-#include "io/safetensors.h"
+#include "model/load_hf.h"
 #include "model/ops.h"
 
 namespace spear {
 
-namespace {
-constexpr std::string_view kModuleNames[] = {"self_attn.q_proj", "self_attn.k_proj",
-                                             "self_attn.v_proj", "self_attn.o_proj",
-                                             "mlp.gate_proj",    "mlp.up_proj",
-                                             "mlp.down_proj"};
-}  // namespace
+// ---- building -------------------------------------------------------------------
 
-std::string_view module_name(Module m) { return kModuleNames[static_cast<int>(m)]; }
-
-bool parse_module_name(std::string_view s, Module* out) {
-  for (int i = 0; i < 7; ++i)
-    if (kModuleNames[i] == s) {
-      *out = static_cast<Module>(i);
-      return true;
-    }
-  return false;
+std::unique_ptr<Linear> make_dense_linear(const ModuleWeights& m) {
+  SPEAR_CHECK(!m.quantized(), "this model has quantized modules: build it with build_cpu_model (quant/cpu_model.h)");
+  return std::make_unique<DenseLinear>(m.dense);
 }
 
-// ---- loading ------------------------------------------------------------------
-
-namespace {
-
-struct Expected {
-  std::string name;
-  std::vector<int64_t> shape;
-};
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "(";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + ")";
-}
-
-std::vector<float> read_f32(const TensorStore& store, const Expected& e) {
-  const TensorView& t = store.get(e.name);
-  return to_f32(t);
-}
-
-// A bf16/fp16 weight stays 16-bit (it widens to float32 exactly, at half the bytes);
-// anything else becomes float32.
-std::unique_ptr<DenseLinear> read_linear(const TensorStore& store, const Expected& e) {
-  const TensorView& t = store.get(e.name);
-  if (t.dtype == DType::BF16 || t.dtype == DType::F16) {
-    std::vector<uint16_t> h(static_cast<size_t>(e.shape[0] * e.shape[1]));
-    std::memcpy(h.data(), t.data, h.size() * 2);
-    return std::make_unique<DenseLinear>(e.shape[0], e.shape[1], std::move(h),
-                                         t.dtype == DType::BF16 ? DenseLinear::Storage::BF16 : DenseLinear::Storage::F16);
-  }
-  return std::make_unique<DenseLinear>(e.shape[0], e.shape[1], to_f32(t));
-}
-
-}  // namespace
-
-std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& dir) {
-  namespace fs = std::filesystem;
-  SPEAR_CHECK(fs::is_directory(dir), "model directory not found: " + dir);
-  ModelConfig cfg = ModelConfig::load((fs::path(dir) / "config.json").string());
-  TensorStore store = TensorStore::open(dir);
-
-  const int64_t D = cfg.hidden_size, H = cfg.intermediate_size;
-  std::vector<Expected> expected;
-  expected.push_back({"model.embed_tokens.weight", {cfg.vocab_size, D}});
-  for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    std::string p = "model.layers." + std::to_string(l) + ".";
-    expected.push_back({p + "input_layernorm.weight", {D}});
-    expected.push_back({p + "post_attention_layernorm.weight", {D}});
-    const std::vector<int64_t> shapes[7] = {{cfg.q_dim(), D}, {cfg.kv_dim(), D}, {cfg.kv_dim(), D},
-                                            {D, cfg.q_dim()}, {H, D},            {H, D},
-                                            {D, H}};
-    for (int m = 0; m < 7; ++m)
-      expected.push_back({p + std::string(kModuleNames[m]) + ".weight", shapes[m]});
-  }
-  expected.push_back({"model.norm.weight", {D}});
-  const bool separate_head = !cfg.tie_word_embeddings;
-  if (separate_head) expected.push_back({"lm_head.weight", {cfg.vocab_size, D}});
-
-  // Check everything before allocating anything.
-  std::set<std::string> known;
-  for (const Expected& e : expected) {
-    SPEAR_CHECK(store.has(e.name), dir + ": missing tensor '" + e.name + "'");
-    const TensorView& t = store.get(e.name);
-    SPEAR_CHECK(t.dtype == DType::F32 || t.dtype == DType::F16 || t.dtype == DType::BF16,
-                dir + ": tensor '" + e.name + "' has dtype " + std::string(dtype_name(t.dtype)) +
-                    "; expected F32, F16 or BF16");
-    SPEAR_CHECK(t.shape == e.shape, dir + ": tensor '" + e.name + "' has shape " +
-                                        shape_str(t.shape) + ", config.json implies " +
-                                        shape_str(e.shape));
-    known.insert(e.name);
-  }
-  for (const std::string& n : store.names())
-    if (!known.count(n) && n != "lm_head.weight" && n.find("rotary_emb") == std::string::npos)
-      std::fprintf(stderr, "spear: warning: ignoring unexpected tensor '%s'\n", n.c_str());
-
-  size_t k = 0;
-  std::vector<float> embed = read_f32(store, expected[k++]);
-  std::vector<LayerWeights> layers(cfg.num_layers);
-  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+std::unique_ptr<LlamaModel> LlamaModel::build(const LlamaWeights& w, const LinearMaker& make) {
+  w.validate("model");
+  const ModelConfig& c = w.config;
+  std::vector<LayerWeights> layers(c.num_layers);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
     LayerWeights& L = layers[l];
-    L.attn_norm = read_f32(store, expected[k++]);
-    L.ffn_norm = read_f32(store, expected[k++]);
-    for (int m = 0; m < 7; ++m) {
-      const Expected& e = expected[k++];
-      L.modules[m] = read_linear(store, e);
-    }
+    L.attn_norm = w.layers[l].attn_norm.to_f32();
+    L.ffn_norm = w.layers[l].ffn_norm.to_f32();
+    for (Module m : kAllModules) L.modules[m] = make(w.at(l, m));
   }
-  std::vector<float> final_norm = read_f32(store, expected[k++]);
-  std::vector<float> head;
-  if (separate_head) head = read_f32(store, expected[k++]);
-  return std::make_unique<LlamaModel>(std::move(cfg), std::move(embed), std::move(layers),
-                                      std::move(final_norm), std::move(head));
+  return std::make_unique<LlamaModel>(c, w.embed.to_f32(), std::move(layers), w.final_norm.to_f32(),
+                                      w.lm_head.empty() ? std::vector<float>{} : w.lm_head.to_f32());
 }
+
+std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& dir) { return build(load_hf_weights(dir)); }
 
 LlamaModel::LlamaModel(ModelConfig cfg, std::vector<float> embed, std::vector<LayerWeights> layers,
                        std::vector<float> final_norm, std::vector<float> lm_head)

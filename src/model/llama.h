@@ -13,25 +13,25 @@
 #include "io/model_config.h"
 #include "model/kv_cache.h"
 #include "model/linear.h"
+#include "model/module.h"
 #include "model/rope.h"
+#include "model/weights.h"
 
 namespace spear {
 
-// The seven linear modules of a decoder layer, named as in Hugging Face checkpoints.
-enum class Module { Q, K, V, O, Gate, Up, Down };
-inline constexpr Module kAllModules[] = {Module::Q,    Module::K,  Module::V,   Module::O,
-                                         Module::Gate, Module::Up, Module::Down};
-std::string_view module_name(Module m);  // "self_attn.q_proj", ..., "mlp.down_proj"
-bool parse_module_name(std::string_view s, Module* out);
-
+// A decoder layer as the CPU engine runs it.
 struct LayerWeights {
   std::vector<float> attn_norm;     // (dim)
   std::vector<float> ffn_norm;      // (dim)
-  std::unique_ptr<Linear> modules[7];  // indexed by Module:
-  // q (n_heads*head_dim, dim), k (n_kv_heads*head_dim, dim), v (n_kv_heads*head_dim, dim),
-  // o (dim, n_heads*head_dim), gate (hidden, dim), up (hidden, dim), down (dim, hidden)
-  Linear& at(Module m) const { return *modules[static_cast<int>(m)]; }
+  PerModule<std::unique_ptr<Linear>> modules;  // shapes: model/module.h module_shape
+  Linear& at(Module m) const { return *modules[m]; }
 };
+
+// Makes the engine's Linear for one module of the model description.
+using LinearMaker = std::function<std::unique_ptr<Linear>(const ModuleWeights&)>;
+// Full-precision modules only: DenseLinear over the tensor (16-bit stays 16-bit, a view of
+// the mapped file); throws for a quantized module (quant/cpu_model.h builds those).
+std::unique_ptr<Linear> make_dense_linear(const ModuleWeights& m);
 
 // Named intermediate tensors, for diffing a layer against a reference: called with
 // e.g. "hidden.0" (embeddings), "layers.3.attn_norm", "layers.3.q" (after RoPE),
@@ -51,8 +51,9 @@ struct SeqChunk {
 
 class LlamaModel {
  public:
-  // Loads a Hugging Face directory (config.json + safetensors). Every tensor's shape
-  // and dtype is checked against the config before anything is allocated.
+  // The CPU engine for a model description, each module made by `make`.
+  static std::unique_ptr<LlamaModel> build(const LlamaWeights& w, const LinearMaker& make = make_dense_linear);
+  // Loads a Hugging Face directory (model/load_hf.h) and builds it (full precision).
   static std::unique_ptr<LlamaModel> load(const std::string& dir);
   // A model from explicit weights (tests, synthetic configs).
   LlamaModel(ModelConfig cfg, std::vector<float> embed, std::vector<LayerWeights> layers,

@@ -7,7 +7,7 @@
 #include <numeric>
 #include <string>
 
-#include "compensate/linalg.h"
+#include "core/linalg.h"
 #include "core/error.h"
 #include "quant/rtn.h"
 

@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "quant/quant_format.h"
+#include "core/quant_format.h"
 
 namespace spear {
 

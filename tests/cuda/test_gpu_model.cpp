@@ -1,4 +1,4 @@
-// The GPU engine (src/cuda/gpu_model.h) against the CPU engine on the same weights:
+// The GPU engine (src/gpu/gpu_model.h) against the CPU engine on the same weights:
 // prefill logits, decode steps through CUDA graphs, two sequences batched in one call
 // (prefill chunks and decode), and the 4-bit paths — W4, W4 + a static EC (fused into
 // the W4 kernel), W4 + a gated EC (separate launches) — on the shipped tiny model and,
@@ -16,13 +16,14 @@
 #include <nlohmann/json.hpp>
 
 #include "cuda/gpu_test_util.h"
-#include "compensate/ec_layer.h"
+#include "model/ec_layer.h"
 #include "engine/generate.h"
 #include "core/error.h"
-#include "cuda/gpu_model.h"
+#include "gpu/gpu_model.h"
 #include "model/kv_cache.h"
 #include "model/llama.h"
-#include "quant/quantized_linear_layer.h"
+#include "model/load_hf.h"
+#include "quant/cpu_model.h"
 #include "quant/rtn.h"
 #include "test_paths.h"
 
@@ -59,14 +60,17 @@ std::vector<int32_t> prompt_ids(int64_t V, int n, uint32_t seed) {
 
 // Prefill of one sequence, then decode steps fed the CPU's greedy tokens; logits compared
 // row by row. Then two sequences in one prefill call and one batched decode step.
-void compare_engines(const LlamaModel& cpu, const GpuOptions& base_opt, double tol, const char* what) {
+void compare_engines(const LlamaWeights& w, const GpuOptions& base_opt, double tol, const char* what) {
+  // Both engines from the one model description.
+  auto cpu_model = build_cpu_model(w);
+  const LlamaModel& cpu = *cpu_model;
   const ModelConfig& cfg = cpu.config();
   const int64_t V = cfg.vocab_size;
   GpuOptions opt = base_opt;
   opt.max_batch = 2;
   opt.max_tokens = 64;
   opt.max_len = 96;
-  auto gpu = GpuModel::from_cpu(cpu, opt);
+  auto gpu = GpuModel::create(w, opt);
 
   // one sequence: prefill 40 tokens, all logits
   std::vector<int32_t> ids = prompt_ids(V, 40, 7);
@@ -145,18 +149,18 @@ void compare_engines(const LlamaModel& cpu, const GpuOptions& base_opt, double t
 
 // Every module of every layer to W4 RTN per channel; ECs on a few: ungated on the
 // first layer's o_proj and down_proj (the kernel path), gated on the last layer's.
-void quantize_with_ecs(LlamaModel& m) {
+void quantize_with_ecs(LlamaWeights& w) {
   std::mt19937 g(3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int64_t L = m.config().num_layers;
+  const int64_t L = w.config.num_layers;
   for (int64_t l = 0; l < L; ++l)
     for (Module mod : kAllModules) {
-      auto& slot = m.layer(l).modules[static_cast<int>(mod)];
-      auto* dense = dynamic_cast<DenseLinear*>(slot.get());
-      ASSERT_NE(dense, nullptr);
-      const int64_t N = dense->out_features(), K = dense->in_features();
-      std::unique_ptr<Linear> q = std::make_unique<QuantizedLinearLayer>(
-          quantize_rtn(dense->weight().data(), N, K, QuantScheme{4, -1, false}));
+      ModuleWeights& slot = w.at(l, mod);
+      ASSERT_FALSE(slot.quantized());
+      const ModuleShape shape = module_shape(w.config, mod);
+      const int64_t N = shape.out, K = shape.in;
+      slot.quant = quantize_rtn(slot.dense.to_f32().data(), N, K, QuantScheme{4, -1, false});
+      slot.dense = WeightTensor{};
       const bool ec_here = (l == 0 || l == L - 1) && (mod == Module::O || mod == Module::Down);
       if (ec_here) {
         ECParams p;
@@ -175,46 +179,46 @@ void quantize_with_ecs(LlamaModel& m) {
           for (auto& v : p.c) v = 0.3f * nd(g);
         }
         p.round_to_fp16();
-        q = std::make_unique<ECLinear>(std::move(q), std::move(p));
+        slot.ec = std::move(p);
       }
-      slot = std::move(q);
     }
 }
 
 TEST(GpuModel, TinyFp16MatchesCpu) {
   REQUIRE_GPU();
-  auto m = LlamaModel::load(test::tiny_model_dir());
-  compare_engines(*m, GpuOptions{}, 1e-2, "stories260K fp16");
+  LlamaWeights m = load_hf_weights(test::tiny_model_dir());
+  compare_engines(m, GpuOptions{}, 1e-2, "stories260K fp16");
 }
 
 TEST(GpuModel, TinyW4WithEcsMatchesCpu) {
   REQUIRE_GPU();
-  auto m = LlamaModel::load(test::tiny_model_dir());
-  quantize_with_ecs(*m);
+  LlamaWeights m = load_hf_weights(test::tiny_model_dir());
+  quantize_with_ecs(m);
   GpuOptions o;
   o.ec_path = EcPath::kDispatch;
-  compare_engines(*m, o, 1e-2, "stories260K W4+EC dispatched");
+  compare_engines(m, o, 1e-2, "stories260K W4+EC dispatched");
   o.ec_path = EcPath::kNaive;
-  compare_engines(*m, o, 1e-2, "stories260K W4+EC naive");
+  compare_engines(m, o, 1e-2, "stories260K W4+EC naive");
   o.graphs = false;
-  compare_engines(*m, o, 1e-2, "stories260K W4+EC no graphs");
+  compare_engines(m, o, 1e-2, "stories260K W4+EC no graphs");
 }
 
 TEST(GpuModel, MixlmMatchesCpu) {
   REQUIRE_GPU();
   const std::string dir = test::mixlm_dir();
   if (dir.empty()) GTEST_SKIP() << "mixlm-19m not found (set SPEAR_SHARED_DIR or place ../shared)";
-  auto m = LlamaModel::load(dir);
-  compare_engines(*m, GpuOptions{}, 1e-2, "mixlm fp16");
-  quantize_with_ecs(*m);
-  compare_engines(*m, GpuOptions{}, 1e-2, "mixlm W4+EC");
+  LlamaWeights m = load_hf_weights(dir);
+  compare_engines(m, GpuOptions{}, 1e-2, "mixlm fp16");
+  quantize_with_ecs(m);
+  compare_engines(m, GpuOptions{}, 1e-2, "mixlm W4+EC");
 }
 
 // Greedy generation on the GPU equals reference.json's (transformers, fp32) up to the first
 // near tie. PROVENANCE.md's rule is a top-2 margin under 1e-3 for fp32 engines; fp16
 // activations move logits by a few 1e-2, so here a near tie is a margin under 0.05.
 void greedy_matches_reference(const std::string& dir) {
-  auto m = LlamaModel::load(dir);
+  const LlamaWeights w = load_hf_weights(dir);
+  auto m = build_cpu_model(w);
   std::ifstream f(dir + "/reference.json");
   std::stringstream ss;
   ss << f.rdbuf();
@@ -229,7 +233,7 @@ void greedy_matches_reference(const std::string& dir) {
     o.max_batch = 1;
     o.max_tokens = static_cast<int>(n_prompt);
     o.max_len = static_cast<int>(want.size());
-    auto gm = GpuModel::from_cpu(*m, o);
+    auto gm = GpuModel::create(w, o);
     StepFn step = [&](const int32_t* t, int64_t n, int64_t start, float* logits) {
       GpuChunk c{0, t, static_cast<int>(n), static_cast<int>(start), false};
       gm->forward(std::span<const GpuChunk>(&c, 1));

@@ -1,4 +1,4 @@
-// The serving engine on the GPU backend (src/cuda/gpu_step_model.h): many concurrent
+// The serving engine on the GPU backend (src/gpu/gpu_step_model.h): many concurrent
 // greedy requests, continuous batching and chunked prefill over the engine's paged pool
 // with the K/V on the GPU. Each request must generate what the CPU engine generates for it
 // alone, up to the first step where the CPU's top two logits are a near tie for fp16
@@ -10,9 +10,11 @@
 #include <chrono>
 
 #include "cuda/gpu_test_util.h"
-#include "cuda/gpu_step_model.h"
+#include "gpu/gpu_step_model.h"
 #include "engine/engine_loop.h"
 #include "model/kv_cache.h"
+#include "model/load_hf.h"
+#include "quant/cpu_model.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
 
@@ -44,7 +46,8 @@ Greedy cpu_greedy(const LlamaModel& m, const std::vector<int32_t>& prompt, int n
 
 TEST(GpuServing, ConcurrentGreedyMatchesCpu) {
   REQUIRE_GPU();
-  auto model = LlamaModel::load(test::tiny_model_dir());
+  const LlamaWeights weights = load_hf_weights(test::tiny_model_dir());
+  auto model = build_cpu_model(weights);
   Tokenizer tok = Tokenizer::from_file(test::tiny_model_dir() + "/tokenizer.json");
   const char* texts[] = {"Once upon a time", "The little dog", "Lily and Tom went to the park",
                          "One day, a big bear", "She was happy because", "The sun",
@@ -72,7 +75,7 @@ TEST(GpuServing, ConcurrentGreedyMatchesCpu) {
   go.max_len = 256;
   go.block_size = 16;
   go.gpu_memory_fraction = 0.5;
-  GpuStepModel backend(*model, go);
+  GpuStepModel backend(weights, go);
   EXPECT_GT(backend.kv_blocks(), 0);
   Engine engine(backend, ec);
   engine.start();

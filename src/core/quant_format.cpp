@@ -1,4 +1,4 @@
-#include "quant/quant_format.h"
+#include "core/quant_format.h"
 
 #include "core/error.h"
 

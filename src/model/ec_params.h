@@ -12,11 +12,7 @@
 // baseline and the initial value; the gate costs r² + r parameters, nothing next to
 // r·(in + out).
 #include <cstdint>
-#include <memory>
-#include <string>
 #include <vector>
-
-#include "model/linear.h"
 
 namespace spear {
 
@@ -41,22 +37,5 @@ struct ECParams {
 void ec_codes(const ECParams& p, const float* x, int64_t M, float* z, float* s, float* gamma);
 // y (M, out) += B s for the s of ec_codes.
 void ec_add(const ECParams& p, const float* x, int64_t M, float* y);
-
-// A module with an EC: base (a quantized layer) plus the gated low-rank term.
-class ECLinear final : public Linear {
- public:
-  ECLinear(std::unique_ptr<Linear> base, ECParams ec);
-  int64_t in_features() const override { return base_->in_features(); }
-  int64_t out_features() const override { return base_->out_features(); }
-  void forward(const float* x, int64_t M, float* y) const override;
-  int64_t weight_bytes() const override { return base_->weight_bytes() + ec_.bytes(); }
-  std::string kind() const override;  // "w4-pc-asym+ec(r=8,gated)"
-  const Linear& base() const { return *base_; }
-  const ECParams& ec() const { return ec_; }
-
- private:
-  std::unique_ptr<Linear> base_;
-  ECParams ec_;
-};
 
 }  // namespace spear

@@ -1,4 +1,4 @@
-#include "cuda/gpu_step_model.h"
+#include "gpu/gpu_step_model.h"
 
 #include <algorithm>
 #include <chrono>
@@ -9,7 +9,7 @@
 
 namespace spear::cuda {
 
-GpuStepModel::GpuStepModel(const LlamaModel& m, const GpuServeOptions& so) : m_(m) {
+GpuStepModel::GpuStepModel(const LlamaWeights& w, const GpuServeOptions& so) : inv_(::spear::ec_inventory(w)) {
   GpuOptions o;
   o.max_batch = std::max(so.max_batch, 32);  // the cost-model profile runs 32 decodes at once
   o.max_tokens = std::max({so.max_tokens, 256, o.max_batch});
@@ -17,13 +17,18 @@ GpuStepModel::GpuStepModel(const LlamaModel& m, const GpuServeOptions& so) : m_(
   o.block_size = so.block_size;
   o.gpu_memory_fraction = so.gpu_memory_fraction;
   o.ec_path = so.ec_path;
-  gpu_ = GpuModel::from_cpu(m, o);
+  gpu_ = GpuModel::create(w, o);
   cudaDeviceProp p{};
   cudaGetDeviceProperties(&p, o.device);
   name_ = std::string("cuda: ") + p.name;
 }
 
 std::string GpuStepModel::device() const { return name_; }
+
+std::vector<std::pair<std::string, int64_t>> GpuStepModel::memory_by_use() const {
+  const GpuMemory& m = gpu_->memory();
+  return {{"weights", m.weights}, {"ec", m.ec}, {"kv_cache", m.kv_cache}, {"activations", m.activations}};
+}
 
 void GpuStepModel::forward(std::span<const SeqChunk> chunks, float* logits) {
   std::vector<GpuChunk> gc;

@@ -1,6 +1,6 @@
 // The GPU Llama engine: weights on the device, one forward pass for prefill, decode and
 // mixed batches, a paged KV cache, CUDA graphs for decode steps. See gpu_model.h.
-#include "cuda/gpu_model.h"
+#include "gpu/gpu_model.h"
 
 #include <cublas_v2.h>
 
@@ -12,15 +12,13 @@
 #include <map>
 #include <set>
 
-#include "compensate/ec_layer.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "cuda/llama_ops.h"
 #include "cuda/w4a16.h"
-#include "model/llama.h"
 #include "model/rope.h"
+#include "model/weights.h"
 #include "quant/gpu_layout.h"
-#include "quant/quantized_linear_layer.h"
 
 namespace spear::cuda {
 
@@ -169,7 +167,7 @@ struct GpuModel::Impl {
   __half* head = nullptr;      // (V, D) (== embed when tied)
   float* final_norm = nullptr; // (D)
   std::vector<float*> attn_norm, ffn_norm;  // per layer (D)
-  std::vector<std::array<GpuLinear, 7>> lin;  // per layer, indexed by Module
+  std::vector<PerModule<GpuLinear>> lin;  // per layer
   float* cos_tab = nullptr;    // (max_len, HD/2)
   float* sin_tab = nullptr;
   // KV cache
@@ -402,9 +400,9 @@ struct GpuModel::Impl {
     CUDA_OK(rmsnorm(x, attn_norm[0], eps, T, D(), xn, stream));
     for (int64_t l = 0; l < cfg.num_layers; ++l) {
       auto& Ls = lin[l];
-      linear(Ls[int(Module::Q)], xn, T, q, capturing);
-      linear(Ls[int(Module::K)], xn, T, k, capturing);
-      linear(Ls[int(Module::V)], xn, T, v, capturing);
+      linear(Ls[Module::Q], xn, T, q, capturing);
+      linear(Ls[Module::K], xn, T, k, capturing);
+      linear(Ls[Module::V], xn, T, v, capturing);
       CUDA_OK(rope_store_kv(q, QD(), k, KVD(), v, KVD(), pos, slot, cos_tab, sin_tab, opt.max_len, T, NH, NKV, HD(),
                             kc[l], vc[l], stream));
       PagedKV kv;
@@ -420,12 +418,12 @@ struct GpuModel::Impl {
                                  stream));
       else
         CUDA_OK(prefill_attention(q, QD(), kv, qseq, pos, T, NH, scale, opt.max_len, att, QD(), stream));
-      linear(Ls[int(Module::O)], att, T, proj, capturing);
+      linear(Ls[Module::O], att, T, proj, capturing);
       CUDA_OK(add_rmsnorm(x, proj, D(), ffn_norm[l], eps, T, D(), xn, stream));
-      linear(Ls[int(Module::Gate)], xn, T, gate, capturing);
-      linear(Ls[int(Module::Up)], xn, T, up, capturing);
+      linear(Ls[Module::Gate], xn, T, gate, capturing);
+      linear(Ls[Module::Up], xn, T, up, capturing);
       CUDA_OK(silu_mul(gate, FF(), up, FF(), T, FF(), hid, stream));
-      linear(Ls[int(Module::Down)], hid, T, proj, capturing);
+      linear(Ls[Module::Down], hid, T, proj, capturing);
       const float* next_norm = l + 1 < cfg.num_layers ? attn_norm[l + 1] : final_norm;
       CUDA_OK(add_rmsnorm(x, proj, D(), next_norm, eps, T, D(), xn, stream));
     }
@@ -605,52 +603,67 @@ void upload_ec(GpuModel::Impl& im, const ECParams& p, GpuLinear& L) {
 GpuModel::GpuModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GpuModel::~GpuModel() = default;
 
-std::unique_ptr<GpuModel> GpuModel::from_cpu(const LlamaModel& m, const GpuOptions& opt) {
+namespace {
+
+// A host tensor as fp16 on the device. bf16 and fp16 bytes go up as they are (bf16 is then
+// rounded to fp16 in place, on the device: the same round-to-nearest-even as the host's
+// f32_to_f16); float32 is rounded on the host. No host copy of a 16-bit tensor is made.
+__half* upload_tensor_f16(GpuModel::Impl& im, const WeightTensor& t, int64_t* counter) {
+  const int64_t n = t.numel();
+  if (t.dtype == DType::F32) {
+    const float* f = reinterpret_cast<const float*>(t.data);
+    if (reinterpret_cast<uintptr_t>(f) % alignof(float) == 0) return im.upload_f16(f, n, counter);
+    return im.upload_f16(t.to_f32().data(), n, counter);
+  }
+  SPEAR_CHECK(t.dtype == DType::BF16 || t.dtype == DType::F16, "GPU: a weight tensor must be F32, F16 or BF16");
+  __half* d = im.alloc<__half>(n, counter);
+  CUDA_OK(cudaMemcpyAsync(d, t.data, static_cast<size_t>(n) * 2, cudaMemcpyHostToDevice, im.stream));
+  if (t.dtype == DType::BF16) CUDA_OK(bf16_to_f16_inplace(d, n, im.stream));
+  return d;
+}
+
+float* upload_tensor_f32(GpuModel::Impl& im, const WeightTensor& t, int64_t* counter) {
+  const std::vector<float> f = t.to_f32();
+  return im.upload(f.data(), static_cast<int64_t>(f.size()), counter);
+}
+
+}  // namespace
+
+std::unique_ptr<GpuModel> GpuModel::create(const LlamaWeights& w, const GpuOptions& opt) {
   std::string why;
   SPEAR_CHECK(cuda_available(&why), "--device cuda: no usable CUDA device (" + why + ")");
+  w.validate("model");
   auto im = std::make_unique<Impl>();
-  im->cfg = m.config();
+  im->cfg = w.config;
   im->opt = opt;
   im->init_common();
   const ModelConfig& cfg = im->cfg;
-  im->embed = im->upload_f16(m.embeddings().data(), cfg.vocab_size * cfg.hidden_size, &im->mem.weights);
-  im->head = cfg.tie_word_embeddings || &m.head() == &m.embeddings()
-                 ? im->embed
-                 : im->upload_f16(m.head().data(), cfg.vocab_size * cfg.hidden_size, &im->mem.weights);
-  im->final_norm = im->upload(m.final_norm().data(), cfg.hidden_size, &im->mem.weights);
+  im->embed = upload_tensor_f16(*im, w.embed, &im->mem.weights);
+  im->head = w.lm_head.empty() ? im->embed : upload_tensor_f16(*im, w.lm_head, &im->mem.weights);
+  im->final_norm = upload_tensor_f32(*im, w.final_norm, &im->mem.weights);
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    const LayerWeights& LW = m.layer(l);
-    im->attn_norm[l] = im->upload(LW.attn_norm.data(), cfg.hidden_size, &im->mem.weights);
-    im->ffn_norm[l] = im->upload(LW.ffn_norm.data(), cfg.hidden_size, &im->mem.weights);
+    const LlamaLayerWeights& LW = w.layers[l];
+    im->attn_norm[l] = upload_tensor_f32(*im, LW.attn_norm, &im->mem.weights);
+    im->ffn_norm[l] = upload_tensor_f32(*im, LW.ffn_norm, &im->mem.weights);
     for (Module mod : kAllModules) {
-      const Linear& src = LW.at(mod);
-      GpuLinear& L = im->lin[l][static_cast<int>(mod)];
-      L.N = static_cast<int>(src.out_features());
-      L.K = static_cast<int>(src.in_features());
-      const Linear* base = &src;
-      const ECParams* ec = nullptr;
-      if (auto* e = dynamic_cast<const ECLinear*>(&src)) {
-        base = &e->base();
-        ec = &e->ec();
-      }
-      if (auto* d = dynamic_cast<const DenseLinear*>(base)) {
-        L.w16 = im->upload_f16(d->weight().data(), static_cast<int64_t>(L.N) * L.K, &im->mem.weights);
-        L.kind = "f16";
-      } else if (auto* qd = dynamic_cast<const QuantizedLinearLayer*>(base)) {
-        SPEAR_CHECK(qd->matrix().scheme.bits == 4,
+      const ModuleWeights& src = LW.modules[mod];
+      GpuLinear& L = im->lin[l][mod];
+      const ModuleShape s = module_shape(cfg, mod);
+      L.N = static_cast<int>(s.out);
+      L.K = static_cast<int>(s.in);
+      if (src.quant) {
+        SPEAR_CHECK(src.quant->scheme.bits == 4,
                     "--device cuda runs 4-bit weights only; " + std::string(module_name(mod)) + " of layer " +
-                        std::to_string(l) + " is " + qd->kind());
-        upload_w4(*im, repack_w4(qd->matrix()), L);
+                        std::to_string(l) + " is " + src.quant->scheme.name());
+        upload_w4(*im, repack_w4(*src.quant), L);
       } else {
-        throw Error("--device cuda: module " + std::string(module_name(mod)) + " has an unsupported kind " +
-                    src.kind());
+        L.w16 = upload_tensor_f16(*im, src.dense, &im->mem.weights);
+        L.kind = "f16";
       }
-      if (ec) {
-        SPEAR_CHECK(L.is_w4, "--device cuda: an Error Compensator on a non-4-bit module is not supported");
-        upload_ec(*im, *ec, L);
-      }
+      if (src.ec) upload_ec(*im, *src.ec, L);
     }
   }
+  CUDA_OK(cudaStreamSynchronize(im->stream));  // the host tensors may be unmapped after this
   im->init_buffers();
   return std::unique_ptr<GpuModel>(new GpuModel(std::move(im)));
 }
@@ -685,15 +698,9 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
     im->attn_norm[l] = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
     im->ffn_norm[l] = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
     for (Module mod : kAllModules) {
-      GpuLinear& L = im->lin[l][static_cast<int>(mod)];
-      int64_t N = 0, K = 0;
-      switch (mod) {
-        case Module::Q: N = cfg.q_dim(); K = D; break;
-        case Module::K: case Module::V: N = cfg.kv_dim(); K = D; break;
-        case Module::O: N = D; K = cfg.q_dim(); break;
-        case Module::Gate: case Module::Up: N = cfg.intermediate_size; K = D; break;
-        case Module::Down: N = D; K = cfg.intermediate_size; break;
-      }
+      GpuLinear& L = im->lin[l][mod];
+      const ModuleShape shape = module_shape(cfg, mod);
+      const int64_t N = shape.out, K = shape.in;
       L.N = static_cast<int>(N);
       L.K = static_cast<int>(K);
       const float wscale = std::sqrt(3.0f / static_cast<float>(K));
@@ -735,7 +742,7 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
     const Module order[] = {Module::Down, Module::O, Module::V, Module::Gate, Module::Up, Module::Q, Module::K};
     for (Module mod : order)
       for (int64_t l = 0; l < cfg.num_layers; ++l) {
-        GpuLinear& L = im->lin[l][static_cast<int>(mod)];
+        GpuLinear& L = im->lin[l][mod];
         const double bytes = 2.0 * r * (L.K + L.N) + (spec.ec_full_gate ? 2.0 * (r * r + r) : 0.0);
         if (used + bytes > budget) continue;
         used += bytes;
@@ -803,7 +810,7 @@ std::string GpuModel::describe() const {
   std::string out;
   for (Module mod : kAllModules) {
     std::map<std::string, int> kinds;
-    for (auto& layer : impl_->lin) kinds[layer[static_cast<int>(mod)].kind]++;
+    for (auto& layer : impl_->lin) kinds[layer[mod].kind]++;
     out += std::string(module_name(mod)) + ":";
     for (auto& [k, n] : kinds) out += " " + k + " x" + std::to_string(n);
     out += "\n";

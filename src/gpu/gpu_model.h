@@ -5,9 +5,10 @@
 // Error Compensator — fused into the W4 kernel, or as separate launches ("naive":
 // W4 GEMM, z = x Aᵀ, the gate, y += s Bᵀ).
 //
-// Built from a loaded CPU model (an HF directory or a .spear artifact: every module's
-// weights are uploaded, 4-bit ones repacked to the GPU layout) or, for bench-latency,
-// from a config alone with random weights made on the GPU.
+// Built from the model description (model/weights.h: an HF directory or a .spear
+// artifact; 16-bit tensors go up straight from the mapped file, 4-bit modules are
+// repacked to the GPU layout one at a time) or, for bench-latency, from a config alone
+// with random weights made on the GPU. No CPU model is involved.
 //
 // KV cache: paged (block_size positions per block, one pool per layer); sequences are
 // "slots" 0..max_batch-1 that own blocks from a free list. Decode steps (every chunk one
@@ -24,7 +25,7 @@
 #include "io/model_config.h"
 
 namespace spear {
-class LlamaModel;
+struct LlamaWeights;
 }
 
 namespace spear::cuda {
@@ -86,9 +87,10 @@ struct GpuChunk {
 
 class GpuModel {
  public:
-  // Upload a CPU model. Throws spear::Error for what the GPU path cannot run (bits other
-  // than 4, no CUDA device) or when memory runs out.
-  static std::unique_ptr<GpuModel> from_cpu(const LlamaModel& m, const GpuOptions& opt);
+  // Uploads a model description. Throws spear::Error for what the GPU path cannot run
+  // (bits other than 4, no CUDA device) or when memory runs out. `w` may be dropped
+  // (its mapping closed) once this returns.
+  static std::unique_ptr<GpuModel> create(const LlamaWeights& w, const GpuOptions& opt);
   static std::unique_ptr<GpuModel> synthetic(const ModelConfig& cfg, const SyntheticSpec& spec,
                                              const GpuOptions& opt);
   ~GpuModel();

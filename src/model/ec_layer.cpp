@@ -1,4 +1,4 @@
-#include "compensate/ec_layer.h"
+#include "model/ec_layer.h"
 
 #include <algorithm>
 #include <cmath>

@@ -5,9 +5,12 @@
 // for sampling. `spear serve --device cuda`.
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
-#include "cuda/gpu_model.h"
+#include "gpu/gpu_model.h"
 #include "engine/step_model.h"
+#include "model/weights.h"
 
 namespace spear::cuda {
 
@@ -22,22 +25,22 @@ struct GpuServeOptions {
 
 class GpuStepModel final : public StepModel {
  public:
-  // The CPU model is only read here (weights uploaded); it must outlive this object for
-  // source() (the cost model's EC inventory).
-  GpuStepModel(const LlamaModel& m, const GpuServeOptions& opt);
-  const ModelConfig& config() const override { return m_.config(); }
+  // The weights are only read here (uploaded); they may be dropped afterwards.
+  GpuStepModel(const LlamaWeights& w, const GpuServeOptions& opt);
+  const ModelConfig& config() const override { return gpu_->config(); }
   void forward(std::span<const SeqChunk> chunks, float* logits) override;
-  const LlamaModel& source() const override { return m_; }
+  EcInventory ec_inventory() const override { return inv_; }
   bool host_kv() const override { return false; }
   int64_t kv_blocks() const override { return gpu_->kv_blocks_total(); }
   // The ECs' share measured on the GPU: decode steps of 1 and 32 sequences and a 64-token
   // prefill, timed with ECs on and off.
   void profile_ec(const EcInventory& inv, CostModel& cm) override;
   std::string device() const override;
+  std::vector<std::pair<std::string, int64_t>> memory_by_use() const override;
   const GpuMemory& memory() const { return gpu_->memory(); }
 
  private:
-  const LlamaModel& m_;
+  EcInventory inv_;
   std::unique_ptr<GpuModel> gpu_;
   std::string name_;
 };

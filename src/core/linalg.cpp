@@ -1,4 +1,4 @@
-#include "compensate/linalg.h"
+#include "core/linalg.h"
 
 #include <string>
 

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Device run for "one model description" (issue 9), from binaries built here and carried in
+# build-pack/bin.tar.xz (dev/pack_device.sh; unpack it first): the GPU tests; perplexity on CPU and GPU for the shipped
+# and shared models; the cost of loading a Llama-2-7B-shaped bf16 checkpoint (random weights
+# written by transformers) for --device cuda, with the binary from before the change
+# (build-bin/spear-before) and after: peak host memory and wall time of `spear ppl --device
+# cuda` over 2 windows. Logs and a JSON line per measurement go to $OUT.
+#   bash dev/run_load_bench.sh tests|load7b|w4
+set -o pipefail
+OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
+B=$PWD/build-bin; D=$B/data
+export LD_LIBRARY_PATH=$B/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:$LD_LIBRARY_PATH
+export SPEAR_SHARED_DIR=$D OMP_WAIT_POLICY=passive
+# the test binaries find models/ and data/ under the source path they were built in
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+ldd $B/spear | grep "not found"
+M=$PWD/models/stories260K-hf; TXT=$PWD/data/tinystories/tinystories_val.txt
+CK=/tmp/llama-2-7b-bf16
+MIX=$D/models/mixlm-19m
+[ -f $D/mixlm-w4.spear ] || $B/spear quantize --model $MIX --out $D/mixlm-w4.spear -qfor mode in "$@"; do case $mode in
+tests)
+  nvidia-smi --query-gpu=name,memory.used --format=csv | tee "$OUT/gpu.txt"
+  timeout 300 $B/spear_cuda_tests >"$OUT/gpu_tests.log" 2>&1; echo "GPU tests rc=$?"
+  grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure" "$OUT/gpu_tests.log" | head -20
+  for dev in cpu cuda; do
+    for mm in $M $MIX $D/mixlm-w4.spear; do
+      data=$TXT; [ "$mm" = "$M" ] || data=$D/wiki.test.tokens
+      echo "ppl $dev $(basename $mm) $($B/spear ppl --device $dev --model $mm --data $data --ctx 512 --max-windows 40 --json 2>>"$OUT/ppl.err")" | tee -a "$OUT/ppl.txt"
+    done
+  done ;;
+load7b)
+  t0=$(date +%s); python3 dev/make_random_llama.py llama-2-7b $CK $M/tokenizer.json >"$OUT/make7b.log" 2>&1
+  echo "checkpoint rc=$? in $(( $(date +%s) - t0 )) s: $(du -sb $CK | cut -f1) bytes"
+  for bin in spear-before spear spear-before spear; do
+    python3 dev/measure.py "$bin ppl cuda 7b-bf16" -- $B/$bin ppl --device cuda --model $CK --data $TXT --ctx 512 --max-windows 2 --json | tee -a "$OUT/load.jsonl"
+  done ;;
+w4)
+  python3 dev/measure.py "spear quantize 7b" -- $B/spear quantize --model $CK --out /tmp/w4-7b.spear | tee -a "$OUT/load.jsonl"
+  for bin in spear-before spear; do
+    python3 dev/measure.py "$bin ppl cuda 7b-w4" -- $B/$bin ppl --device cuda --model /tmp/w4-7b.spear --data $TXT --ctx 512 --max-windows 2 --json | tee -a "$OUT/load.jsonl"
+  done ;;
+esac; done

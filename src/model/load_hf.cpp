@@ -1,0 +1,46 @@
+#include "model/load_hf.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <set>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+
+namespace spear {
+
+LlamaWeights load_hf_weights(const std::string& dir) {
+  namespace fs = std::filesystem;
+  SPEAR_CHECK(fs::is_directory(dir), "model directory not found: " + dir);
+  LlamaWeights w;
+  w.config = ModelConfig::load((fs::path(dir) / "config.json").string());
+  const ModelConfig& cfg = w.config;
+  // One owner for all shards: the mappings live as long as any tensor viewing them.
+  auto store = std::make_shared<TensorStore>(TensorStore::open(dir));
+  std::set<std::string> used;
+  auto get = [&](const std::string& name) {
+    SPEAR_CHECK(store->has(name), dir + ": missing tensor '" + name + "'");
+    const TensorView& t = store->get(name);
+    used.insert(name);
+    return WeightTensor::view(t.dtype, t.shape, t.data, store);
+  };
+  w.embed = get("model.embed_tokens.weight");
+  w.layers.resize(cfg.num_layers);
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    w.layers[l].attn_norm = get(p + "input_layernorm.weight");
+    w.layers[l].ffn_norm = get(p + "post_attention_layernorm.weight");
+    for (Module m : kAllModules) w.at(l, m).dense = get(p + std::string(module_name(m)) + ".weight");
+  }
+  w.final_norm = get("model.norm.weight");
+  // A tied checkpoint may still carry lm_head.weight (a copy of the embeddings): ignored.
+  if (!cfg.tie_word_embeddings) w.lm_head = get("lm_head.weight");
+  else used.insert("lm_head.weight");
+  w.validate(dir);
+  for (const std::string& n : store->names())
+    if (!used.count(n) && n.find("rotary_emb") == std::string::npos)
+      std::fprintf(stderr, "spear: warning: ignoring unexpected tensor '%s'\n", n.c_str());
+  return w;
+}
+
+}  // namespace spear

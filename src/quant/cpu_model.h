@@ -1,0 +1,15 @@
+#pragma once
+// The CPU engine (model/llama.h) for a model description: full-precision modules as
+// DenseLinear (16-bit weights kept 16-bit, read straight from the mapped checkpoint),
+// quantized ones as QuantizedLinearLayer (the packed CPU kernel), and an Error
+// Compensator as ECLinear around its quantized module.
+#include <memory>
+
+#include "model/llama.h"
+#include "model/weights.h"
+
+namespace spear {
+
+std::unique_ptr<LlamaModel> build_cpu_model(const LlamaWeights& w);
+
+}  // namespace spear

@@ -1,0 +1,32 @@
+#pragma once
+// `spear bench-latency`: decode and prefill latency of the GPU engine at real sizes, with
+// random weights made on the GPU (no download), for the FP16 engine, W4, W4+EC through
+// separate launches (naive) and W4+EC as the dispatcher runs it; beside each, the bytes
+// floor (bytes read per step over a bandwidth ceiling measured in the same run).
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace spear {
+
+enum class LatencyVariant { kFp16, kW4, kW4EcNaive, kW4Ec };
+std::string_view latency_variant_name(LatencyVariant v);  // "fp16", "w4", "w4ec-naive", "w4ec"
+LatencyVariant parse_latency_variant(std::string_view s);  // throws for other names
+
+struct BenchLatencyOptions {
+  std::vector<std::string> configs = {"llama-3.2-1b"};  // named architectures (gpu/gpu_model.h)
+  std::vector<LatencyVariant> variants;
+  std::vector<int> batches, contexts, prefills;
+  double ec_budget = 0.01;
+  int ec_rank = 32, group = 0, iters = 20;
+  bool autotune = false;
+};
+
+struct BenchLatencyResult {
+  std::string markdown;  // the tables
+  std::string json;      // every measurement
+};
+// Throws spear::Error when the build has no CUDA or no GPU is usable.
+BenchLatencyResult bench_latency(const BenchLatencyOptions& opt);
+
+}  // namespace spear

@@ -1,0 +1,36 @@
+#include "runtime/load.h"
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "model/load_hf.h"
+#include "model/spear_artifact.h"
+
+namespace spear {
+
+LoadedModel load_model(const std::string& path) {
+  namespace fs = std::filesystem;
+  LoadedModel r;
+  r.path = path;
+  if (is_spear_path(path)) {
+    SpearArtifact a = read_spear(path);
+    r.weights = std::move(a.weights);
+    r.is_artifact = true;
+    r.meta = std::move(a.meta);
+    r.tokenizer_json = std::move(a.tokenizer_json);
+    return r;
+  }
+  SPEAR_CHECK(fs::is_directory(path),
+              "model not found: " + path + " (expected a model directory or a .spear file)");
+  r.weights = load_hf_weights(path);
+  r.tokenizer_json_path = (fs::path(path) / "tokenizer.json").string();
+  return r;
+}
+
+Tokenizer load_tokenizer(const LoadedModel& m) {
+  if (!m.tokenizer_json_path.empty()) return Tokenizer::from_file(m.tokenizer_json_path);
+  SPEAR_CHECK(!m.tokenizer_json.empty(), "this .spear file embeds no tokenizer.json");
+  return Tokenizer::from_json(m.tokenizer_json);
+}
+
+}  // namespace spear

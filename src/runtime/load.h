@@ -1,0 +1,26 @@
+#pragma once
+// What a command loads from a path that is either a Hugging Face model directory or a
+// .spear artifact: the model description, its tokenizer, and the artifact's metadata.
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "model/weights.h"
+#include "tokenizer/tokenizer.h"
+
+namespace spear {
+
+struct LoadedModel {
+  std::string path;
+  LlamaWeights weights;
+  bool is_artifact = false;
+  nlohmann::json meta = nlohmann::json::object();  // .spear: the artifact's metadata
+  std::string tokenizer_json_path;  // directory: DIR/tokenizer.json
+  std::string tokenizer_json;       // .spear: the embedded text
+};
+
+LoadedModel load_model(const std::string& path);
+// The tokenizer of a loaded model (from the directory, or embedded in the .spear file).
+Tokenizer load_tokenizer(const LoadedModel& m);
+
+}  // namespace spear
