@@ -5,7 +5,7 @@
 # written by transformers) for --device cuda, with the binary from before the change
 # (build-bin/spear-before) and after: peak host memory and wall time of `spear ppl --device
 # cuda` over 2 windows. Logs and a JSON line per measurement go to $OUT.
-#   bash dev/run_load_bench.sh tests|load7b|w4
+#   bash dev/run_load_bench.sh tests ckpt7b load7b w4   (load7b and w4 need ckpt7b first)
 set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
 B=$PWD/build-bin; D=$B/data
@@ -17,7 +17,8 @@ ldd $B/spear | grep "not found"
 M=$PWD/models/stories260K-hf; TXT=$PWD/data/tinystories/tinystories_val.txt
 CK=/tmp/llama-2-7b-bf16
 MIX=$D/models/mixlm-19m
-[ -f $D/mixlm-w4.spear ] || $B/spear quantize --model $MIX --out $D/mixlm-w4.spear -qfor mode in "$@"; do case $mode in
+[ -f $D/mixlm-w4.spear ] || $B/spear quantize --model $MIX --out $D/mixlm-w4.spear >/dev/null
+for mode in "$@"; do case $mode in
 tests)
   nvidia-smi --query-gpu=name,memory.used --format=csv | tee "$OUT/gpu.txt"
   timeout 300 $B/spear_cuda_tests >"$OUT/gpu_tests.log" 2>&1; echo "GPU tests rc=$?"
@@ -28,9 +29,10 @@ tests)
       echo "ppl $dev $(basename $mm) $($B/spear ppl --device $dev --model $mm --data $data --ctx 512 --max-windows 40 --json 2>>"$OUT/ppl.err")" | tee -a "$OUT/ppl.txt"
     done
   done ;;
-load7b)
+ckpt7b)
   t0=$(date +%s); python3 dev/make_random_llama.py llama-2-7b $CK $M/tokenizer.json >"$OUT/make7b.log" 2>&1
-  echo "checkpoint rc=$? in $(( $(date +%s) - t0 )) s: $(du -sb $CK | cut -f1) bytes"
+  echo "checkpoint rc=$? in $(( $(date +%s) - t0 )) s: $(du -sb $CK | cut -f1) bytes" ;;
+load7b)
   for bin in spear-before spear spear-before spear; do
     python3 dev/measure.py "$bin ppl cuda 7b-bf16" -- $B/$bin ppl --device cuda --model $CK --data $TXT --ctx 512 --max-windows 2 --json | tee -a "$OUT/load.jsonl"
   done ;;

@@ -148,6 +148,20 @@ TEST(Cli, BadInputGivesOneClearError) {
   write(d / "model.safetensors", st);
   expect_clean_error(run_cli("generate --model " + d.string() + " --prompt hi"), "dtype");
 
+  // Enum-valued flags are parsed before any work: the message names the flag and the
+  // accepted values (the other paths need not exist).
+  expect_clean_error(run_cli("quantize --model " + model + " --out x.spear --method awq"),
+                     "quantize: --method: unknown quantization method 'awq' (accepted: rtn, gptq)");
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --objective kl"),
+                     "calibrate: --objective: unknown calibration objective 'kl'");
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --static-mode svd"),
+                     "(accepted: rrr, qera)");
+  expect_clean_error(run_cli("eval --model " + model + " --data " + data + " --calib " + data +
+                             " --base hqq"),
+                     "eval: --base: unknown quantization method 'hqq'");
+
   CliRun bad_flag = run_cli("ppl --model " + model + " --ctx notanumber --data " + data);
   EXPECT_NE(bad_flag.status, 0);
   EXPECT_LT(bad_flag.status, 128);

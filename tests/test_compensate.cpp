@@ -1,7 +1,7 @@
 // Error Compensators: the training-mode forward matches the engine's forward, the
 // hand-written gradients match finite differences, training lowers its objective, a
 // gate at its neutral point reproduces the static control, and the static control is
-// the least-squares optimum it claims to be.
+// the least-squares optimum it claims to be. Also: the option enums' spellings.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,6 +11,7 @@
 #include "model/ec_layer.h"
 #include "compensate/ec_train.h"
 #include "compensate/network.h"
+#include "compensate/quantize_model.h"
 #include "compensate/static_control.h"
 #include "core/error.h"
 #include "model/kv_cache.h"
@@ -229,7 +230,7 @@ TEST(Compensate, StaticControlIsLeastSquaresOptimum) {
   st.reset(in);
   st.add(xf.data(), xq.data(), N);
   Whitening wh = whiten(st, 1e-9);
-  StaticFit f = fit_static(W.data(), Q.data(), out, in, st, wh, in, "rrr");
+  StaticFit f = fit_static(W.data(), Q.data(), out, in, st, wh, in, StaticMode::Rrr);
   ECParams ec = ec_from_fit(f, std::min(in, out), false);
   // residual r = W xf - Q xq - C xq must be orthogonal to xq
   std::vector<double> corr(out * in, 0.0);
@@ -310,6 +311,31 @@ TEST(Compensate, ECLayerChecksShapes) {
   std::vector<float> w = randn(5 * 8, g, 1.0f);
   EXPECT_THROW(ECLinear(std::make_unique<QuantizedLinearLayer>(quantize_rtn(w.data(), 5, 8, s)), q),
                Error);
+}
+
+// The spellings are the CLI's flags and the artifacts' metadata: they must round-trip,
+// and a wrong one must be an Error that lists the accepted values.
+TEST(Compensate, OptionEnumsRoundTripTheirSpellings) {
+  for (QuantMethod m : {QuantMethod::Rtn, QuantMethod::Gptq})
+    EXPECT_EQ(parse_quant_method(quant_method_name(m)), m);
+  for (CalibObjective o : {CalibObjective::Static, CalibObjective::Block, CalibObjective::E2e})
+    EXPECT_EQ(parse_calib_objective(calib_objective_name(o)), o);
+  for (StaticMode m : {StaticMode::Rrr, StaticMode::Qera})
+    EXPECT_EQ(parse_static_mode(static_mode_name(m)), m);
+  EXPECT_EQ(quant_method_name(QuantMethod::Gptq), "gptq");
+  EXPECT_EQ(calib_objective_name(CalibObjective::E2e), "e2e");
+  EXPECT_EQ(static_mode_name(StaticMode::Qera), "qera");
+  auto message = [](auto parse, const char* s) {
+    try {
+      parse(s);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_NE(message(parse_quant_method, "RTN").find("rtn, gptq"), std::string::npos);
+  EXPECT_NE(message(parse_calib_objective, "").find("static, block, e2e"), std::string::npos);
+  EXPECT_NE(message(parse_static_mode, "svd").find("'svd'"), std::string::npos);
 }
 
 }  // namespace

@@ -20,6 +20,9 @@ void register_calibrate(CLI::App& app) {
     std::string model, quantized, out, static_out, report, placement;
     CalibOptions calib;
     CalibrateOptions c;
+    // The flags' spellings, parsed into c in the callback; defaults from CalibrateOptions.
+    std::string objective{calib_objective_name(c.objective)};
+    std::string static_mode{static_mode_name(c.static_mode)};
     bool no_gate = false, quiet = false;
   };
   auto o = std::make_shared<Opts>();
@@ -29,8 +32,8 @@ void register_calibrate(CLI::App& app) {
   add_calib_options(cmd, o->calib);
   cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")
       ->capture_default_str();
-  cmd->add_option("--objective", o->c.objective, "static | block | e2e")->capture_default_str();
-  cmd->add_option("--static-mode", o->c.static_mode, "rrr (target W x_fp - Q x_q) | qera (target dW x_q)")
+  cmd->add_option("--objective", o->objective, "static | block | e2e")->capture_default_str();
+  cmd->add_option("--static-mode", o->static_mode, "rrr (target W x_fp - Q x_q) | qera (target dW x_q)")
       ->capture_default_str();
   cmd->add_flag("--no-gate", o->no_gate, "Train ungated ECs (gamma = 1)");
   cmd->add_option("--max-rank", o->c.max_rank, "Largest rank per module")->capture_default_str();
@@ -50,6 +53,8 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o] {
+    o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
+    o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
     SPEAR_CHECK(!is_spear_path(o->model), "calibrate: --model must be the full-precision model directory");
     SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
                 "calibrate: --out must end in .spear");
@@ -63,10 +68,11 @@ void register_calibrate(CLI::App& app) {
     CalibrateResult r = calibrate(o->model, q, data, o->c);
     nlohmann::json meta = r.report;
     meta.erase("module_gains");
-    write_spear(o->out, with_ecs(q, o->c.objective == "static" ? r.static_ecs : r.trained_ecs, meta));
+    const bool untrained = o->c.objective == CalibObjective::Static;
+    write_spear(o->out, with_ecs(q, untrained ? r.static_ecs : r.trained_ecs, meta));
     if (!o->static_out.empty()) {
       nlohmann::json sm = meta;
-      sm["settings"]["objective"] = "static";
+      sm["settings"]["objective"] = std::string(calib_objective_name(CalibObjective::Static));
       write_spear(o->static_out, with_ecs(q, r.static_ecs, sm));
     }
     if (!o->report.empty()) write_text_file(o->report, r.report.dump(1) + "\n");
@@ -76,7 +82,7 @@ void register_calibrate(CLI::App& app) {
                 100.0 * r.report["ec_bytes"].get<double>() / r.report["quant_model_bytes"].get<double>(),
                 (long long)r.report["quant_model_bytes"].get<int64_t>(),
                 r.report["calib_kl_w4"].get<double>(), r.report["calib_kl_static"].get<double>(),
-                o->c.objective.c_str(), r.report["calib_kl_trained"].get<double>(),
+                o->objective.c_str(), r.report["calib_kl_trained"].get<double>(),
                 r.report["seconds"].get<double>());
   });
 }

@@ -22,12 +22,16 @@ void register_eval(CLI::App& app) {
       "eval", "Quantize, calibrate and compare methods: perplexity, gap recovered, memory, KL");
   struct Opts {
     std::string model, data, methods = "fp,w4,static,spear", budgets = "0.01,0.02,0.05",
-                                 base = "rtn", json, markdown, workdir;
+                                 json, markdown, workdir;
     int64_t ctx = 512, max_windows = -1;
     int bits = 4;
     int64_t group = -1;
     CalibOptions calib;
     CalibrateOptions c;
+    // The flags' spellings, parsed into enums in the callback; defaults from the options.
+    std::string base{quant_method_name(QuantizeOptions{}.method)};
+    std::string objective{calib_objective_name(c.objective)};
+    std::string static_mode{static_mode_name(c.static_mode)};
     GptqOptions gptq;
     bool quiet = false;
   };
@@ -43,7 +47,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--base", o->base, "Quantizer of the base: rtn | gptq")->capture_default_str();
   cmd->add_option("--bits", o->bits, "Bits of the base")->capture_default_str();
   cmd->add_option("--group", o->group, "Group size of the base (-1 per channel)")->capture_default_str();
-  cmd->add_option("--objective", o->c.objective, "SPEAR objective: e2e | block")->capture_default_str();
+  cmd->add_option("--objective", o->objective, "SPEAR objective: e2e | block")->capture_default_str();
   cmd->add_option("--epochs", o->c.epochs, "Training passes")->capture_default_str();
   cmd->add_option("--batch", o->c.batch, "Windows per Adam step")->capture_default_str();
   cmd->add_option("--lr", o->c.lr, "Relative Adam step of A and B")->capture_default_str();
@@ -54,7 +58,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
       ->capture_default_str();
   cmd->add_option("--damp", o->c.damp, "Whitening damping of the static control")->capture_default_str();
-  cmd->add_option("--static-mode", o->c.static_mode, "rrr | qera")->capture_default_str();
+  cmd->add_option("--static-mode", o->static_mode, "rrr | qera")->capture_default_str();
   cmd->add_option("--probe-windows", o->c.probe_windows, "Windows for restoration gains")->capture_default_str();
   cmd->add_option("--json", o->json, "Write the report as JSON here");
   cmd->add_option("--markdown", o->markdown, "Write the markdown table here");
@@ -62,6 +66,9 @@ void register_eval(CLI::App& app) {
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o] {
     namespace fs = std::filesystem;
+    const QuantMethod base_method = parse_flag("eval: --base", o->base, parse_quant_method);
+    o->c.objective = parse_flag("eval: --objective", o->objective, parse_calib_objective);
+    o->c.static_mode = parse_flag("eval: --static-mode", o->static_mode, parse_static_mode);
     const std::vector<std::string> methods = split_list(o->methods);
     std::vector<double> budgets;
     for (const std::string& b : split_list(o->budgets)) {
@@ -87,7 +94,7 @@ void register_eval(CLI::App& app) {
     auto fp = LlamaModel::load(o->model);
 
     QuantizeOptions qo;
-    qo.method = o->base;
+    qo.method = base_method;
     qo.scheme.bits = o->bits;
     qo.scheme.group = o->group <= 0 ? -1 : o->group;
     qo.gptq = o->gptq;
@@ -118,7 +125,7 @@ void register_eval(CLI::App& app) {
         CalibrateOptions co = o->c;
         co.budget = b;
         co.verbose = !o->quiet;
-        if (!has("spear")) co.objective = "static";
+        if (!has("spear")) co.objective = CalibObjective::Static;
         CalibrateResult r = calibrate(o->model, base, calib, co);
         calib_reports.push_back(r.report);
         auto row_for = [&](const std::string& m, const std::vector<std::optional<ECParams>>& ecs,

@@ -15,7 +15,7 @@ void register_quantize(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "quantize", "Quantize the decoder's linear layers (RTN or GPTQ) into a .spear artifact");
   struct Opts {
-    std::string model, out, method = "rtn";
+    std::string model, out, method{quant_method_name(QuantizeOptions{}.method)};
     int bits = 4;
     int64_t group = -1;
     bool sym = false;
@@ -41,12 +41,12 @@ void register_quantize(CLI::App& app) {
     SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
                 "quantize: --out must end in .spear");
     QuantizeOptions q;
-    q.method = o->method;
+    q.method = parse_flag("quantize: --method", o->method, parse_quant_method);
     q.scheme.bits = o->bits;
     q.scheme.group = o->group <= 0 ? -1 : o->group;
     q.scheme.symmetric = o->sym;
     q.gptq = o->gptq;
-    if (o->method == "gptq") {
+    if (q.method == QuantMethod::Gptq) {
       SPEAR_CHECK(!o->calib.file.empty(), "quantize: --method gptq needs --calib FILE");
       Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
       CalibData cd = load_calib(tok, o->calib);
@@ -56,7 +56,8 @@ void register_quantize(CLI::App& app) {
     }
     SpearArtifact a = quantize_model(o->model, q);
     write_spear(o->out, a);
-    std::printf("wrote %s: %s %s, quant_model_bytes %lld (%.1f s)\n", o->out.c_str(), o->method.c_str(),
+    std::printf("wrote %s: %s %s, quant_model_bytes %lld (%.1f s)\n", o->out.c_str(),
+                std::string(quant_method_name(q.method)).c_str(),
                 q.scheme.name().c_str(), (long long)a.quant_model_bytes(),
                 a.meta["quantizer"]["seconds"].get<double>());
   });

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
+
 namespace spear {
 struct CalibOptions;
 }
@@ -36,6 +38,18 @@ std::string read_text_file(const std::string& path);
 void write_text_file(const std::string& path, const std::string& text);
 // "a,b,,c" -> {"a", "b", "c"}.
 std::vector<std::string> split_list(const std::string& s);
+
+// Turns a flag's string into the enum the library takes (parse: one of the parse_*
+// functions, which name the accepted values) once, at the edge; its error gets `where`
+// ("quantize: --method") in front so the user sees which flag was wrong.
+template <class Parse>
+auto parse_flag(const std::string& where, const std::string& value, Parse parse) {
+  try {
+    return parse(value);
+  } catch (const Error& e) {
+    throw Error(where + ": " + e.what());
+  }
+}
 
 // Progress on stderr for long runs, at most a few lines per second.
 class Progress {

@@ -50,6 +50,22 @@ void layer_stats(const Runner& run, int64_t l, int64_t nw, int64_t T, std::vecto
 
 }  // namespace
 
+std::string_view calib_objective_name(CalibObjective o) {
+  switch (o) {
+    case CalibObjective::Static: return "static";
+    case CalibObjective::Block: return "block";
+    case CalibObjective::E2e: return "e2e";
+  }
+  throw Error("calibrate: invalid CalibObjective " + std::to_string(static_cast<int>(o)));
+}
+
+CalibObjective parse_calib_objective(std::string_view s) {
+  for (CalibObjective o : {CalibObjective::Static, CalibObjective::Block, CalibObjective::E2e})
+    if (s == calib_objective_name(o)) return o;
+  throw Error("unknown calibration objective '" + std::string(s) +
+              "' (accepted: static, block, e2e)");
+}
+
 nlohmann::json placement_json(const std::vector<PlacementEntry>& p) {
   nlohmann::json j = nlohmann::json::array();
   for (const PlacementEntry& e : p)
@@ -83,8 +99,6 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
                           const CalibData& data, const CalibrateOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   SPEAR_CHECK(opt.budget > 0 && opt.budget < 1, "calibrate: --budget must be in (0, 1)");
-  SPEAR_CHECK(opt.objective == "static" || opt.objective == "block" || opt.objective == "e2e",
-              "calibrate: --objective must be static, block or e2e");
   SPEAR_CHECK(opt.max_rank > 0, "calibrate: --max-rank must be positive");
   SPEAR_CHECK(opt.epochs >= 0 && opt.batch > 0, "calibrate: bad --epochs/--batch");
   SPEAR_CHECK(quantized.ec_count() == 0, "calibrate: the quantized artifact already has ECs; "
@@ -277,23 +291,25 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   to.lr_gate = opt.lr_gate;
   to.verbose = opt.verbose;
   const auto t_train = std::chrono::steady_clock::now();
-  if (!placement.empty() && opt.objective == "e2e") {
+  if (!placement.empty() && opt.objective == CalibObjective::E2e) {
     rep["training"] = train_e2e(run, data, targets, res.trained_ecs, to);
-  } else if (!placement.empty() && opt.objective == "block") {
+  } else if (!placement.empty() && opt.objective == CalibObjective::Block) {
     rep["training"] = train_block(run, data, res.trained_ecs, to);
   }
   for (auto& e : res.trained_ecs)
     if (e) e->round_to_fp16();
   rep["seconds_training"] = seconds_since(t_train);
   rep["calib_kl_trained"] = mean_kl(run, data, targets, res.trained_ecs, kl_windows);
-  log("trained (%s): calibration KL %.5f", opt.objective.c_str(), rep["calib_kl_trained"].get<double>());
+  const std::string objective(calib_objective_name(opt.objective));
+  log("trained (%s): calibration KL %.5f", objective.c_str(), rep["calib_kl_trained"].get<double>());
 
   rep["placement"] = placement_json(placement);
   rep["budget"] = opt.budget;
   rep["budget_bytes"] = budget_bytes;
   rep["ec_bytes"] = ec_bytes;
   rep["quant_model_bytes"] = qbytes;
-  rep["settings"] = {{"objective", opt.objective}, {"static_mode", opt.static_mode},
+  rep["settings"] = {{"objective", objective},
+                     {"static_mode", std::string(static_mode_name(opt.static_mode))},
                      {"gated", opt.gated},         {"max_rank", opt.max_rank},
                      {"damp", opt.damp},           {"probe_windows", P},
                      {"epochs", opt.epochs},       {"batch", opt.batch},

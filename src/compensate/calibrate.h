@@ -19,14 +19,23 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
+#include "compensate/static_control.h"
 #include "model/spear_artifact.h"
 
 namespace spear {
+
+enum class CalibObjective { Static, Block, E2e };
+
+// The spelling on the command line and in the calibration report ("static", "block", "e2e").
+std::string_view calib_objective_name(CalibObjective o);
+// The inverse of calib_objective_name; throws spear::Error naming the accepted values.
+CalibObjective parse_calib_objective(std::string_view s);
 
 struct PlacementEntry {
   int64_t layer = 0;
@@ -39,8 +48,8 @@ struct PlacementEntry {
 
 struct CalibrateOptions {
   double budget = 0.01;           // EC bytes / quant_model_bytes
-  std::string objective = "e2e";  // static | block | e2e
-  std::string static_mode = "rrr";  // rrr | qera
+  CalibObjective objective = CalibObjective::E2e;
+  StaticMode static_mode = StaticMode::Rrr;
   bool gated = true;
   int64_t max_rank = 64;          // per module
   double damp = 0.05;             // whitening damping, fraction of mean eigenvalue

@@ -11,10 +11,22 @@
 
 namespace spear {
 
+std::string_view quant_method_name(QuantMethod m) {
+  switch (m) {
+    case QuantMethod::Rtn: return "rtn";
+    case QuantMethod::Gptq: return "gptq";
+  }
+  throw Error("quantize: invalid QuantMethod " + std::to_string(static_cast<int>(m)));
+}
+
+QuantMethod parse_quant_method(std::string_view s) {
+  for (QuantMethod m : {QuantMethod::Rtn, QuantMethod::Gptq})
+    if (s == quant_method_name(m)) return m;
+  throw Error("unknown quantization method '" + std::string(s) + "' (accepted: rtn, gptq)");
+}
+
 SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
-  SPEAR_CHECK(opt.method == "rtn" || opt.method == "gptq",
-              "quantize: --method must be rtn or gptq, got '" + opt.method + "'");
   SPEAR_CHECK(opt.scheme.bits >= 2 && opt.scheme.bits <= 8, "quantize: --bits must be in 2..8");
   SpearArtifact a = artifact_from_model_dir(dir);
   const ModelConfig& c = a.config();
@@ -24,7 +36,7 @@ SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt)
                 "quantize: --group " + std::to_string(opt.scheme.group) + " exceeds the input size " +
                     std::to_string(K) + " of " + std::string(module_name(m)));
   }
-  nlohmann::json qmeta{{"method", opt.method},
+  nlohmann::json qmeta{{"method", std::string(quant_method_name(opt.method))},
                        {"bits", opt.scheme.bits},
                        {"group", opt.scheme.group},
                        {"symmetric", opt.scheme.symmetric},
@@ -35,7 +47,7 @@ SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt)
     mw.quant = std::move(q);
     mw.dense = WeightTensor{};
   };
-  if (opt.method == "rtn") {
+  if (opt.method == QuantMethod::Rtn) {
     // One module widened to float32 at a time: host memory stays near the mapped file.
     for (int64_t l = 0; l < c.num_layers; ++l)
       for (Module m : kAllModules) {

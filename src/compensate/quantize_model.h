@@ -4,6 +4,7 @@
 // inputs of the already-quantized model.
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "model/spear_artifact.h"
@@ -12,8 +13,15 @@
 
 namespace spear {
 
+enum class QuantMethod { Rtn, Gptq };
+
+// The spelling on the command line and in the artifact's metadata ("rtn", "gptq").
+std::string_view quant_method_name(QuantMethod m);
+// The inverse of quant_method_name; throws spear::Error naming the accepted values.
+QuantMethod parse_quant_method(std::string_view s);
+
 struct QuantizeOptions {
-  std::string method = "rtn";  // "rtn" | "gptq"
+  QuantMethod method = QuantMethod::Rtn;
   QuantScheme scheme;
   GptqOptions gptq;
   // GPTQ only: calibration windows (tokens, windows × ctx) and their description.

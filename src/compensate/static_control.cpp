@@ -4,11 +4,26 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "core/linalg.h"
 #include "core/error.h"
 
 namespace spear {
+
+std::string_view static_mode_name(StaticMode m) {
+  switch (m) {
+    case StaticMode::Rrr: return "rrr";
+    case StaticMode::Qera: return "qera";
+  }
+  throw Error("static control: invalid StaticMode " + std::to_string(static_cast<int>(m)));
+}
+
+StaticMode parse_static_mode(std::string_view s) {
+  for (StaticMode m : {StaticMode::Rrr, StaticMode::Qera})
+    if (s == static_mode_name(m)) return m;
+  throw Error("unknown static-control mode '" + std::string(s) + "' (accepted: rrr, qera)");
+}
 
 void SiteStats::reset(int64_t n) {
   in = n;
@@ -74,8 +89,7 @@ double StaticFit::captured(int64_t r) const {
 }
 
 StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, const SiteStats& s,
-                     const Whitening& wh, int64_t max_rank, const std::string& mode) {
-  SPEAR_CHECK(mode == "rrr" || mode == "qera", "static control: mode must be rrr or qera");
+                     const Whitening& wh, int64_t max_rank, StaticMode mode) {
   SPEAR_CHECK(s.in == in && wh.in == in, "static control: site width does not match the module");
   const double N = static_cast<double>(s.tokens);
   std::vector<double> Wd(W, W + out * in), Qd(Q, Q + out * in), dW(out * in);  // (out, in)
@@ -92,7 +106,7 @@ StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, co
     for (int64_t i = 0; i < out * in; ++i) t += A[i] * Bm[i];
     return t;
   };
-  if (mode == "rrr") {
+  if (mode == StaticMode::Rrr) {
     // X = (W Sfq − Q Rqq) / N;  E‖e‖² = tr(W Sff Wᵀ − 2 W Sfq Qᵀ + Q Rqq Qᵀ) / N
     mul(Wd, s.Sfq, 1.0 / N, 0.0, X);
     const double wsq = trace_abt(X, Qd);  // tr(W Sfq Qᵀ)/N

@@ -11,12 +11,20 @@
 // C = SVD_r(ΔW R^½) R^-½. Factors are balanced: B = U S^½, A = S^½ Vᵀ R^-½, so that A
 // and B have comparable scales for the gradient steps that start from them.
 #include <cstdint>
-#include <string>
+#include <string_view>
 #include <vector>
 
 #include "model/ec_layer.h"
 
 namespace spear {
+
+// Rrr: the error W x_fp − Q x_q (the closed form above); Qera: ΔW x_q (QERA/EoRA).
+enum class StaticMode { Rrr, Qera };
+
+// The spelling on the command line and in the calibration report ("rrr", "qera").
+std::string_view static_mode_name(StaticMode m);
+// The inverse of static_mode_name; throws spear::Error naming the accepted values.
+StaticMode parse_static_mode(std::string_view s);
 
 // Sums over calibration tokens at one input site (in = the site's width).
 struct SiteStats {
@@ -47,9 +55,9 @@ struct StaticFit {
   double captured(int64_t r) const;
 };
 
-// W, Q: (out, in) full-precision and dequantized weights. mode: "rrr" | "qera".
+// W, Q: (out, in) full-precision and dequantized weights.
 StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, const SiteStats& s,
-                     const Whitening& wh, int64_t max_rank, const std::string& mode);
+                     const Whitening& wh, int64_t max_rank, StaticMode mode);
 
 // The first r directions as an EC (gate at its neutral point G = 0, c = 0).
 ECParams ec_from_fit(const StaticFit& f, int64_t r, bool gated);

@@ -261,6 +261,19 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   ::close(fd);  // the mapping keeps the file alive
 }
 
+void MappedFile::release(const void* p, size_t n) const {
+  if (!data_ || n == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;  // whole pages inside
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(data_);
+  if (hi > lo && lo >= base && hi <= base + size_) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
+void SafetensorsFile::release(const TensorView& t) const {
+  if (file_) file_->release(t.data, t.nbytes);
+}
+
 MappedFile::~MappedFile() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }

@@ -40,6 +40,10 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // Drops the whole pages inside [p, p + n) from this process's memory (madvise
+  // MADV_DONTNEED); reading them again faults them back in from the file. For bytes that
+  // were copied out and will not be read again.
+  void release(const void* p, size_t n) const;
 
  private:
   std::string path_;
@@ -67,6 +71,9 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   size_t file_size() const { return size_; }
   const std::string& path() const { return label_; }  // file path, or parse()'s label
+  // Drops a tensor's pages from memory once its bytes were copied (MappedFile::release);
+  // nothing for a parse()d buffer.
+  void release(const TensorView& t) const;
 
  private:
   std::unique_ptr<MappedFile> file_;

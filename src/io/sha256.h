@@ -17,12 +17,16 @@ class Sha256 {
   std::string hex();  // finishes; the object must not be updated afterwards
 
  private:
-  void block(const uint8_t* p);
+  void block(const uint8_t* p);                 // one 64-byte block, portable
+  void blocks(const uint8_t* p, size_t n);      // n blocks, SHA-NI where the CPU has it
   std::array<uint32_t, 8> h_;
   std::array<uint8_t, 64> buf_;
   size_t buf_len_ = 0;
   uint64_t total_ = 0;
 };
+
+// Tests: true makes every hash use the portable loop (to check the SHA-NI path against it).
+void sha256_force_portable(bool on);
 
 // Hash of a model directory: config.json, then every *.safetensors file by name.
 std::string model_dir_hash(const std::string& dir);

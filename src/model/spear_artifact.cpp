@@ -234,7 +234,10 @@ SpearArtifact read_spear(const std::string& path) {
     std::sort(sorted.begin(), sorted.end(),
               [](const TensorView* x, const TensorView* y) { return x->name < y->name; });
     Sha256 h;
-    for (const TensorView* t : sorted) h.update(t->data, t->nbytes);
+    for (const TensorView* t : sorted) {
+      h.update(t->data, t->nbytes);
+      f->release(*t);  // read once here; what is kept is faulted in again below
+    }
     if (h.hex() != mget("tensors_sha256"))
       fail("tensor data does not match its SHA-256 (the file is corrupted or was modified)");
   }
@@ -322,6 +325,7 @@ SpearArtifact read_spear(const std::string& path) {
       const std::string p = module_prefix(l, m);
       const TensorView& qw = tensor(p + ".qweight", DType::U8, {N, q.row_bytes()});
       q.codes.assign(qw.data, qw.data + qw.nbytes);
+      f->release(qw);  // copied: the mapping need not hold it too
       q.scales = to_f32(tensor(p + ".scales", DType::F32, {N, G}));
       q.zeros = to_f32(tensor(p + ".zeros", DType::F32, {N, G}));
       const int64_t r = mj.at("ec_rank").get<int64_t>();

@@ -124,20 +124,6 @@ void LlamaWeights::validate(const std::string& label) const {
   }
 }
 
-int64_t LlamaWeights::bytes() const {
-  int64_t b = static_cast<int64_t>(embed.nbytes + final_norm.nbytes + lm_head.nbytes);
-  for (const LlamaLayerWeights& L : layers) {
-    b += static_cast<int64_t>(L.attn_norm.nbytes + L.ffn_norm.nbytes);
-    for (const ModuleWeights& m : L.modules) {
-      b += static_cast<int64_t>(m.dense.nbytes);
-      if (m.quant)
-        b += static_cast<int64_t>(m.quant->codes.size() + 4 * (m.quant->scales.size() + m.quant->zeros.size()));
-      if (m.ec) b += 4 * static_cast<int64_t>(m.ec->A.size() + m.ec->B.size() + m.ec->G.size() + m.ec->c.size());
-    }
-  }
-  return b;
-}
-
 int64_t LlamaWeights::ec_count() const {
   int64_t n = 0;
   for (const LlamaLayerWeights& L : layers)

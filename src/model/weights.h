@@ -77,8 +77,6 @@ struct LlamaWeights {
   // quantized modules and of their module's shape. Throws spear::Error naming `label` and
   // the tensor.
   void validate(const std::string& label) const;
-  // Host bytes of all tensors (views counted at their size in the file).
-  int64_t bytes() const;
   int64_t ec_count() const;
 };
 
