@@ -5,7 +5,7 @@
 # written by transformers) for --device cuda, with the binary from before the change
 # (build-bin/spear-before) and after: peak host memory and wall time of `spear ppl --device
 # cuda` over 2 windows. Logs and a JSON line per measurement go to $OUT.
-#   bash dev/run_load_bench.sh tests ckpt7b load7b w4   (load7b and w4 need ckpt7b first)
+#   bash dev/run_load_bench.sh tests ckpt7b load7b w4 fuse   (load7b and w4 need ckpt7b first)
 set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
 B=$PWD/build-bin; D=$B/data
@@ -40,5 +40,11 @@ w4)
   python3 dev/measure.py "spear quantize 7b" -- $B/spear quantize --model $CK --out /tmp/w4-7b.spear | tee -a "$OUT/load.jsonl"
   for bin in spear-before spear; do
     python3 dev/measure.py "$bin ppl cuda 7b-w4" -- $B/$bin ppl --device cuda --model /tmp/w4-7b.spear --data $TXT --ctx 512 --max-windows 2 --json | tee -a "$OUT/load.jsonl"
+  done ;;
+fuse)  # stacked Q|K|V and Gate|Up against one GEMM per module, same build, same run
+  for f in "" --no-fuse; do
+    timeout 280 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants fp16,w4,w4ec --batches 1,8 \
+      --contexts 512 --prefill 512,2048 --autotune $f --md "$OUT/bench-latency${f}.md" >"$OUT/bench-latency${f}.log" 2>&1
+    echo "bench-latency $f rc=$?"; cat "$OUT/bench-latency${f}.md"
   done ;;
 esac; done

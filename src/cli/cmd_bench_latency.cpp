@@ -35,7 +35,7 @@ void register_bench_latency(CLI::App& app) {
     std::string batches = "1,8,32", contexts = "512,2048", prefill = "512,2048";
     double ec_budget = 0.01;
     int ec_rank = 32, group = 0, iters = 20;
-    bool autotune = false;
+    bool autotune = false, no_fuse = false;
     std::string json, md;
   };
   auto o = std::make_shared<Opts>();
@@ -50,6 +50,7 @@ void register_bench_latency(CLI::App& app) {
   cmd->add_option("--group", o->group, "W4 group size (0 = per output channel)")->capture_default_str();
   cmd->add_option("--iters", o->iters, "Timed decode steps per case (median reported)")->capture_default_str();
   cmd->add_flag("--autotune", o->autotune, "Autotune the W4 kernels for each shape first");
+  cmd->add_flag("--no-fuse", o->no_fuse, "One GEMM per module (no stacked Q|K|V, Gate|Up)");
   cmd->add_option("--json", o->json, "Write all measurements as JSON");
   cmd->add_option("--md", o->md, "Write the tables as markdown");
   cmd->callback([o] {
@@ -64,6 +65,7 @@ void register_bench_latency(CLI::App& app) {
     b.group = o->group;
     b.iters = o->iters;
     b.autotune = o->autotune;
+    b.fuse = !o->no_fuse;
     const BenchLatencyResult r = bench_latency(b);
     std::printf("%s", r.markdown.c_str());
     if (!o->json.empty()) write_text_file(o->json, r.json);

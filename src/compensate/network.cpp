@@ -13,16 +13,6 @@
 
 namespace spear {
 
-Site module_site(Module m) {
-  switch (m) {
-    case Module::Q: case Module::K: case Module::V: return Site::AttnIn;
-    case Module::O: return Site::AttnOut;
-    case Module::Gate: case Module::Up: return Site::FfnIn;
-    case Module::Down: return Site::DownIn;
-  }
-  return Site::AttnIn;
-}
-
 const char* site_name(Site s) {
   static const char* n[] = {"attn_in", "attn_out", "ffn_in", "down_in"};
   return n[static_cast<int>(s)];

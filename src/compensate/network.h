@@ -23,9 +23,9 @@
 namespace spear {
 
 // The inputs of the seven modules come from four places in a layer.
-enum class Site { AttnIn = 0, AttnOut = 1, FfnIn = 2, DownIn = 3 };
-inline constexpr int kNumSites = 4;
-Site module_site(Module m);  // Q/K/V -> AttnIn, O -> AttnOut, Gate/Up -> FfnIn, Down -> DownIn
+using Site = ModuleInput;  // model/module.h
+inline constexpr int kNumSites = kNumModuleInputs;
+inline Site module_site(Module m) { return module_input(m); }
 const char* site_name(Site s);
 
 struct FrozenLayer {

@@ -127,6 +127,8 @@ ModelConfig named_config(const std::string& name) {
 
 namespace {
 
+constexpr int64_t kMaxEcRank = 128;  // the EC kernels' limit (also on a stack of ECs)
+
 // One linear module on the device.
 struct GpuLinear {
   int N = 0, K = 0;
@@ -158,7 +160,7 @@ struct GpuModel::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   W4A16Dispatcher disp;
-  std::vector<void*> allocations;
+  std::map<void*, std::pair<int64_t, int64_t*>> allocations;  // bytes and the counter charged
   std::set<std::string> tuned;
   bool ec_enabled = true;
 
@@ -168,6 +170,10 @@ struct GpuModel::Impl {
   float* final_norm = nullptr; // (D)
   std::vector<float*> attn_norm, ffn_norm;  // per layer (D)
   std::vector<PerModule<GpuLinear>> lin;  // per layer
+  // Modules that read the same input run as one GEMM over their stacked weights (see
+  // stack_modules): per layer Q|K|V (N = QD + 2 KVD) and Gate|Up (N = 2 FF), when stackable.
+  std::vector<GpuLinear> qkv, gate_up;
+  std::vector<char> qkv_fused, gu_fused;
   float* cos_tab = nullptr;    // (max_len, HD/2)
   float* sin_tab = nullptr;
   // KV cache
@@ -178,8 +184,11 @@ struct GpuModel::Impl {
   std::vector<Slot> slots;
   // scratch (max_tokens rows)
   float* x = nullptr;          // (T, D) residual stream
-  __half *xn = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *proj = nullptr;
-  __half *gate = nullptr, *up = nullptr, *hid = nullptr, *z = nullptr, *s = nullptr, *xg = nullptr;
+  __half *xn = nullptr, *att = nullptr, *proj = nullptr;
+  // q|k|v of a token side by side, (T, QD + 2 KVD), row stride ld_qkv(); gate|up, (T, 2 FF)
+  __half *qkv_out = nullptr, *q = nullptr, *k = nullptr, *v = nullptr;
+  __half *gu_out = nullptr, *gate = nullptr, *up = nullptr;
+  __half *hid = nullptr, *z = nullptr, *s = nullptr, *xg = nullptr;
   float* logits = nullptr;     // (max_tokens, V)
   float* nll = nullptr;        // (max_tokens)
   int32_t* ids = nullptr;      // (max_tokens)
@@ -201,7 +210,7 @@ struct GpuModel::Impl {
   ~Impl() {
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
     if (stream) cudaStreamSynchronize(stream);
-    for (void* p : allocations) cudaFree(p);
+    for (auto& [p, sz] : allocations) cudaFree(p);
     if (h_in) cudaFreeHost(h_in);
     if (blas) cublasDestroy(blas);
     if (stream) cudaStreamDestroy(stream);
@@ -216,9 +225,17 @@ struct GpuModel::Impl {
       cudaGetLastError();
       throw Error("GPU: out of memory allocating " + std::to_string(bytes >> 20) + " MiB (" + mem.str() + ")");
     }
-    allocations.push_back(p);
+    allocations[p] = {static_cast<int64_t>(bytes), counter};
     if (counter) *counter += static_cast<int64_t>(bytes);
     return static_cast<T*>(p);
+  }
+  // Frees what alloc returned, uncharging its counter (nullptr: nothing).
+  void release(const void* p) {
+    auto it = allocations.find(const_cast<void*>(p));
+    if (it == allocations.end()) return;
+    if (it->second.second) *it->second.second -= it->second.first;
+    cudaFree(it->first);
+    allocations.erase(it);
   }
   template <class T>
   T* upload(const T* host, int64_t n, int64_t* counter) {
@@ -238,6 +255,8 @@ struct GpuModel::Impl {
   int QD() const { return static_cast<int>(cfg.q_dim()); }
   int KVD() const { return static_cast<int>(cfg.kv_dim()); }
   int FF() const { return static_cast<int>(cfg.intermediate_size); }
+  int ld_qkv() const { return QD() + 2 * KVD(); }
+  int ld_gu() const { return 2 * FF(); }
 
   void init_common() {
     CUDA_OK(cudaSetDevice(opt.device));
@@ -259,6 +278,10 @@ struct GpuModel::Impl {
     attn_norm.assign(cfg.num_layers, nullptr);
     ffn_norm.assign(cfg.num_layers, nullptr);
     lin.assign(cfg.num_layers, {});
+    qkv.assign(cfg.num_layers, {});
+    gate_up.assign(cfg.num_layers, {});
+    qkv_fused.assign(cfg.num_layers, 0);
+    gu_fused.assign(cfg.num_layers, 0);
     // RoPE tables exactly as the CPU engine computes them.
     const int64_t half = cfg.head_dim / 2;
     std::vector<float> c(static_cast<size_t>(opt.max_len) * half), s(c.size());
@@ -274,13 +297,15 @@ struct GpuModel::Impl {
     int64_t* a = &mem.activations;
     x = alloc<float>(T * D(), a);
     xn = alloc<__half>(T * D(), a);
-    q = alloc<__half>(T * QD(), a);
-    k = alloc<__half>(T * KVD(), a);
-    v = alloc<__half>(T * KVD(), a);
+    qkv_out = alloc<__half>(T * ld_qkv(), a);
+    q = qkv_out;
+    k = qkv_out + QD();
+    v = qkv_out + QD() + KVD();
     att = alloc<__half>(T * QD(), a);
     proj = alloc<__half>(T * D(), a);
-    gate = alloc<__half>(T * FF(), a);
-    up = alloc<__half>(T * FF(), a);
+    gu_out = alloc<__half>(T * ld_gu(), a);
+    gate = gu_out;
+    up = gu_out + FF();
     hid = alloc<__half>(T * FF(), a);
     xg = alloc<__half>(static_cast<int64_t>(opt.max_batch) * D(), a);
     if (max_r > 0) {
@@ -291,9 +316,14 @@ struct GpuModel::Impl {
     nll = alloc<float>(T, a);
     ids = alloc<int32_t>(T, a);
     // W4 workspace: the largest any module needs at max_tokens rows.
-    for (auto& layer : lin)
-      for (auto& L : layer)
-        if (L.is_w4) w4_ws_bytes = std::max(w4_ws_bytes, w4a16_workspace_bytes(opt.max_tokens, L.q, L.fused ? &L.ect : nullptr));
+    auto ws_for = [&](const GpuLinear& L) {
+      if (L.is_w4) w4_ws_bytes = std::max(w4_ws_bytes, w4a16_workspace_bytes(opt.max_tokens, L.q, L.fused ? &L.ect : nullptr));
+    };
+    for (int64_t l = 0; l < cfg.num_layers; ++l) {
+      for (auto& L : lin[l]) ws_for(L);
+      if (qkv_fused[l]) ws_for(qkv[l]);
+      if (gu_fused[l]) ws_for(gate_up[l]);
+    }
     if (w4_ws_bytes) {
       w4_ws = alloc<uint8_t>(static_cast<int64_t>(w4_ws_bytes), a);
       CUDA_OK(w4a16_workspace_init(w4_ws, w4_ws_bytes, stream));
@@ -342,14 +372,16 @@ struct GpuModel::Impl {
 
   // ---- linear layers ------------------------------------------------------------------
   // y (M, N) = x (M, K) W^T (+ EC), fp16, row strides K and N.
-  void gemm16(const __half* a_rows, int lda_rows, const __half* x, int M, int K_, int N_, __half* y, float beta) {
+  void gemm16(const __half* a_rows, int lda_rows, const __half* x, int M, int K_, int N_, __half* y, int ldy,
+              float beta) {
     // Column-major view: y^T (N, M) = W (N, K) [as K x N col-major, transposed] * x^T (K, M).
     const float one = 1.0f;
     CUBLAS_OK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N_, M, K_, &one, a_rows, CUDA_R_16F, lda_rows, x,
-                           CUDA_R_16F, K_, &beta, y, CUDA_R_16F, N_, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                           CUDA_R_16F, K_, &beta, y, CUDA_R_16F, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  void linear(const GpuLinear& L_in, const __half* xin, int M, __half* y, bool capturing) {
+  // y (M, N) with row stride ldy (>= N: the output may be a column slice of a wider buffer).
+  void linear(const GpuLinear& L_in, const __half* xin, int M, __half* y, int ldy, bool capturing) {
     GpuLinear L_noec;
     const GpuLinear* Lp = &L_in;
     if (!ec_enabled && L_in.r > 0) {
@@ -359,7 +391,7 @@ struct GpuModel::Impl {
     }
     const GpuLinear& L = *Lp;
     if (!L.is_w4) {
-      gemm16(L.w16, L.K, xin, M, L.K, L.N, y, 0.0f);
+      gemm16(L.w16, L.K, xin, M, L.K, L.N, y, ldy, 0.0f);
       return;
     }
     const bool ec_in_kernel = L.r > 0 && L.fused && opt.ec_path == EcPath::kDispatch;
@@ -367,19 +399,19 @@ struct GpuModel::Impl {
     if (opt.autotune && !capturing) {
       const std::string key = W4A16Dispatcher::key(Act::kF16, M, L.q, ec);
       if (!tuned.count(key)) {
-        CUDA_OK(disp.autotune(Act::kF16, xin, L.K, M, L.q, ec, y, L.N, w4_ws, w4_ws_bytes, stream));
+        CUDA_OK(disp.autotune(Act::kF16, xin, L.K, M, L.q, ec, y, ldy, w4_ws, w4_ws_bytes, stream));
         tuned.insert(key);
       }
     }
-    cudaError_t e = disp.run(Act::kF16, xin, L.K, M, L.q, ec, y, L.N, w4_ws, w4_ws_bytes, stream);
+    cudaError_t e = disp.run(Act::kF16, xin, L.K, M, L.q, ec, y, ldy, w4_ws, w4_ws_bytes, stream);
     if (e != cudaSuccess)
       throw Error("GPU: W4 GEMM (" + L.kind + ", M=" + std::to_string(M) + ", N=" + std::to_string(L.N) +
                   ", K=" + std::to_string(L.K) + ") failed: " + cudaGetErrorString(e));
     if (L.r > 0 && !ec_in_kernel) {
       // naive EC: z = x A^T, s = gate(z), y += s B^T
-      gemm16(L.A, L.K, xin, M, L.K, L.r, z, 0.0f);
+      gemm16(L.A, L.K, xin, M, L.K, L.r, z, L.r, 0.0f);
       CUDA_OK(ec_gate(z, L.G, L.c, M, L.r, s, stream));
-      gemm16(L.B, L.r, s, M, L.r, L.N, y, 1.0f);
+      gemm16(L.B, L.r, s, M, L.r, L.N, y, ldy, 1.0f);
     }
   }
 
@@ -400,10 +432,14 @@ struct GpuModel::Impl {
     CUDA_OK(rmsnorm(x, attn_norm[0], eps, T, D(), xn, stream));
     for (int64_t l = 0; l < cfg.num_layers; ++l) {
       auto& Ls = lin[l];
-      linear(Ls[Module::Q], xn, T, q, capturing);
-      linear(Ls[Module::K], xn, T, k, capturing);
-      linear(Ls[Module::V], xn, T, v, capturing);
-      CUDA_OK(rope_store_kv(q, QD(), k, KVD(), v, KVD(), pos, slot, cos_tab, sin_tab, opt.max_len, T, NH, NKV, HD(),
+      if (qkv_fused[l]) {
+        linear(qkv[l], xn, T, qkv_out, ld_qkv(), capturing);
+      } else {
+        linear(Ls[Module::Q], xn, T, q, ld_qkv(), capturing);
+        linear(Ls[Module::K], xn, T, k, ld_qkv(), capturing);
+        linear(Ls[Module::V], xn, T, v, ld_qkv(), capturing);
+      }
+      CUDA_OK(rope_store_kv(q, ld_qkv(), k, ld_qkv(), v, ld_qkv(), pos, slot, cos_tab, sin_tab, opt.max_len, T, NH, NKV, HD(),
                             kc[l], vc[l], stream));
       PagedKV kv;
       kv.k_cache = kc[l];
@@ -414,16 +450,20 @@ struct GpuModel::Impl {
       kv.n_kv_heads = NKV;
       kv.head_dim = HD();
       if (decode)
-        CUDA_OK(decode_attention(q, QD(), kv, lens, n_chunks, NH, scale, opt.max_len, att, QD(), att_ws, att_ws_bytes,
+        CUDA_OK(decode_attention(q, ld_qkv(), kv, lens, n_chunks, NH, scale, opt.max_len, att, QD(), att_ws, att_ws_bytes,
                                  stream));
       else
-        CUDA_OK(prefill_attention(q, QD(), kv, qseq, pos, T, NH, scale, opt.max_len, att, QD(), stream));
-      linear(Ls[Module::O], att, T, proj, capturing);
+        CUDA_OK(prefill_attention(q, ld_qkv(), kv, qseq, pos, T, NH, scale, opt.max_len, att, QD(), stream));
+      linear(Ls[Module::O], att, T, proj, D(), capturing);
       CUDA_OK(add_rmsnorm(x, proj, D(), ffn_norm[l], eps, T, D(), xn, stream));
-      linear(Ls[Module::Gate], xn, T, gate, capturing);
-      linear(Ls[Module::Up], xn, T, up, capturing);
-      CUDA_OK(silu_mul(gate, FF(), up, FF(), T, FF(), hid, stream));
-      linear(Ls[Module::Down], hid, T, proj, capturing);
+      if (gu_fused[l]) {
+        linear(gate_up[l], xn, T, gu_out, ld_gu(), capturing);
+      } else {
+        linear(Ls[Module::Gate], xn, T, gate, ld_gu(), capturing);
+        linear(Ls[Module::Up], xn, T, up, ld_gu(), capturing);
+      }
+      CUDA_OK(silu_mul(gate, ld_gu(), up, ld_gu(), T, FF(), hid, stream));
+      linear(Ls[Module::Down], hid, T, proj, D(), capturing);
       const float* next_norm = l + 1 < cfg.num_layers ? attn_norm[l + 1] : final_norm;
       CUDA_OK(add_rmsnorm(x, proj, D(), next_norm, eps, T, D(), xn, stream));
     }
@@ -570,7 +610,8 @@ void upload_w4(GpuModel::Impl& im, const GpuW4Layout& lay, GpuLinear& L) {
 // EC factors from calibration: naive-path copies always; the kernel layout too when the
 // gate is one the kernel implements (an ungated, static EC).
 void upload_ec(GpuModel::Impl& im, const ECParams& p, GpuLinear& L) {
-  SPEAR_CHECK(p.rank <= 128, "GPU: EC rank " + std::to_string(p.rank) + " > 128 is not supported");
+  SPEAR_CHECK(p.rank <= kMaxEcRank, "GPU: EC rank " + std::to_string(p.rank) + " > " + std::to_string(kMaxEcRank) +
+                                        " is not supported");
   L.r = static_cast<int>(p.rank);
   L.A = im.upload_f16(p.A.data(), static_cast<int64_t>(p.A.size()), &im.mem.ec);
   L.B = im.upload_f16(p.B.data(), static_cast<int64_t>(p.B.size()), &im.mem.ec);
@@ -641,26 +682,46 @@ std::unique_ptr<GpuModel> GpuModel::create(const LlamaWeights& w, const GpuOptio
   im->embed = upload_tensor_f16(*im, w.embed, &im->mem.weights);
   im->head = w.lm_head.empty() ? im->embed : upload_tensor_f16(*im, w.lm_head, &im->mem.weights);
   im->final_norm = upload_tensor_f32(*im, w.final_norm, &im->mem.weights);
+  // One module (or a stack of modules) of the description as a GpuLinear of shape (N, K).
+  auto upload_module = [&](const ModuleWeights& src, int64_t N, int64_t K, GpuLinear& L, const std::string& what) {
+    L.N = static_cast<int>(N);
+    L.K = static_cast<int>(K);
+    if (src.quant) {
+      SPEAR_CHECK(src.quant->scheme.bits == 4,
+                  "--device cuda runs 4-bit weights only; " + what + " is " + src.quant->scheme.name());
+      upload_w4(*im, repack_w4(*src.quant), L);
+    } else {
+      L.w16 = upload_tensor_f16(*im, src.dense, &im->mem.weights);
+      L.kind = "f16";
+    }
+    if (src.ec) upload_ec(*im, *src.ec, L);
+  };
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     const LlamaLayerWeights& LW = w.layers[l];
+    const std::string layer = "layer " + std::to_string(l);
     im->attn_norm[l] = upload_tensor_f32(*im, LW.attn_norm, &im->mem.weights);
     im->ffn_norm[l] = upload_tensor_f32(*im, LW.ffn_norm, &im->mem.weights);
-    for (Module mod : kAllModules) {
-      const ModuleWeights& src = LW.modules[mod];
-      GpuLinear& L = im->lin[l][mod];
-      const ModuleShape s = module_shape(cfg, mod);
-      L.N = static_cast<int>(s.out);
-      L.K = static_cast<int>(s.in);
-      if (src.quant) {
-        SPEAR_CHECK(src.quant->scheme.bits == 4,
-                    "--device cuda runs 4-bit weights only; " + std::string(module_name(mod)) + " of layer " +
-                        std::to_string(l) + " is " + src.quant->scheme.name());
-        upload_w4(*im, repack_w4(*src.quant), L);
-      } else {
-        L.w16 = upload_tensor_f16(*im, src.dense, &im->mem.weights);
-        L.kind = "f16";
+    // Q|K|V and Gate|Up as one GEMM each where they stack (model/weights.h stack_modules).
+    auto group = [&](const std::vector<Module>& ms, GpuLinear& dst, char& fused, const char* name) {
+      if (!opt.fuse_projections) return;
+      std::string why;
+      std::optional<ModuleWeights> st = stack_modules(w, l, ms, kMaxEcRank, &why);
+      if (!st) {
+        if (opt.verbose) std::fprintf(stderr, "spear: %s %s: separate GEMMs (%s)\n", layer.c_str(), name, why.c_str());
+        return;
       }
-      if (src.ec) upload_ec(*im, *src.ec, L);
+      const int64_t N = st->quant ? st->quant->N : st->dense.shape[0];
+      upload_module(*st, N, module_shape(cfg, ms[0]).in, dst, layer + " " + name);
+      fused = 1;
+    };
+    group({Module::Q, Module::K, Module::V}, im->qkv[l], im->qkv_fused[l], "qkv");
+    group({Module::Gate, Module::Up}, im->gate_up[l], im->gu_fused[l], "gate_up");
+    for (Module mod : kAllModules) {
+      const bool in_qkv = mod == Module::Q || mod == Module::K || mod == Module::V;
+      const bool in_gu = mod == Module::Gate || mod == Module::Up;
+      if ((in_qkv && im->qkv_fused[l]) || (in_gu && im->gu_fused[l])) continue;  // runs stacked
+      const ModuleShape s = module_shape(cfg, mod);
+      upload_module(LW.modules[mod], s.out, s.in, im->lin[l][mod], std::string(module_name(mod)) + " of " + layer);
     }
   }
   CUDA_OK(cudaStreamSynchronize(im->stream));  // the host tensors may be unmapped after this
@@ -694,39 +755,41 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
   im->embed = rand_f16(V * D, 1.0f, &im->mem.weights);
   im->head = cfg.tie_word_embeddings ? im->embed : rand_f16(V * D, std::sqrt(3.0f / D), &im->mem.weights);
   im->final_norm = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
+  // Random weights of shape (N, K) for one module (or a stack of modules).
+  auto rand_linear = [&](GpuLinear& L, int64_t N, int64_t K) {
+    L.N = static_cast<int>(N);
+    L.K = static_cast<int>(K);
+    const float wscale = std::sqrt(3.0f / static_cast<float>(K));
+    if (spec.kind == WeightKind::kFp16) {
+      L.w16 = rand_f16(N * K, wscale, &im->mem.weights);
+      L.kind = "f16";
+      return;
+    }
+    W4Matrix& q = L.q;
+    L.is_w4 = true;
+    q.N = L.N;
+    q.K = L.K;
+    q.N_pad = static_cast<int>(round_up(N, 16));
+    q.K_pad = static_cast<int>(round_up(K, 128));
+    q.group = spec.group;
+    q.G = spec.group ? q.K_pad / spec.group : 1;
+    SPEAR_CHECK(spec.group == 0 || spec.group % 128 == 0, "bench-latency: --group must be 0 or a multiple of 128");
+    const int64_t qbytes = static_cast<int64_t>(q.N_pad) * q.K_pad / 2;
+    uint8_t* qw = im->alloc<uint8_t>(qbytes, &im->mem.weights);
+    CUDA_OK(fill_random_bytes(qw, qbytes, next_seed(), st));
+    q.qweight = qw;
+    q.scales = rand_f32(static_cast<int64_t>(q.G) * q.N_pad, 0.5f * wscale / 8, 1.5f * wscale / 8, &im->mem.weights);
+    uint8_t* zp = im->alloc<uint8_t>(static_cast<int64_t>(q.G) * q.N_pad, &im->mem.weights);
+    CUDA_OK(cudaMemsetAsync(zp, 8, static_cast<size_t>(q.G) * q.N_pad, st));
+    q.zeros = zp;
+    L.kind = std::string("w4-") + (spec.group ? "g" + std::to_string(spec.group) : "pc") + "-asym";
+  };
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     im->attn_norm[l] = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
     im->ffn_norm[l] = rand_f32(D, 0.9f, 1.1f, &im->mem.weights);
     for (Module mod : kAllModules) {
-      GpuLinear& L = im->lin[l][mod];
       const ModuleShape shape = module_shape(cfg, mod);
-      const int64_t N = shape.out, K = shape.in;
-      L.N = static_cast<int>(N);
-      L.K = static_cast<int>(K);
-      const float wscale = std::sqrt(3.0f / static_cast<float>(K));
-      if (spec.kind == WeightKind::kFp16) {
-        L.w16 = rand_f16(N * K, wscale, &im->mem.weights);
-        L.kind = "f16";
-        continue;
-      }
-      W4Matrix& q = L.q;
-      L.is_w4 = true;
-      q.N = L.N;
-      q.K = L.K;
-      q.N_pad = static_cast<int>(round_up(N, 16));
-      q.K_pad = static_cast<int>(round_up(K, 128));
-      q.group = spec.group;
-      q.G = spec.group ? q.K_pad / spec.group : 1;
-      SPEAR_CHECK(spec.group == 0 || spec.group % 128 == 0, "bench-latency: --group must be 0 or a multiple of 128");
-      const int64_t qbytes = static_cast<int64_t>(q.N_pad) * q.K_pad / 2;
-      uint8_t* qw = im->alloc<uint8_t>(qbytes, &im->mem.weights);
-      CUDA_OK(fill_random_bytes(qw, qbytes, next_seed(), st));
-      q.qweight = qw;
-      q.scales = rand_f32(static_cast<int64_t>(q.G) * q.N_pad, 0.5f * wscale / 8, 1.5f * wscale / 8, &im->mem.weights);
-      uint8_t* zp = im->alloc<uint8_t>(static_cast<int64_t>(q.G) * q.N_pad, &im->mem.weights);
-      CUDA_OK(cudaMemsetAsync(zp, 8, static_cast<size_t>(q.G) * q.N_pad, st));
-      q.zeros = zp;
-      L.kind = std::string("w4-") + (spec.group ? "g" + std::to_string(spec.group) : "pc") + "-asym";
+      rand_linear(im->lin[l][mod], shape.out, shape.in);
     }
   }
   const int64_t quant_bytes = im->mem.weights;  // the model the EC budget is a share of
@@ -780,6 +843,29 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
         im->max_r = std::max(im->max_r, r);
       }
   }
+  // Groups that read one input and carry no EC run as one GEMM, as GpuModel::create stacks
+  // them: random weights of the stacked shape replace the members' (same bytes in all).
+  if (im->opt.fuse_projections) {
+    auto fuse = [&](int64_t l, const std::vector<Module>& ms, GpuLinear& dst, char& fused) {
+      int64_t N = 0;
+      for (Module m : ms) {
+        if (im->lin[l][m].r > 0) return;
+        N += im->lin[l][m].N;
+      }
+      for (Module m : ms) {
+        GpuLinear& L = im->lin[l][m];
+        for (const void* p : std::initializer_list<const void*>{L.w16, L.q.qweight, L.q.scales, L.q.zeros})
+          im->release(p);
+        L = GpuLinear{};
+      }
+      rand_linear(dst, N, module_shape(cfg, ms[0]).in);
+      fused = 1;
+    };
+    for (int64_t l = 0; l < cfg.num_layers; ++l) {
+      fuse(l, {Module::Q, Module::K, Module::V}, im->qkv[l], im->qkv_fused[l]);
+      fuse(l, {Module::Gate, Module::Up}, im->gate_up[l], im->gu_fused[l]);
+    }
+  }
   CUDA_OK(cudaStreamSynchronize(st));
   im->init_buffers();
   // Random K/V everywhere, so fake contexts attend over realistic values.
@@ -808,9 +894,22 @@ void GpuModel::set_ec_enabled(bool on) {
 
 std::string GpuModel::describe() const {
   std::string out;
+  auto fused = [&](const char* name, const std::vector<GpuLinear>& ls, const std::vector<char>& on) {
+    std::map<std::string, int> kinds;
+    for (size_t l = 0; l < ls.size(); ++l)
+      if (on[l]) kinds[ls[l].kind]++;
+    if (kinds.empty()) return;
+    out += std::string(name) + " (one GEMM):";
+    for (auto& [k, n] : kinds) out += " " + k + " x" + std::to_string(n);
+    out += "\n";
+  };
+  fused("q|k|v", impl_->qkv, impl_->qkv_fused);
+  fused("gate|up", impl_->gate_up, impl_->gu_fused);
   for (Module mod : kAllModules) {
     std::map<std::string, int> kinds;
-    for (auto& layer : impl_->lin) kinds[layer[mod].kind]++;
+    for (auto& layer : impl_->lin)
+      if (!layer[mod].kind.empty()) kinds[layer[mod].kind]++;  // empty: runs stacked
+    if (kinds.empty()) continue;
     out += std::string(module_name(mod)) + ":";
     for (auto& [k, n] : kinds) out += " " + k + " x" + std::to_string(n);
     out += "\n";

@@ -45,6 +45,9 @@ struct GpuOptions {
   double gpu_memory_fraction = 0;  // > 0: the KV cache takes what is left under this share
   EcPath ec_path = EcPath::kDispatch;
   bool graphs = true;       // CUDA graphs for decode steps
+  // Q|K|V and Gate|Up as one GEMM each over their stacked weights (and stacked ECs); off:
+  // one GEMM per module (the comparison in tests and bench-latency --no-fuse).
+  bool fuse_projections = true;
   bool autotune = false;    // autotune the W4 kernels for each shape on first use
   bool verbose = false;
 };

@@ -33,4 +33,14 @@ ModuleShape module_shape(const ModelConfig& c, Module m) {
   return {};
 }
 
+ModuleInput module_input(Module m) {
+  switch (m) {
+    case Module::Q: case Module::K: case Module::V: return ModuleInput::AttnIn;
+    case Module::O: return ModuleInput::AttnOut;
+    case Module::Gate: case Module::Up: return ModuleInput::FfnIn;
+    case Module::Down: return ModuleInput::DownIn;
+  }
+  return ModuleInput::AttnIn;
+}
+
 }  // namespace spear

@@ -29,6 +29,13 @@ struct ModuleShape {
 //   gate, up (intermediate, dim)   down (dim, intermediate)
 ModuleShape module_shape(const ModelConfig& c, Module m);
 
+// The activation a module reads. Modules with the same input (Q, K, V; Gate, Up) can run as
+// one GEMM over their stacked weights (model/weights.h stack_modules).
+enum class ModuleInput { AttnIn = 0, AttnOut = 1, FfnIn = 2, DownIn = 3 };
+inline constexpr int kNumModuleInputs = 4;
+// Q/K/V -> AttnIn (the attention norm's output), O -> AttnOut, Gate/Up -> FfnIn, Down -> DownIn
+ModuleInput module_input(Module m);
+
 // One T per module of a layer, indexed by Module.
 template <class T>
 struct PerModule {

@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "io/safetensors.h"
 
@@ -129,6 +131,87 @@ int64_t LlamaWeights::ec_count() const {
   for (const LlamaLayerWeights& L : layers)
     for (const ModuleWeights& m : L.modules) n += m.ec.has_value();
   return n;
+}
+
+std::optional<ModuleWeights> stack_modules(const LlamaWeights& w, int64_t layer, const std::vector<Module>& ms,
+                                           int64_t max_rank, std::string* why) {
+  auto no = [&](const std::string& reason) -> std::optional<ModuleWeights> {
+    if (why) *why = reason;
+    return std::nullopt;
+  };
+  SPEAR_CHECK(!ms.empty(), "stack_modules: no modules");
+  const ModelConfig& c = w.config;
+  const ModuleWeights& first = w.at(layer, ms[0]);
+  const int64_t K = module_shape(c, ms[0]).in;
+  int64_t N = 0, R = 0;
+  bool gated = false;
+  for (Module m : ms) {
+    const ModuleWeights& mw = w.at(layer, m);
+    if (module_input(m) != module_input(ms[0])) return no("the modules read different inputs");
+    if (mw.quantized() != first.quantized()) return no("some are quantized, some not");
+    if (mw.quant) {
+      const QuantScheme &a = mw.quant->scheme, &b = first.quant->scheme;
+      if (a.bits != b.bits || a.group != b.group || a.symmetric != b.symmetric) return no("quantization schemes differ");
+    } else if (mw.dense.dtype != first.dense.dtype) {
+      return no("dtypes differ");
+    }
+    N += module_shape(c, m).out;
+    if (mw.ec) {
+      R += mw.ec->rank;
+      gated = gated || mw.ec->gated;
+    }
+  }
+  if (R > max_rank) return no("stacked EC rank " + std::to_string(R) + " > " + std::to_string(max_rank));
+  ModuleWeights out;
+  if (first.quant) {
+    QuantizedMatrix& q = out.quant.emplace();
+    q.N = N;
+    q.K = K;
+    q.scheme = first.quant->scheme;
+    for (Module m : ms) {  // rows, then their per-row scales and zeros: (N, groups) row-major
+      const QuantizedMatrix& p = *w.at(layer, m).quant;
+      q.codes.insert(q.codes.end(), p.codes.begin(), p.codes.end());
+      q.scales.insert(q.scales.end(), p.scales.begin(), p.scales.end());
+      q.zeros.insert(q.zeros.end(), p.zeros.begin(), p.zeros.end());
+    }
+  } else {
+    std::vector<uint8_t> bytes;
+    for (Module m : ms) {
+      const WeightTensor& t = w.at(layer, m).dense;
+      bytes.insert(bytes.end(), t.data, t.data + t.nbytes);
+    }
+    out.dense = WeightTensor::owned(first.dense.dtype, {N, K}, std::move(bytes));
+  }
+  if (R > 0) {
+    ECParams& e = out.ec.emplace();
+    e.in = K;
+    e.out = N;
+    e.rank = R;
+    e.gated = gated;
+    e.A.assign(R * K, 0.0f);
+    e.B.assign(N * R, 0.0f);
+    if (gated) {
+      e.G.assign(R * R, 0.0f);
+      e.c.assign(R, 0.0f);
+    }
+    int64_t n0 = 0, r0 = 0;  // where this member's rows and rank coordinates start
+    for (Module m : ms) {
+      const int64_t n = module_shape(c, m).out;
+      if (const auto& p = w.at(layer, m).ec) {
+        const int64_t r = p->rank;
+        std::copy(p->A.begin(), p->A.end(), e.A.begin() + r0 * K);
+        for (int64_t i = 0; i < n; ++i)
+          std::copy_n(&p->B[i * r], r, &e.B[(n0 + i) * R + r0]);
+        if (p->gated) {
+          for (int64_t i = 0; i < r; ++i) std::copy_n(&p->G[i * r], r, &e.G[(r0 + i) * R + r0]);
+          std::copy(p->c.begin(), p->c.end(), e.c.begin() + r0);
+        }
+        r0 += r;
+      }
+      n0 += n;
+    }
+  }
+  return out;
 }
 
 }  // namespace spear

@@ -80,4 +80,14 @@ struct LlamaWeights {
   int64_t ec_count() const;
 };
 
+// Modules of a layer that read the same input (Q, K, V; Gate, Up) as one module whose output
+// is theirs side by side: weights stacked by rows, and their ECs (if any) stacked into one
+// EC with A = [A_1; A_2; ...] (sum r, in), B block-diagonal (sum out, sum r) and, when any is
+// gated, G block-diagonal and c concatenated; an ungated member gets G = 0, c = 0 there
+// (γ ≡ 1: the same function). Exactly the members' outputs, concatenated. Empty (and `why`
+// set) when the members read different inputs, are stored differently (dense dtypes or quantization schemes
+// differ) or the stacked rank would exceed max_rank.
+std::optional<ModuleWeights> stack_modules(const LlamaWeights& w, int64_t layer, const std::vector<Module>& ms,
+                                           int64_t max_rank, std::string* why = nullptr);
+
 }  // namespace spear

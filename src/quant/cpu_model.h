@@ -11,5 +11,7 @@
 namespace spear {
 
 std::unique_ptr<LlamaModel> build_cpu_model(const LlamaWeights& w);
+// The CPU Linear for one module of the description (what build_cpu_model makes).
+std::unique_ptr<Linear> make_cpu_linear(const ModuleWeights& mw);
 
 }  // namespace spear

@@ -87,6 +87,7 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
       go.max_len = std::max(maxC, maxP);
       go.ec_path = variant == LatencyVariant::kW4EcNaive ? EcPath::kNaive : EcPath::kDispatch;
       go.autotune = o.autotune;
+      go.fuse_projections = o.fuse;
       auto t0 = clock::now();
       auto m = GpuModel::synthetic(cfg, spec, go);
       const GpuMemory& mem = m->memory();
@@ -164,7 +165,8 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
     }
   }
   const std::string md = std::string("GPU: ") + prop.name + ", copy-bandwidth ceiling " +
-                         std::to_string(static_cast<int>(ceiling)) + " GB/s\n\nDecode (per step, all sequences):\n\n" +
+                         std::to_string(static_cast<int>(ceiling)) + " GB/s; Q|K|V and Gate|Up " +
+                         (o.fuse ? "stacked (one GEMM each)" : "separate (--no-fuse)") + "\n\nDecode (per step, all sequences):\n\n" +
                          md_decode + "\nPrefill (one sequence):\n\n" + md_prefill + "\nModels:\n\n" + md_models;
   return {md, out.dump(1) + "\n"};
 }

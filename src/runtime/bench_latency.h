@@ -20,6 +20,7 @@ struct BenchLatencyOptions {
   double ec_budget = 0.01;
   int ec_rank = 32, group = 0, iters = 20;
   bool autotune = false;
+  bool fuse = true;  // Q|K|V and Gate|Up as one GEMM each (GpuOptions::fuse_projections)
 };
 
 struct BenchLatencyResult {

@@ -161,7 +161,10 @@ void quantize_with_ecs(LlamaWeights& w) {
       const int64_t N = shape.out, K = shape.in;
       slot.quant = quantize_rtn(slot.dense.to_f32().data(), N, K, QuantScheme{4, -1, false});
       slot.dense = WeightTensor{};
-      const bool ec_here = (l == 0 || l == L - 1) && (mod == Module::O || mod == Module::Down);
+      // O and Down alone; Q and V (layer 0, ungated) and Gate (last layer, gated) inside the
+      // stacked Q|K|V and Gate|Up GEMMs.
+      const bool ec_here = ((l == 0 || l == L - 1) && (mod == Module::O || mod == Module::Down)) ||
+                           (l == 0 && (mod == Module::Q || mod == Module::V)) || (l == L - 1 && mod == Module::Gate);
       if (ec_here) {
         ECParams p;
         p.in = K;
@@ -188,6 +191,9 @@ TEST(GpuModel, TinyFp16MatchesCpu) {
   REQUIRE_GPU();
   LlamaWeights m = load_hf_weights(test::tiny_model_dir());
   compare_engines(m, GpuOptions{}, 1e-2, "stories260K fp16");
+  GpuOptions o;
+  o.fuse_projections = false;
+  compare_engines(m, o, 1e-2, "stories260K fp16 unstacked");
 }
 
 TEST(GpuModel, TinyW4WithEcsMatchesCpu) {
@@ -201,6 +207,9 @@ TEST(GpuModel, TinyW4WithEcsMatchesCpu) {
   compare_engines(m, o, 1e-2, "stories260K W4+EC naive");
   o.graphs = false;
   compare_engines(m, o, 1e-2, "stories260K W4+EC no graphs");
+  o = GpuOptions{};
+  o.fuse_projections = false;  // one GEMM per module, outputs into the same strided buffers
+  compare_engines(m, o, 1e-2, "stories260K W4+EC unstacked");
 }
 
 TEST(GpuModel, MixlmMatchesCpu) {
