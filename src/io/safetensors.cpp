@@ -222,13 +222,17 @@ int64_t TensorView::numel() const {
   return n;
 }
 
-std::string TensorView::shape_str() const {
+std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) {
     if (i) s += ", ";
     s += std::to_string(shape[i]);
   }
   return s + ")";
+}
+
+std::string TensorView::shape_str() const {
+  return ::spear::shape_str(shape);
 }
 
 // --- MappedFile ---------------------------------------------------------------------

@@ -16,6 +16,9 @@
 
 namespace spear {
 
+// "(384, 1024)": a shape as error messages print it.
+std::string shape_str(const std::vector<int64_t>& shape);
+
 // A tensor inside a mapped file. `data` stays valid while the file that produced
 // it is alive.
 struct TensorView {

@@ -24,18 +24,13 @@ LlamaWeights load_hf_weights(const std::string& dir) {
     used.insert(name);
     return WeightTensor::view(t.dtype, t.shape, t.data, store);
   };
-  w.embed = get("model.embed_tokens.weight");
   w.layers.resize(cfg.num_layers);
-  for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    w.layers[l].attn_norm = get(p + "input_layernorm.weight");
-    w.layers[l].ffn_norm = get(p + "post_attention_layernorm.weight");
-    for (Module m : kAllModules) w.at(l, m).dense = get(p + std::string(module_name(m)) + ".weight");
-  }
-  w.final_norm = get("model.norm.weight");
+  for (const auto& t : unquantized_tensors(w)) *t.tensor = get(t.name);
+  for (int64_t l = 0; l < cfg.num_layers; ++l)
+    for (Module m : kAllModules)
+      w.at(l, m).dense = get("model.layers." + std::to_string(l) + "." + std::string(module_name(m)) + ".weight");
   // A tied checkpoint may still carry lm_head.weight (a copy of the embeddings): ignored.
-  if (!cfg.tie_word_embeddings) w.lm_head = get("lm_head.weight");
-  else used.insert("lm_head.weight");
+  if (cfg.tie_word_embeddings) used.insert("lm_head.weight");
   w.validate(dir);
   for (const std::string& n : store->names())
     if (!used.count(n) && n.find("rotary_emb") == std::string::npos)

@@ -62,28 +62,8 @@ std::string read_file_bytes(const std::string& path) {
   return ss.str();
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "(";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + ")";
-}
-
 std::string module_prefix(int64_t l, Module m) {
   return "model.layers." + std::to_string(l) + "." + std::string(module_name(m));
-}
-
-// The unquantized tensors of a model, by name, in the order a .spear file stores them.
-std::vector<std::pair<std::string, const WeightTensor*>> dense_tensors(const LlamaWeights& w) {
-  std::vector<std::pair<std::string, const WeightTensor*>> r;
-  r.push_back({"model.embed_tokens.weight", &w.embed});
-  for (int64_t l = 0; l < static_cast<int64_t>(w.layers.size()); ++l) {
-    std::string p = "model.layers." + std::to_string(l) + ".";
-    r.push_back({p + "input_layernorm.weight", &w.layers[l].attn_norm});
-    r.push_back({p + "post_attention_layernorm.weight", &w.layers[l].ffn_norm});
-  }
-  r.push_back({"model.norm.weight", &w.final_norm});
-  if (!w.config.tie_word_embeddings) r.push_back({"lm_head.weight", &w.lm_head});
-  return r;
 }
 
 std::vector<uint16_t> to_f16(const std::vector<float>& v) {
@@ -157,7 +137,8 @@ void write_spear(const std::string& path, const SpearArtifact& a) {
   if (!a.tokenizer_json.empty())
     tensors.push_back({"spear.tokenizer_json", DType::U8,
                        {static_cast<int64_t>(a.tokenizer_json.size())}, a.tokenizer_json.data()});
-  for (const auto& [name, t] : dense_tensors(a.weights)) tensors.push_back({name, t->dtype, t->shape, t->data});
+  for (const auto& t : unquantized_tensors(a.weights))
+    tensors.push_back({t.name, t.tensor->dtype, t.tensor->shape, t.tensor->data});
   std::vector<std::vector<uint16_t>> f16_store;  // keeps EC fp16 buffers alive
   f16_store.reserve(static_cast<size_t>(a.config().num_layers) * kNumModules * 4);
   nlohmann::json mods = nlohmann::json::array();
@@ -289,15 +270,7 @@ SpearArtifact read_spear(const std::string& path) {
     used.insert(name);
     return WeightTensor::view(t->dtype, t->shape, t->data, f);
   };
-  const int64_t D = cfg.hidden_size;
-  w.embed = dense("model.embed_tokens.weight", {cfg.vocab_size, D});
-  for (int64_t l = 0; l < cfg.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    w.layers[l].attn_norm = dense(p + "input_layernorm.weight", {D});
-    w.layers[l].ffn_norm = dense(p + "post_attention_layernorm.weight", {D});
-  }
-  w.final_norm = dense("model.norm.weight", {D});
-  if (!cfg.tie_word_embeddings) w.lm_head = dense("lm_head.weight", {cfg.vocab_size, D});
+  for (const auto& t : unquantized_tensors(w)) *t.tensor = dense(t.name, t.shape);
   // Per-module scheme and EC shape come from the metadata; the tensors must agree.
   if (!a.meta.contains("modules") || !a.meta["modules"].is_array() ||
       static_cast<int64_t>(a.meta["modules"].size()) != cfg.num_layers * kNumModules)

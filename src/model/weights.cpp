@@ -15,12 +15,6 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
   return n;
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string r = "(";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + ")";
-}
-
 }  // namespace
 
 WeightTensor WeightTensor::owned(DType dtype, std::vector<int64_t> shape, std::vector<uint8_t> bytes) {
@@ -78,6 +72,36 @@ std::vector<float> WeightTensor::to_f32() const {
   return r;
 }
 
+namespace {
+
+template <class T, class W>
+std::vector<NamedTensor<T>> named_unquantized(W& w) {
+  const ModelConfig& c = w.config;
+  const int64_t D = c.hidden_size;
+  SPEAR_CHECK(static_cast<int64_t>(w.layers.size()) == c.num_layers,
+              std::to_string(w.layers.size()) + " layers, the config says " + std::to_string(c.num_layers));
+  std::vector<NamedTensor<T>> r;
+  r.push_back({"model.embed_tokens.weight", &w.embed, {c.vocab_size, D}});
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    r.push_back({p + "input_layernorm.weight", &w.layers[l].attn_norm, {D}});
+    r.push_back({p + "post_attention_layernorm.weight", &w.layers[l].ffn_norm, {D}});
+  }
+  r.push_back({"model.norm.weight", &w.final_norm, {D}});
+  if (!c.tie_word_embeddings) r.push_back({"lm_head.weight", &w.lm_head, {c.vocab_size, D}});
+  return r;
+}
+
+}  // namespace
+
+std::vector<NamedTensor<WeightTensor>> unquantized_tensors(LlamaWeights& w) {
+  return named_unquantized<WeightTensor>(w);
+}
+
+std::vector<NamedTensor<const WeightTensor>> unquantized_tensors(const LlamaWeights& w) {
+  return named_unquantized<const WeightTensor>(w);
+}
+
 void LlamaWeights::validate(const std::string& label) const {
   const ModelConfig& c = config;
   auto fail = [&](const std::string& why) { throw Error(label + ": " + why); };
@@ -92,14 +116,11 @@ void LlamaWeights::validate(const std::string& label) const {
     if (t.nbytes != static_cast<size_t>(numel_of(shape)) * dtype_size(t.dtype))
       fail("tensor '" + name + "' has the wrong byte size");
   };
-  const int64_t D = c.hidden_size;
-  check(embed, "model.embed_tokens.weight", {c.vocab_size, D});
   if (static_cast<int64_t>(layers.size()) != c.num_layers)
     fail(std::to_string(layers.size()) + " layers, the config says " + std::to_string(c.num_layers));
+  for (const auto& t : unquantized_tensors(*this)) check(*t.tensor, t.name, t.shape);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    check(layers[l].attn_norm, p + "input_layernorm.weight", {D});
-    check(layers[l].ffn_norm, p + "post_attention_layernorm.weight", {D});
     for (Module m : kAllModules) {
       const ModuleWeights& mw = at(l, m);
       const ModuleShape s = module_shape(c, m);
@@ -118,12 +139,8 @@ void LlamaWeights::validate(const std::string& label) const {
         fail(name + ".ec: shape does not match the module");
     }
   }
-  check(final_norm, "model.norm.weight", {D});
-  if (c.tie_word_embeddings) {
-    if (!lm_head.empty()) fail("the config ties the head to the embeddings, but lm_head.weight is present");
-  } else {
-    check(lm_head, "lm_head.weight", {c.vocab_size, D});
-  }
+  if (c.tie_word_embeddings && !lm_head.empty())
+    fail("the config ties the head to the embeddings, but lm_head.weight is present");
 }
 
 int64_t LlamaWeights::ec_count() const {

@@ -80,6 +80,20 @@ struct LlamaWeights {
   int64_t ec_count() const;
 };
 
+// The unquantized tensors (all but the linear modules) by their Hugging Face names, with the
+// shape the config implies, in the order checkpoints and .spear files list them: embeddings,
+// each layer's two norms, the final norm, and the head unless tied. The one table of those
+// names: loaders fill through it, validate() and write_spear() read through it. `w.layers`
+// must have num_layers entries.
+template <class T>
+struct NamedTensor {
+  std::string name;
+  T* tensor = nullptr;
+  std::vector<int64_t> shape;
+};
+std::vector<NamedTensor<WeightTensor>> unquantized_tensors(LlamaWeights& w);
+std::vector<NamedTensor<const WeightTensor>> unquantized_tensors(const LlamaWeights& w);
+
 // Modules of a layer that read the same input (Q, K, V; Gate, Up) as one module whose output
 // is theirs side by side: weights stacked by rows, and their ECs (if any) stacked into one
 // EC with A = [A_1; A_2; ...] (sum r, in), B block-diagonal (sum out, sum r) and, when any is
