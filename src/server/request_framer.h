@@ -49,6 +49,7 @@ class RequestFramer {
   bool take_continue();
 
   const std::string& request() const { return out_; }
+  std::string take_request() { return std::move(out_); }  // after Complete; no copy
   int status() const { return status_; }
   const std::string& code() const { return code_; }
   const std::string& message() const { return message_; }

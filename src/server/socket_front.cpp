@@ -115,6 +115,7 @@ void SocketFront::stop() {
   for (auto& t : workers_) t.join();
   workers_.clear();
   for (auto& [fd, c] : conns_) ::close(fd);
+  returned_.clear();  // those connections were in conns_ too
   conns_.clear();
   per_ip_.clear();
   if (listening_ && listen_fd_ >= 0) ::close(listen_fd_);
@@ -242,6 +243,7 @@ void SocketFront::accept_all() {
     ev.events = EPOLLIN;
     ev.data.fd = fd;
     epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    cp->mode = Conn::Mode::Receiving;  // the head deadline runs from the accept
     cp->deadline_ms = now_ms() + opt_.header_timeout_ms;
     if (static_cast<int>(conns_.size()) > opt_.max_connections) {
       cp->ip.clear();
@@ -307,7 +309,7 @@ void SocketFront::dispatch(Conn* c) {
   c->mode = Conn::Mode::Serving;
   c->body_clock = false;
   c->served++;
-  Job job{c, c->framer.request(), stop_accepting_.load() || c->served >= opt_.max_requests_per_connection};
+  Job job{c, c->framer.take_request(), stop_accepting_.load() || c->served >= opt_.max_requests_per_connection};
   c->framer.reset();
   in_flight_.fetch_add(1);
   {
