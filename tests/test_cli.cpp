@@ -78,6 +78,16 @@ TEST(Cli, JsonOutputs) {
   ASSERT_EQ(t.status, 0) << t.err;
   EXPECT_EQ(json::parse(t.out)["ids"], json::parse("[1, 403, 407, 261, 378]"));
 
+  // The empty text is BOS alone, as Hugging Face encodes "" (issue 14); without
+  // BOS it is no tokens. Giving neither --text nor --file stays an error.
+  CliRun e = run_cli("tokenize --model " + model + " --text '' --json");
+  ASSERT_EQ(e.status, 0) << e.err;
+  EXPECT_EQ(json::parse(e.out)["ids"], json::parse("[1]"));
+  CliRun en = run_cli("tokenize --model " + model + " --text '' --no-special --json");
+  ASSERT_EQ(en.status, 0) << en.err;
+  EXPECT_EQ(json::parse(en.out)["ids"], json::array());
+  expect_clean_error(run_cli("tokenize --model " + model), "give --text or --file");
+
   CliRun g = run_cli("generate --model " + model + " --prompt 'Once upon a time' -n 24 --json");
   ASSERT_EQ(g.status, 0) << g.err;
   json gj = json::parse(g.out);

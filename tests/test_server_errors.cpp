@@ -82,6 +82,21 @@ std::vector<Case> cases() {
       {"chat top_logprobs without logprobs", "POST", "/v1/chat/completions", R"({"messages":[{"role":"user","content":"x"}],"top_logprobs":2})", 400, "invalid_value"},
       {"chat max_tokens zero", "POST", "/v1/chat/completions", R"({"messages":[{"role":"user","content":"x"}],"max_tokens":0})", 400, "invalid_value"},
       {"body too large", "POST", "/v1/completions", "{\"prompt\":\"" + std::string(2u << 20, 'a') + "\"}", 413, "payload_too_large"},
+      // One policy for unknown fields on both endpoints (issue 14).
+      {"unknown field", "POST", "/v1/completions", R"({"prompt":"a","foo":1})", 400, "unknown_parameter"},
+      {"unknown field chat", "POST", "/v1/chat/completions", R"({"messages":[{"role":"user","content":"x"}],"foo":1})", 400, "unknown_parameter"},
+      {"guided_json", "POST", "/v1/completions", R"({"prompt":"a","guided_json":{"type":"object"}})", 400, "unsupported_parameter"},
+      {"tools on completions", "POST", "/v1/completions", R"({"prompt":"a","tools":[{"type":"function"}]})", 400, "unsupported_parameter"},
+      {"json mode on completions", "POST", "/v1/completions", R"({"prompt":"a","response_format":{"type":"json_object"}})", 400, "unsupported_parameter"},
+      {"tool_choice required", "POST", "/v1/chat/completions", R"({"messages":[{"role":"user","content":"x"}],"tool_choice":"required"})", 400, "unsupported_parameter"},
+      // Trailing garbage and NUL bytes after valid JSON.
+      {"trailing garbage", "POST", "/v1/completions", R"({"prompt":"a"} xyz)", 400, "invalid_json"},
+      {"NUL then garbage", "POST", "/v1/completions", std::string("{\"prompt\":\"a\"}\0garbage", 23), 400, "invalid_json"},
+      {"NUL alone after", "POST", "/v1/completions", std::string("{\"prompt\":\"a\"}\0", 15), 400, "invalid_json"},
+      // Content-Type must be JSON on POST.
+      {"text/plain", "POST", "/v1/completions", R"({"prompt":"a","max_tokens":1})", 415, "unsupported_media_type", {{"Content-Type", "text/plain"}}},
+      {"form", "POST", "/v1/chat/completions", R"({"messages":[{"role":"user","content":"x"}]})", 415, "unsupported_media_type", {{"Content-Type", "application/x-www-form-urlencoded"}}},
+      {"json with charset", "POST", "/v1/completions", R"({"prompt":"a","max_tokens":0})", 400, "invalid_value", {{"Content-Type", "Application/JSON; charset=utf-8"}}},
   };
 }
 

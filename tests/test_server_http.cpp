@@ -46,7 +46,7 @@ TEST(ServerHttp, CompletionMatchesDirectGeneration) {
   GenerateResult ref = generate(*s.model, prompt, g);
   EXPECT_EQ(completion_text(s, prompt, 20), s.tok->decode(ref.ids));
   // The same through a text prompt.
-  server::HttpResult r = s.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 20}, {"ignore_eos", true}});
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 20}, {"ignore_eos", true}, {"temperature", 0}});
   ASSERT_EQ(r.status, 200) << r.body;
   json j = parse(r.body);
   EXPECT_EQ(j["choices"][0]["text"], s.tok->decode(ref.ids));
@@ -88,7 +88,7 @@ TEST(ServerHttp, StreamingCompletionAndChat) {
   std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
   std::string whole = completion_text(s, prompt, 24);
   server::HttpResult r = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 24}, {"ignore_eos", true},
-                                                    {"stream", true}, {"stream_options", {{"include_usage", true}}}});
+                                                    {"temperature", 0}, {"stream", true}, {"stream_options", {{"include_usage", true}}}});
   ASSERT_EQ(r.status, 200);
   ASSERT_GE(r.events.size(), 3u);
   EXPECT_EQ(r.events.back(), "[DONE]");
@@ -136,7 +136,7 @@ TEST(ServerHttp, StopStringsCutTheText) {
   ASSERT_GT(whole.size(), 12u);
   const std::string stop = whole.substr(8, 3);
   for (bool stream : {false, true}) {
-    json body{{"prompt", prompt}, {"max_tokens", 30}, {"stop", stop}, {"stream", stream}};
+    json body{{"prompt", prompt}, {"max_tokens", 30}, {"stop", stop}, {"stream", stream}, {"temperature", 0}};
     server::HttpResult r = s.post("/v1/completions", body);
     ASSERT_EQ(r.status, 200);
     std::string text, reason;
@@ -193,7 +193,7 @@ TEST(ServerHttp, EchoLogprobsAsLmEvalReadsThem) {
 TEST(ServerHttp, SeveralPromptsInOneCall) {
   TestServer s;
   auto a = s.tok->encode("The little dog", true), b = s.tok->encode("A cat", true);
-  server::HttpResult r = s.post("/v1/completions", {{"prompt", {a, b}}, {"max_tokens", 6}, {"ignore_eos", true}});
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", {a, b}}, {"max_tokens", 6}, {"ignore_eos", true}, {"temperature", 0}});
   ASSERT_EQ(r.status, 200) << r.body;
   json j = parse(r.body);
   ASSERT_EQ(j["choices"].size(), 2u);

@@ -3,7 +3,9 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <thread>
 #include <filesystem>
 #include <memory>
 
@@ -44,6 +46,7 @@ void register_serve(CLI::App& app) {
     EngineConfig eng;
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
     int64_t kv_cache_mb = 0, max_body_mb = 8;
+    double shutdown_timeout_s = 30;
     bool no_profile = false;
   };
   auto o = std::make_shared<Opts>();
@@ -62,8 +65,24 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--kv-cache-mb", o->kv_cache_mb, "KV cache memory (0 = max-batch full-length sequences, at most 512)")->capture_default_str();
   cmd->add_option("--block-size", o->eng.block_size, "Positions per KV block")->capture_default_str();
   cmd->add_option("--max-queue", o->eng.max_waiting, "Waiting requests at most (then 429)")->capture_default_str();
-  cmd->add_option("--http-threads", o->http.http_threads, "Connections served at once")->capture_default_str();
-  cmd->add_option("--max-body-mb", o->max_body_mb, "Largest request body")->capture_default_str();
+  cmd->add_option("--http-threads", o->http.http_threads, "Requests served at once (slow senders take none)")->capture_default_str();
+  cmd->add_option("--max-body-mb", o->max_body_mb, "Largest request body, after de-chunking and decompressing (413)")->capture_default_str();
+  cmd->add_option("--header-timeout", o->http.header_timeout_s, "Seconds for a request's head to arrive (408)")
+      ->check(CLI::Range(1, 3600))->capture_default_str();
+  cmd->add_option("--body-timeout", o->http.body_timeout_s, "Seconds for a request's body to arrive after its head (408)")
+      ->check(CLI::Range(1, 3600))->capture_default_str();
+  cmd->add_option("--keep-alive-timeout", o->http.keep_alive_timeout_s, "Seconds an idle connection stays open")
+      ->check(CLI::Range(1, 3600))->capture_default_str();
+  cmd->add_option("--max-connections", o->http.max_connections, "Open connections at most (503 beyond)")
+      ->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  cmd->add_option("--max-connections-per-ip", o->http.max_connections_per_ip,
+                  "Open connections per client address at most (429 beyond)")
+      ->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  cmd->add_flag("--allow-unknown-fields", o->http.allow_unknown_fields,
+                "Ignore request fields spear does not know instead of refusing them (400)");
+  cmd->add_option("--shutdown-timeout", o->shutdown_timeout_s,
+                  "On SIGTERM/SIGINT: seconds in-flight requests may finish before they are cancelled")
+      ->check(CLI::Range(0.0, 86400.0))->capture_default_str();
   add_device_option(cmd, o->device);
   cmd->add_option("--gpu-memory-fraction", o->gpu_memory_fraction,
                   "--device cuda: the share of GPU memory to use; the KV cache takes what the weights leave")
@@ -152,9 +171,21 @@ void register_serve(CLI::App& app) {
 
     int sig = 0;
     sigwait(&sigs, &sig);
-    std::fprintf(stderr, "spear: stopping (signal %d)\n", sig);
-    http.stop();
+    std::fprintf(stderr, "spear: stopping (signal %d): no new connections; in-flight requests have %g s\n",
+                 sig, o->shutdown_timeout_s);
+    std::fflush(stderr);
+    // A second signal cancels what is still in flight at once.
+    std::atomic<bool> drained{false};
+    std::thread second([&http, &drained, sigs] {
+      int s2 = 0;
+      if (sigwait(&sigs, &s2) == 0 && !drained.load()) http.cancel_in_flight();
+    });
+    http.drain(o->shutdown_timeout_s);
+    drained.store(true);
+    pthread_kill(second.native_handle(), SIGTERM);  // ends its sigwait
+    second.join();
     engine.stop();
+    std::fprintf(stderr, "spear: stopped\n");
   });
 }
 

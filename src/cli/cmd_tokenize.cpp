@@ -23,8 +23,10 @@ void register_tokenize(CLI::App& app) {
   t->excludes(f);
   cmd->add_flag("--no-special", o->no_special, "Do not add BOS/post-processor tokens");
   cmd->add_flag("--json", o->json, "Print {\"ids\": [...]}");
-  cmd->callback([o] {
-    SPEAR_CHECK(!o->text.empty() || !o->file.empty(), "tokenize: give --text or --file");
+  cmd->callback([o, t, f] {
+    // An empty --text is a text like any other (BOS alone where the tokenizer adds it,
+    // as Hugging Face encodes ""); only giving neither option is an error.
+    SPEAR_CHECK(t->count() > 0 || f->count() > 0, "tokenize: give --text or --file");
     Tokenizer tok = Tokenizer::from_file(
         (std::filesystem::path(o->model) / "tokenizer.json").string());
     std::string text = o->file.empty() ? o->text : read_text_file(o->file);

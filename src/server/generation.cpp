@@ -54,10 +54,12 @@ json bytes_of(const std::string& s) {
 
 // One choice: an engine request and what has been made of its events so far.
 struct Choice {
-  Choice(const Tokenizer& tok, std::vector<std::string> stops) : dec(tok), stop(std::move(stops)) {}
+  Choice(const Tokenizer& tok, std::vector<std::string> stops)
+      : dec(tok), prompt_dec(tok), stop(std::move(stops)) {}
   std::shared_ptr<RequestStream> stream;
   std::vector<int32_t> prompt;
   StreamDecoder dec;
+  StreamDecoder prompt_dec;  // echo: the prompt tokens' pieces of the echoed text
   StopMatcher stop;
   std::string text;          // all text shown so far (after the echo prefix)
   std::string pending_text;  // not yet sent (streaming)
@@ -66,9 +68,10 @@ struct Choice {
   json lp_all = json::array();      // every logprob entry (non-streaming)
   int64_t generated = 0;
   bool done = false, error = false, sent_final = false;
-  std::string prompt_text_so_far;  // echo: decoded prompt tokens, for text_offset
+  size_t prompt_seen = 0;          // echo: prompt token events so far
+  int64_t prompt_offset = 0;       // echo: bytes of the echoed text before the next prompt token
   std::string finish_reason, error_message;
-  int64_t text_offset = 0;
+  int64_t text_offset = 0;         // bytes of the text (echo included) before the next token
 };
 
 class Session {
@@ -220,6 +223,16 @@ class Session {
     return out;
   }
 
+  // The stream cut short by a shutdown: what was generated so far, then an error
+  // event and [DONE], so that a client sees the end rather than a dropped connection.
+  std::string shutdown_tail() {
+    cancel_all();
+    std::string out = take_stream_chunks();
+    out += sse(error_json("the server is shutting down; the stream was cut short", "server_error",
+                          "server_shutdown"));
+    return out + "data: [DONE]\n\n";
+  }
+
   std::string stream_tail() const {
     std::string out;
     std::string err;
@@ -290,9 +303,11 @@ class Session {
     return {{"token", text}, {"logprob", lp}, {"bytes", bytes_of(text)}, {"top_logprobs", tl}};
   }
 
-  void add_logprob(Choice& c, const TokenEvent& ev, int64_t offset) {
+  // `piece`: the token's exact slice of the returned text (echoed prompt tokens);
+  // otherwise the token's own text.
+  void add_logprob(Choice& c, const TokenEvent& ev, int64_t offset, const std::string* piece = nullptr) {
     if (spec_.logprobs < 0) return;
-    const std::string text = token_text(*st_.tok, ev.id);
+    const std::string text = piece ? *piece : token_text(*st_.tok, ev.id);
     json e;
     if (spec_.chat) {
       e = chat_logprob(text, ev.lp.logprob, ev.lp.top);
@@ -308,19 +323,24 @@ class Session {
 
   void on_event(Choice& c, const TokenEvent& ev) {
     if (ev.is_prompt) {
-      // Echo: offsets of prompt tokens within the decoded prompt.
-      const int64_t offset = static_cast<int64_t>(c.prompt_text_so_far.size());
-      c.prompt_text_so_far += token_text(*st_.tok, ev.id);
-      add_logprob(c, ev, offset);
+      // Echo: each prompt token is shown as its piece of the echoed text (decode of the
+      // prompt: no BOS, no SentencePiece space the text does not hold), so that the
+      // offsets slice the text into exactly the tokens shown. Bytes of a character
+      // split over several tokens belong to its last token.
+      std::string piece = c.prompt_dec.push(ev.id);
+      if (++c.prompt_seen == c.prompt.size()) piece += c.prompt_dec.finish();
+      add_logprob(c, ev, c.prompt_offset, &piece);
+      c.prompt_offset += static_cast<int64_t>(piece.size());
       return;
     }
     c.generated++;
     c.pending_tokens++;
     add_logprob(c, ev, c.text_offset);
-    std::string shown = c.stop.push(c.dec.push(ev.id));
+    const std::string piece = c.dec.push(ev.id);
+    c.text_offset += static_cast<int64_t>(piece.size());  // where the next token's text starts
+    std::string shown = c.stop.push(piece);
     c.text += shown;
     c.pending_text += shown;
-    c.text_offset += static_cast<int64_t>(shown.size());
     if (c.stop.stopped()) {
       c.stream->cancel();  // the engine frees the sequence at its next step
       c.done = true;
@@ -356,7 +376,7 @@ class Session {
 }  // namespace
 
 void run_generation(const ServeState& st, GenSpec spec, const httplib::Request& req,
-                    httplib::Response& res, const std::atomic<bool>& stopping) {
+                    httplib::Response& res, const std::atomic<bool>& cancel) {
   using namespace std::chrono_literals;
   const bool stream = spec.stream;
   auto session = std::make_shared<Session>(st, std::move(spec));
@@ -364,10 +384,15 @@ void run_generation(const ServeState& st, GenSpec spec, const httplib::Request& 
   auto watch = std::make_shared<ConnectionWatch>(req);
   if (!stream) {
     while (!session->poll(50ms)) {
-      if (watch->peer_closed() || stopping.load()) {
+      if (watch->peer_closed()) {
         session->cancel_all();
         res.status = 499;  // client closed request (nginx's code); nobody reads it
         return;
+      }
+      if (cancel.load()) {
+        session->cancel_all();
+        throw ApiError(503, "the server is shutting down; the request was cancelled", "server_error",
+                       "server_shutdown");
       }
     }
     std::string err;
@@ -379,7 +404,7 @@ void run_generation(const ServeState& st, GenSpec spec, const httplib::Request& 
   res.set_header("X-Accel-Buffering", "no");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [session, watch, &stopping](size_t, httplib::DataSink& sink) {
+      [session, watch, &cancel](size_t, httplib::DataSink& sink) {
         const bool all = session->poll(50ms);
         std::string out = session->take_stream_chunks();
         if (!out.empty() && !sink.write(out.data(), out.size())) {
@@ -392,7 +417,13 @@ void run_generation(const ServeState& st, GenSpec spec, const httplib::Request& 
           sink.done();
           return true;
         }
-        if (watch->peer_closed() || stopping.load()) {
+        if (cancel.load()) {
+          std::string tail = session->shutdown_tail();
+          sink.write(tail.data(), tail.size());
+          sink.done();
+          return true;
+        }
+        if (watch->peer_closed()) {
           session->cancel_all();
           return false;
         }

@@ -38,8 +38,10 @@ struct ServeState {
 };
 
 // Throws ApiError for failures before anything is sent (429 queue full, 400, 503).
+// `cancel` (the server is shutting down) ends the request: a stream with an error
+// event and [DONE], a JSON request with a 503.
 void run_generation(const ServeState& st, GenSpec spec, const httplib::Request& req,
-                    httplib::Response& res, const std::atomic<bool>& stopping);
+                    httplib::Response& res, const std::atomic<bool>& cancel);
 
 // The text OpenAI clients see for one token (logprobs `tokens` entries).
 std::string token_text(const Tokenizer& tok, int32_t id);

@@ -1,5 +1,7 @@
 #include "server/http_client.h"
 
+#include <strings.h>
+
 #include <chrono>
 
 #include "core/error.h"
@@ -56,8 +58,12 @@ HttpResult http_post(const Url& url, const std::string& path, const std::string&
   req.method = "POST";
   req.path = path;
   req.body = body;
-  req.set_header("Content-Type", "application/json");
-  for (const auto& [k, v] : opt.headers) req.set_header(k, v);
+  bool has_type = false;
+  for (const auto& [k, v] : opt.headers) {
+    req.set_header(k, v);
+    has_type = has_type || strcasecmp(k.c_str(), "Content-Type") == 0;
+  }
+  if (!has_type) req.set_header("Content-Type", "application/json");
   req.response_handler = [&](const httplib::Response& r) {
     out.status = r.status;
     is_sse = r.get_header_value("Content-Type").find("text/event-stream") == 0;

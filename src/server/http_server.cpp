@@ -1,10 +1,15 @@
 #include "server/http_server.h"
 
+#include <netdb.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -14,6 +19,7 @@
 #include "server/httplib_config.h"
 #include "server/json_fields.h"
 #include "server/protocol.h"
+#include "server/socket_front.h"
 #include "tokenizer/tokenizer.h"
 
 namespace spear::server {
@@ -22,11 +28,84 @@ using nlohmann::json;
 
 namespace {
 
-// httplib::Server with access to its listening socket (to raise the backlog).
+// httplib::Server with access to its listening socket (bound by the library, then
+// served by SocketFront) and to its request processing (routing, handlers, response
+// writing) for one request that SocketFront has received in full.
 class Listener : public httplib::Server {
  public:
   int socket_fd() const { return static_cast<int>(svr_sock_.load()); }
+  // SocketFront closed the socket; the library must not use the number again.
+  void forget_socket() { svr_sock_ = INVALID_SOCKET; }
+  bool serve(httplib::Stream& strm, bool close_connection, bool& connection_closed) {
+    return process_request(strm, close_connection, connection_closed, nullptr);
+  }
 };
+
+void endpoint_of(int fd, bool peer, std::string& ip, int& port) {
+  sockaddr_storage a{};
+  socklen_t len = sizeof a;
+  int r = peer ? getpeername(fd, reinterpret_cast<sockaddr*>(&a), &len)
+               : getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  char host[NI_MAXHOST], serv[NI_MAXSERV];
+  if (r != 0 || getnameinfo(reinterpret_cast<sockaddr*>(&a), len, host, sizeof host, serv, sizeof serv,
+                            NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+    return;
+  ip = host;
+  port = std::atoi(serv);
+}
+
+// One framed request (in memory) in, the response out to the socket.
+class FramedStream : public httplib::Stream {
+ public:
+  FramedStream(int fd, const std::string& request, int write_timeout_ms)
+      : fd_(fd), req_(request), write_timeout_ms_(write_timeout_ms) {}
+  bool is_readable() const override { return pos_ < req_.size(); }
+  bool is_writable() const override {
+    if (failed_) return false;
+    pollfd p{fd_, POLLOUT, 0};
+    return ::poll(&p, 1, write_timeout_ms_) > 0 && !(p.revents & (POLLERR | POLLHUP));
+  }
+  ssize_t read(char* ptr, size_t size) override {
+    const size_t n = std::min(size, req_.size() - pos_);
+    std::memcpy(ptr, req_.data() + pos_, n);
+    pos_ += n;
+    return static_cast<ssize_t>(n);
+  }
+  ssize_t write(const char* ptr, size_t size) override {
+    if (failed_ || !SocketFront::write_all(fd_, ptr, size, write_timeout_ms_)) {
+      failed_ = true;
+      return -1;
+    }
+    return static_cast<ssize_t>(size);
+  }
+  void get_remote_ip_and_port(std::string& ip, int& port) const override { endpoint_of(fd_, true, ip, port); }
+  void get_local_ip_and_port(std::string& ip, int& port) const override { endpoint_of(fd_, false, ip, port); }
+  socket_t socket() const override { return fd_; }
+  bool failed() const { return failed_; }
+
+ private:
+  int fd_;
+  const std::string& req_;
+  size_t pos_ = 0;
+  int write_timeout_ms_;
+  bool failed_ = false;
+};
+
+// The body of a POST: JSON only (a web page cannot send application/json across
+// origins without a CORS preflight, which this server never grants).
+json request_json(const httplib::Request& req) {
+  const std::string ct = req.get_header_value("Content-Type");
+  std::string media = ct.substr(0, ct.find(';'));
+  media.erase(0, media.find_first_not_of(" \t"));
+  media.erase(media.find_last_not_of(" \t") + 1);
+  std::transform(media.begin(), media.end(), media.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (media != "application/json")
+    throw ApiError(415,
+                   ct.empty() ? "the request has no Content-Type; send 'Content-Type: application/json'"
+                              : "Content-Type '" + ct + "' is not accepted; send 'Content-Type: application/json'",
+                   "invalid_request_error", "unsupported_media_type");
+  return parse_body(req.body);
+}
 
 void send_json(httplib::Response& res, int status, const json& j) {
   res.status = status;
@@ -52,6 +131,11 @@ class HttpServer::Impl {
 HttpServer::HttpServer(ServerOptions opt) : impl_(std::make_unique<Impl>()), opt_(std::move(opt)) {
   SPEAR_CHECK(opt_.http_threads >= 1 && opt_.http_threads <= 4096, "--http-threads must be in [1, 4096]");
   SPEAR_CHECK(opt_.port >= 0 && opt_.port <= 65535, "--port must be in [0, 65535]");
+  SPEAR_CHECK(opt_.header_timeout_s >= 1 && opt_.body_timeout_s >= 1 && opt_.keep_alive_timeout_s >= 1 &&
+                  opt_.write_timeout_s >= 1,
+              "HTTP timeouts must be at least 1 s");
+  SPEAR_CHECK(opt_.max_connections >= 1 && opt_.max_connections_per_ip >= 1,
+              "connection caps must be at least 1");
 }
 
 HttpServer::~HttpServer() { stop(); }
@@ -59,6 +143,9 @@ HttpServer::~HttpServer() { stop(); }
 void HttpServer::set_ready(ServeState state) {
   state_ = std::make_unique<ServeState>(std::move(state));
   state_->retry_after_s = opt_.retry_after_s;
+  state_->limits.allow_unknown_fields = opt_.allow_unknown_fields;
+  if (state_->limits.max_prompt_bytes == 0 && state_->tok)
+    state_->limits.max_prompt_bytes = prompt_byte_bound(*state_->tok, state_->limits.max_model_len);
   ready_.store(true);
 }
 
@@ -66,14 +153,8 @@ void HttpServer::start() {
   // A client that vanishes mid-write must be an error code, never a signal.
   signal(SIGPIPE, SIG_IGN);
   Listener& svr = impl_->svr;
-  const int threads = opt_.http_threads;
-  svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
-  svr.set_payload_max_length(opt_.max_body_bytes);
-  svr.set_read_timeout(opt_.read_timeout_s, 0);
+  svr.set_payload_max_length(opt_.max_body_bytes);  // SocketFront enforces it first
   svr.set_write_timeout(opt_.write_timeout_s, 0);
-  svr.set_keep_alive_max_count(100);
-  svr.set_keep_alive_timeout(5);
-  svr.set_tcp_nodelay(true);  // SSE tokens are small writes; Nagle would delay them
 
   auto authorized = [this](const httplib::Request& req, httplib::Response& res) {
     if (opt_.api_key.empty()) return true;
@@ -145,15 +226,15 @@ void HttpServer::start() {
   };
   svr.Post("/v1/completions", guarded("/v1/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
-    GenSpec g = parse_completion_request(parse_body(req.body), *st.tok, st.limits);
+    GenSpec g = parse_completion_request(request_json(req), *st.tok, st.limits);
     check_model(g);
-    run_generation(st, std::move(g), req, res, stopping_);
+    run_generation(st, std::move(g), req, res, cancel_);
   }));
   svr.Post("/v1/chat/completions", guarded("/v1/chat/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
-    GenSpec g = parse_chat_request(parse_body(req.body), *st.tok, st.tmpl, st.limits);
+    GenSpec g = parse_chat_request(request_json(req), *st.tok, st.tmpl, st.limits);
     check_model(g);
-    run_generation(st, std::move(g), req, res, stopping_);
+    run_generation(st, std::move(g), req, res, cancel_);
   }));
   // The right path with the wrong method: 405, not 404.
   for (const char* p : {"/v1/completions", "/v1/chat/completions"})
@@ -195,13 +276,44 @@ void HttpServer::start() {
   // The library listens with a backlog of 5; hundreds of clients connecting at once
   // would see dropped SYNs and second-long retries. listen() again raises it.
   if (svr.socket_fd() >= 0) ::listen(svr.socket_fd(), opt_.listen_backlog);
-  thread_ = std::thread([this] { impl_->svr.listen_after_bind(); });
+
+  FrontOptions fo;
+  fo.framing.max_body_bytes = opt_.max_body_bytes;
+  fo.workers = opt_.http_threads;
+  fo.header_timeout_ms = opt_.header_timeout_s * 1000;
+  fo.body_timeout_ms = opt_.body_timeout_s * 1000;
+  fo.keep_alive_timeout_ms = opt_.keep_alive_timeout_s * 1000;
+  fo.write_timeout_ms = opt_.write_timeout_s * 1000;
+  fo.max_connections = opt_.max_connections;
+  fo.max_connections_per_ip = opt_.max_connections_per_ip;
+  const int write_ms = fo.write_timeout_ms;
+  front_ = std::make_unique<SocketFront>(
+      svr.socket_fd(), fo,
+      [this, write_ms](int fd, const std::string& request, bool close) {
+        FramedStream strm(fd, request, write_ms);
+        bool closed = false;
+        const bool ok = impl_->svr.serve(strm, close || stopping_.load(), closed);
+        return ok && !closed && !strm.failed();
+      },
+      [this](int status) { metrics_.count_response("(connection)", status); });
+  front_->start();
 }
 
-void HttpServer::stop() {
+void HttpServer::drain(double timeout_s) {
+  using clk = std::chrono::steady_clock;
   stopping_.store(true);
-  if (impl_) impl_->svr.stop();
-  if (thread_.joinable()) thread_.join();
+  if (!front_) return;
+  front_->stop_accepting();
+  const auto until = clk::now() + std::chrono::duration<double>(std::max(0.0, timeout_s));
+  while (front_->in_flight() > 0 && clk::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  cancel_.store(true);  // what is left ends now, each with a final event or a 503
+  const auto hard = clk::now() + std::chrono::seconds(5);
+  while (front_->in_flight() > 0 && clk::now() < hard) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  front_->stop();
+  front_.reset();
+  impl_->svr.forget_socket();
 }
+
+void HttpServer::stop() { drain(0); }
 
 }  // namespace spear::server

@@ -7,6 +7,11 @@
 namespace spear::server {
 
 nlohmann::json parse_body(std::string_view body, int max_depth) {
+  // nlohmann's lexer takes a NUL byte for the end of the input, so `{...}\0garbage`
+  // would parse; JSON has no raw NUL anywhere (in strings it must be escaped).
+  if (body.find('\0') != std::string_view::npos)
+    throw ApiError(400, "the request body holds a NUL byte; it is not valid JSON",
+                   "invalid_request_error", "invalid_json");
   // Depth pre-scan outside strings, before the recursive parser sees the text.
   int depth = 0;
   bool in_str = false, esc = false;

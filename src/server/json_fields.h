@@ -12,7 +12,8 @@
 
 namespace spear::server {
 
-// Parses a request body. Rejects invalid JSON, a non-object top level, and nesting
+// Parses a request body. Rejects invalid JSON (anything after the value but
+// whitespace, a NUL byte anywhere), a non-object top level, and nesting
 // deeper than max_depth (nlohmann's parser recurses; a body of 100k '[' must not
 // exhaust the stack).
 nlohmann::json parse_body(std::string_view body, int max_depth = 64);

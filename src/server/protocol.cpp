@@ -1,6 +1,8 @@
 #include "server/protocol.h"
 
+#include <algorithm>
 #include <limits>
+#include <random>
 
 #include "core/error.h"
 #include "server/api_error.h"
@@ -18,9 +20,76 @@ ApiError unsupported(const std::string& param, const std::string& what) {
                   "unsupported_parameter", param);
 }
 
+// The fields each endpoint reads. Anything else is unknown (see check_fields).
+const char* const kCommonFields[] = {
+    "model", "temperature", "top_p", "top_k", "seed", "n", "best_of", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "logit_bias", "user", "stop", "stream",
+    "stream_options", "ignore_eos",
+    // Known and refused unless harmless (unsupported_parameter, on both endpoints):
+    "tools", "functions", "tool_choice", "parallel_tool_calls", "response_format",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar"};
+const char* const kCompletionFields[] = {"prompt", "max_tokens", "suffix", "echo", "logprobs"};
+const char* const kChatFields[] = {"messages", "max_tokens", "max_completion_tokens", "logprobs",
+                                   "top_logprobs"};
+
+// Refuses (or, with allow_unknown_fields, ignores) every field neither list names.
+template <size_t N>
+void check_fields(const json& body, const char* const (&own)[N], const ProtocolLimits& lim) {
+  if (lim.allow_unknown_fields) return;
+  for (auto it = body.begin(); it != body.end(); ++it) {
+    const std::string& k = it.key();
+    auto is = [&k](const char* f) { return k == f; };
+    if (std::any_of(std::begin(kCommonFields), std::end(kCommonFields), is) ||
+        std::any_of(std::begin(own), std::end(own), is))
+      continue;
+    throw ApiError(400,
+                   "unrecognized request argument '" + k +
+                       "' (the server refuses fields it does not implement; start it with "
+                       "--allow-unknown-fields to ignore them)",
+                   "invalid_request_error", "unknown_parameter", k);
+  }
+}
+
+// Fields that would change the result if ignored: refused on both endpoints.
+void refuse_unsupported(const Fields& f) {
+  for (const char* k : {"tools", "functions"})
+    if (const json* t = f.raw(k); t && !(t->is_array() && t->empty())) throw unsupported(k, std::string("'") + k + "'");
+  // Without tools, "none" and "auto" both mean no tool call.
+  if (const json* tc = f.raw("tool_choice"); tc && !(tc->is_string() && (*tc == "none" || *tc == "auto")))
+    throw unsupported("tool_choice", "'tool_choice' other than \"none\" or \"auto\"");
+  if (const json* p = f.raw("parallel_tool_calls"); p && !p->is_boolean())
+    throw bad_field("parallel_tool_calls", "'parallel_tool_calls' must be a boolean");
+  if (const json* rf = f.raw("response_format")) {
+    if (!rf->is_object() || !rf->contains("type") || !(*rf)["type"].is_string())
+      throw bad_field("response_format", "'response_format' must be an object with a 'type'");
+    if ((*rf)["type"] != "text") throw unsupported("response_format", "response_format other than 'text'");
+  }
+  for (const char* k : {"guided_json", "guided_regex", "guided_choice", "guided_grammar"})
+    if (f.raw(k)) throw unsupported(k, std::string("guided decoding ('") + k + "')");
+}
+
+// A prompt whose bytes cannot fit the context is refused before the tokenizer runs.
+void check_prompt_bytes(size_t bytes, const ProtocolLimits& lim, const char* param) {
+  if (lim.max_prompt_bytes > 0 && bytes > static_cast<size_t>(lim.max_prompt_bytes))
+    throw ApiError(400,
+                   "the prompt is " + std::to_string(bytes) + " bytes; no text that long fits this model's " +
+                       std::to_string(lim.max_model_len) + "-token context (at most " +
+                       std::to_string(lim.max_prompt_bytes) + " bytes are tokenized)",
+                   "invalid_request_error", "context_length_exceeded", param);
+}
+
+uint64_t random_seed() {
+  static thread_local std::mt19937_64 rng([] {
+    std::random_device rd;
+    return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }());
+  return rng();
+}
+
 // Fields both endpoints share.
 void parse_common(const Fields& f, GenSpec& g, const ProtocolLimits& lim) {
   if (auto m = f.string("model", 256)) g.model = *m;
+  g.sampling.temperature = 1.0f;  // OpenAI's default; 0 = greedy
   if (auto t = f.number("temperature", 0.0, 2.0)) g.sampling.temperature = static_cast<float>(*t);
   if (auto p = f.number("top_p", 0.0, 1.0)) {
     if (*p <= 0) throw bad_field("top_p", "'top_p' must be in (0, 1]");
@@ -29,6 +98,8 @@ void parse_common(const Fields& f, GenSpec& g, const ProtocolLimits& lim) {
   if (auto k = f.integer("top_k", -1, 1 << 20)) g.sampling.top_k = *k < 0 ? 0 : *k;
   if (auto s = f.integer("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()))
     g.sampling.seed = static_cast<uint64_t>(*s);
+  else
+    g.sampling.seed = random_seed();  // N identical sampled requests give N answers
   if (auto n = f.integer("n", 1, 128); n && *n != 1) throw unsupported("n", "n > 1");
   if (auto b = f.integer("best_of", 1, 128); b && *b != 1) throw unsupported("best_of", "best_of > 1");
   for (const char* pen : {"presence_penalty", "frequency_penalty", "repetition_penalty"})
@@ -48,6 +119,7 @@ void parse_common(const Fields& f, GenSpec& g, const ProtocolLimits& lim) {
     g.include_usage = Fields(*so).boolean("include_usage").value_or(false);
   }
   g.ignore_eos = f.boolean("ignore_eos").value_or(false);
+  refuse_unsupported(f);
 }
 
 std::vector<int32_t> token_list(const json& a, const std::string& param, const ProtocolLimits& lim) {
@@ -106,7 +178,19 @@ void fit_context(GenSpec& g, std::optional<int64_t> max_tokens, int64_t default_
 
 }  // namespace
 
+int64_t prompt_byte_bound(const Tokenizer& tok, int64_t max_model_len) {
+  size_t longest = 1;
+  for (int32_t id = 0; id < tok.vocab_size(); ++id) {
+    try {
+      longest = std::max(longest, tok.id_to_token(id).size());
+    } catch (const Error&) {  // a hole in the ids
+    }
+  }
+  return 2 * max_model_len * static_cast<int64_t>(longest);
+}
+
 GenSpec parse_completion_request(const json& body, const Tokenizer& tok, const ProtocolLimits& lim) {
+  check_fields(body, kCompletionFields, lim);
   Fields f(body);
   GenSpec g;
   parse_common(f, g, lim);
@@ -115,6 +199,14 @@ GenSpec parse_completion_request(const json& body, const Tokenizer& tok, const P
   if (auto lp = f.integer("logprobs", 0, lim.max_logprobs)) g.logprobs = static_cast<int>(*lp);
   const json* p = f.raw("prompt");
   if (!p) throw ApiError(400, "'prompt' is required", "invalid_request_error", "missing_required_parameter", "prompt");
+  {  // every text prompt's bytes, before any is tokenized
+    size_t bytes = 0;
+    if (p->is_string()) bytes = p->get_ref<const std::string&>().size();
+    else if (p->is_array())
+      for (const json& e : *p)
+        if (e.is_string()) bytes = std::max(bytes, e.get_ref<const std::string&>().size());
+    check_prompt_bytes(bytes, lim, "prompt");
+  }
   if (p->is_string()) {
     g.prompts.push_back(encode_text(tok, p->get<std::string>(), true, "prompt"));
   } else if (p->is_array()) {
@@ -145,6 +237,7 @@ GenSpec parse_completion_request(const json& body, const Tokenizer& tok, const P
 
 GenSpec parse_chat_request(const json& body, const Tokenizer& tok, const ChatTemplate& tmpl,
                            const ProtocolLimits& lim) {
+  check_fields(body, kChatFields, lim);
   Fields f(body);
   GenSpec g;
   g.chat = true;
@@ -154,19 +247,13 @@ GenSpec parse_chat_request(const json& body, const Tokenizer& tok, const ChatTem
     if (g.logprobs < 0) throw bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true");
     g.logprobs = static_cast<int>(*top);
   }
-  for (const char* k : {"tools", "functions"})
-    if (const json* t = f.raw(k); t && !(t->is_array() && t->empty())) throw unsupported(k, std::string("'") + k + "'");
-  if (const json* rf = f.raw("response_format")) {
-    if (!rf->is_object() || !rf->contains("type") || !(*rf)["type"].is_string())
-      throw bad_field("response_format", "'response_format' must be an object with a 'type'");
-    if ((*rf)["type"] != "text") throw unsupported("response_format", "response_format other than 'text'");
-  }
   const json* msgs = f.raw("messages");
   if (!msgs) throw ApiError(400, "'messages' is required", "invalid_request_error", "missing_required_parameter", "messages");
   if (!msgs->is_array() || msgs->empty()) throw bad_field("messages", "'messages' must be a non-empty list");
   if (static_cast<int64_t>(msgs->size()) > lim.max_messages)
     throw bad_field("messages", "at most " + std::to_string(lim.max_messages) + " messages");
   std::vector<ChatMessage> conv;
+  size_t content_bytes = 0;
   for (size_t i = 0; i < msgs->size(); ++i) {
     const json& m = (*msgs)[i];
     const std::string where = "messages[" + std::to_string(i) + "]";
@@ -193,6 +280,8 @@ GenSpec parse_chat_request(const json& body, const Tokenizer& tok, const ChatTem
     } else {
       throw bad_field(where + ".content", where + ".content must be a string or a list of parts");
     }
+    content_bytes += cm.content.size();
+    check_prompt_bytes(content_bytes, lim, "messages");
     conv.push_back(std::move(cm));
   }
   std::string text;

@@ -2,7 +2,14 @@
 // The OpenAI request bodies spear accepts, validated into one GenSpec. Every field
 // is type- and range-checked; a field spear does not implement is refused with a
 // clear 400 rather than silently ignored when ignoring it would change the result
-// (n > 1, penalties, logit_bias, tools, JSON response formats).
+// (n > 1, penalties, logit_bias, tools, JSON response formats, guided decoding).
+// One policy for every other field on both endpoints: a field neither endpoint
+// knows is refused (400, code unknown_parameter, naming it) unless the server runs
+// with --allow-unknown-fields, which ignores it instead.
+// Defaults as OpenAI's: temperature 1 (0 = greedy), a fresh random seed per request
+// when none is given (a given seed is reproducible).
+// A text prompt whose byte length cannot fit the context is refused before it is
+// tokenized (ProtocolLimits::max_prompt_bytes); the exact token count is checked after.
 //
 // POST /v1/completions: prompt (a string, a list of strings, a list of token ids,
 //   or a list of token-id lists), max_tokens (default 16), temperature, top_p,
@@ -37,7 +44,17 @@ struct ProtocolLimits {
   int64_t max_messages = 1024;
   int64_t max_stop = 16;
   int64_t max_stop_len = 256;
+  // A text prompt (each of a request's prompts; a chat's message contents together)
+  // longer than this many bytes is refused before tokenizing; 0 = no bound. Set by
+  // HttpServer::set_ready from prompt_byte_bound when left 0.
+  int64_t max_prompt_bytes = 0;
+  bool allow_unknown_fields = false;  // ignore fields spear does not know instead of a 400
 };
+
+// A byte length no text of at most max_model_len tokens can exceed: max_model_len times
+// the longest token's text (vocabulary and added tokens), doubled for normalizers that
+// shorten text. Cheap to check; the precise check runs on the tokens.
+int64_t prompt_byte_bound(const Tokenizer& tok, int64_t max_model_len);
 
 struct GenSpec {
   bool chat = false;
