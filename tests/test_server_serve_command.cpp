@@ -288,6 +288,11 @@ TEST(ServeCommand, FlagsFromTheEnvironment) {
     ASSERT_TRUE(s.ready()) << s.log();
     EXPECT_EQ(json::parse(s.get("/v1/models").body)["data"][0]["id"], "from-flag");
   }
+  {  // Only `spear serve` reads them: a stray variable does not break another command.
+    const std::string cmd = "SPEAR_PORT=not-a-port SPEAR_MAX_BATCH=x " + cli_path() + " info " + tiny_model_dir() +
+                            " --json >/dev/null 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  }
   {  // A bad value from the environment is refused like a bad flag.
     ServeProcess s({"--model", tiny_model_dir()}, {{"SPEAR_MAX_CONNECTIONS", "0"}});
     EXPECT_NE(s.exit_code(), 0);

@@ -56,6 +56,8 @@ std::string read_key_file(const std::string& path) {
 
 // Every flag of `spear serve` can come from the environment: --max-batch from
 // SPEAR_MAX_BATCH, --api-key from SPEAR_API_KEY, ... (a flag on the command line wins).
+// Set when serve is the command being parsed: CLI11 reads the environment of every
+// subcommand, and a stray SPEAR_PORT must not break `spear info`.
 void add_env_names(CLI::App* cmd) {
   for (CLI::Option* opt : cmd->get_options()) {
     if (opt->get_lnames().empty() || opt->get_lnames()[0] == "help") continue;
@@ -129,7 +131,7 @@ void register_serve(CLI::App& app) {
       ->check(CLI::Range(0.05, 0.99))
       ->capture_default_str();
   cmd->add_flag("--no-profile", o->no_profile, "Skip the start-up cost-model profile (use the online fit only)");
-  add_env_names(cmd);
+  cmd->preparse_callback([cmd](size_t) { add_env_names(cmd); });
   cmd->callback([o] {
     namespace fs = std::filesystem;
     const Device device = parse_device(o->device);
