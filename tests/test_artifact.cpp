@@ -12,6 +12,7 @@
 #include "compensate/calibrate.h"
 #include "compensate/quantize_model.h"
 #include "core/error.h"
+#include "io/safetensors.h"
 #include "model/spear_artifact.h"
 #include "model/kv_cache.h"
 #include "quant/cpu_model.h"
@@ -118,6 +119,41 @@ TEST(Artifact, RoundTripAndModel) {
   EXPECT_EQ(l1, l2);
   Tokenizer tok = load_tokenizer(m2);
   EXPECT_FALSE(tok.encode("Once upon a time").empty());
+}
+
+// tokenizer_config.json (the chat template) and generation_config.json travel with the
+// artifact, verbatim; an artifact without them (as written before they were kept) loads.
+TEST(Artifact, KeepsTokenizerAndGenerationConfigs) {
+  SpearArtifact a = tiny_artifact();
+  const std::string dir = test::tiny_model_dir();
+  EXPECT_EQ(a.tokenizer_config_json, slurp(dir + "/tokenizer_config.json"));
+  EXPECT_EQ(a.generation_config_json, slurp(dir + "/generation_config.json"));
+  ASSERT_FALSE(a.tokenizer_config_json.empty());
+  a.tokenizer_config_json = R"({"chat_template": "{{ messages[0]['content'] }}", "bos_token": "<s>"})";
+  const std::string p = tmp_path("configs.spear");
+  write_spear(p, a);
+  SpearArtifact b = read_spear(p);
+  EXPECT_EQ(b.tokenizer_config_json, a.tokenizer_config_json);
+  EXPECT_EQ(b.generation_config_json, a.generation_config_json);
+  LoadedModel m = load_model(p);
+  EXPECT_EQ(m.tokenizer_config_json, a.tokenizer_config_json);
+  EXPECT_EQ(m.generation_config_json, a.generation_config_json);
+  // A model directory gives the same texts from its files.
+  LoadedModel d = load_model(dir);
+  EXPECT_EQ(d.tokenizer_config_json, slurp(dir + "/tokenizer_config.json"));
+  EXPECT_EQ(d.generation_config_json, slurp(dir + "/generation_config.json"));
+  // Without them (an older artifact): loads, and the texts are empty.
+  a.tokenizer_config_json.clear();
+  a.generation_config_json.clear();
+  const std::string old = tmp_path("old.spear");
+  write_spear(old, a);
+  std::shared_ptr<SafetensorsFile> f = SafetensorsFile::open(old);
+  EXPECT_EQ(f->find("spear.tokenizer_config_json"), nullptr);
+  EXPECT_EQ(f->find("spear.generation_config_json"), nullptr);
+  LoadedModel o = load_model(old);
+  EXPECT_TRUE(o.tokenizer_config_json.empty());
+  EXPECT_TRUE(o.generation_config_json.empty());
+  EXPECT_FALSE(load_tokenizer(o).encode("Once").empty());
 }
 
 TEST(Artifact, RefusesCorruptedFiles) {

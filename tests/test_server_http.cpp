@@ -10,9 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "engine/generate.h"
@@ -220,8 +223,8 @@ TEST(ServerHttp, StreamingDisconnectCancelsAndFreesKvBlocks) {
   server::HttpResult r = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 480}, {"ignore_eos", true}, {"stream", true}}, opt);
   EXPECT_LT(r.events.size(), 10u);
   EXPECT_TRUE(s.wait_idle()) << "running " << s.engine->stats().running << ", KV blocks " << s.engine->stats().kv_blocks_used;
-  EXPECT_EQ(metric_line(s, "spear_requests_finished_total{reason=\"cancelled\"}"),
-            "spear_requests_finished_total{reason=\"cancelled\"} 1");
+  EXPECT_EQ(metric_line(s, "spear:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"}"),
+            "spear:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"} 1");
   EXPECT_LT(s.engine->stats().generated_tokens, 480);
 }
 
@@ -243,15 +246,16 @@ TEST(ServerHttp, NonStreamingDisconnectIsNoticedBeforeAnyOutput) {
   for (int i = 0; i < 1000 && s.engine->stats().waiting < 1; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
   ASSERT_EQ(s.engine->stats().waiting, 1);
   close(fd);
-  const std::string gone = "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"499\"} 1";
-  for (int i = 0; i < 500 && metric_line(s, "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"499\"}") != gone; ++i)
+  const std::string key = "spear:http_responses_total{model_name=\"tiny\",endpoint=\"/v1/completions\",status=\"499\"}";
+  const std::string gone = key + " 1";
+  for (int i = 0; i < 500 && metric_line(s, key) != gone; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  EXPECT_EQ(metric_line(s, "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"499\"}"), gone);
+  EXPECT_EQ(metric_line(s, key), gone);
   s.engine->start();  // the engine retires the cancelled request without running it
   EXPECT_TRUE(s.wait_idle());
   EXPECT_EQ(s.engine->stats().generated_tokens, 0);
-  EXPECT_EQ(metric_line(s, "spear_requests_finished_total{reason=\"cancelled\"}"),
-            "spear_requests_finished_total{reason=\"cancelled\"} 1");
+  EXPECT_EQ(metric_line(s, "spear:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"}"),
+            "spear:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"} 1");
 }
 
 TEST(ServerHttp, HealthWhileLoadingAndMetrics) {
@@ -270,12 +274,38 @@ TEST(ServerHttp, HealthWhileLoadingAndMetrics) {
   completion_text(s, s.tok->encode("Hi", true), 4);
   server::HttpResult m = s.get("/metrics");
   ASSERT_EQ(m.status, 200);
-  for (const char* name : {"spear_requests_running ", "spear_requests_waiting ", "spear_prompt_tokens_total ",
-                           "spear_generation_tokens_total 4", "spear_time_to_first_token_seconds_bucket",
-                           "spear_time_per_output_token_seconds_count 1", "spear_kv_cache_blocks_used 0",
-                           "spear_engine_steps_total{kind=\"decode\"}", "spear_engine_steps_total{kind=\"prefill\"} 1",
-                           "spear_http_responses_total{endpoint=\"/v1/completions\",status=\"200\"} 1"})
-    EXPECT_NE(m.body.find(name), std::string::npos) << name;
+  // vLLM's metric names with the spear: prefix, each labelled with the model name.
+  const std::string prompt_tokens = std::to_string(s.tok->encode("Hi", true).size());
+  for (const std::string& name : std::vector<std::string>{"spear:num_requests_running{model_name=\"tiny\"} 0", "spear:num_requests_waiting{model_name=\"tiny\"} 0",
+        "spear:kv_cache_usage_perc{model_name=\"tiny\"} 0",
+        "spear:prompt_tokens_total{model_name=\"tiny\"} " + prompt_tokens,
+        "spear:generation_tokens_total{model_name=\"tiny\"} 4", "spear:num_preemptions_total{model_name=\"tiny\"} 0",
+        "spear:request_success_total{model_name=\"tiny\",finished_reason=\"length\"} 1",
+        "spear:request_success_total{model_name=\"tiny\",finished_reason=\"stop\"} 0",
+        "spear:time_to_first_token_seconds_bucket{model_name=\"tiny\",le=\"+Inf\"} 1",
+        "spear:time_to_first_token_seconds_count{model_name=\"tiny\"} 1",
+        "spear:time_per_output_token_seconds_count{model_name=\"tiny\"} 1",
+        "spear:e2e_request_latency_seconds_count{model_name=\"tiny\"} 1",
+        "spear:request_prompt_tokens_sum{model_name=\"tiny\"} " + prompt_tokens,
+        "spear:request_generation_tokens_sum{model_name=\"tiny\"} 4",
+        "spear:request_generation_tokens_bucket{model_name=\"tiny\",le=\"5\"} 1",
+        "spear:iteration_tokens_total_count{model_name=\"tiny\"} 4",
+        "spear:kv_cache_blocks_used{model_name=\"tiny\"} 0",
+        "spear:engine_steps_total{model_name=\"tiny\",kind=\"decode\"} 3",
+        "spear:engine_steps_total{model_name=\"tiny\",kind=\"prefill\"} 1",
+        "spear:http_responses_total{model_name=\"tiny\",endpoint=\"/v1/completions\",status=\"200\"} 1",
+        "# TYPE spear:time_to_first_token_seconds histogram", "# TYPE spear:num_requests_running gauge"})
+    EXPECT_NE(m.body.find(name + "\n"), std::string::npos) << name;
+  // Every sample line carries the label (no unlabelled series left from the old names).
+  size_t pos = 0;
+  while (pos < m.body.size()) {
+    const size_t end = m.body.find('\n', pos);
+    const std::string line = m.body.substr(pos, end - pos);
+    pos = end == std::string::npos ? m.body.size() : end + 1;
+    if (line.empty() || line[0] == '#') continue;
+    EXPECT_EQ(line.rfind("spear:", 0), 0u) << line;
+    EXPECT_NE(line.find("{model_name=\"tiny\""), std::string::npos) << line;
+  }
   json models = parse(s.get("/v1/models").body);
   EXPECT_EQ(models["data"][0]["id"], "tiny");
 }
@@ -317,4 +347,200 @@ TEST(ServerHttp, ServeCommandStartsAndStops) {
   waitpid(pid, &status, 0);
   close(out[0]);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << log;
+}
+
+// ---- OpenAI / vLLM fidelity: n, penalties, min_p, stop_token_ids, tokenizer endpoints
+
+namespace {
+std::string text_of(const server::HttpResult& r, size_t i = 0) {
+  EXPECT_EQ(r.status, 200) << r.body;
+  json j = json::parse(r.body, nullptr, false);
+  if (j.is_discarded() || !j.contains("choices") || j["choices"].size() <= i) return "<no choice>";
+  const json& c = j["choices"][i];
+  return c.contains("message") ? c["message"]["content"].get<std::string>() : c["text"].get<std::string>();
+}
+}  // namespace
+
+TEST(ServerHttp, NChoicesEachWithItsOwnSeedStream) {
+  TestServer s;
+  const json base{{"prompt", "Once upon a time"}, {"max_tokens", 8}, {"ignore_eos", true}, {"temperature", 1.0}};
+  json req = base;
+  req["n"] = 3;
+  req["seed"] = 42;
+  server::HttpResult r = s.post("/v1/completions", req);
+  ASSERT_EQ(r.status, 200) << r.body;
+  json j = parse(r.body);
+  const json first = j;
+  ASSERT_EQ(j["choices"].size(), 3u);
+  const size_t prompt_len = s.tok->encode("Once upon a time", true).size();
+  EXPECT_EQ(j["usage"]["prompt_tokens"], prompt_len);  // the prompt counted once, as OpenAI does
+  EXPECT_EQ(j["usage"]["completion_tokens"], 24);
+  std::set<std::string> distinct;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(j["choices"][i]["index"], i);
+    // Choice i samples as a single request with seed 42 + i (vLLM's n).
+    json one = base;
+    one["seed"] = 42 + i;
+    EXPECT_EQ(j["choices"][i]["text"], text_of(s.post("/v1/completions", one))) << i;
+    distinct.insert(j["choices"][i]["text"].get<std::string>());
+  }
+  EXPECT_GE(distinct.size(), 2u) << "n choices with different seeds should differ";
+  // Several prompts: choice index = prompt * n + j, and j's seed is seed + j for each prompt.
+  json multi = base;
+  multi["prompt"] = {"Once upon a time", "The dog"};
+  multi["n"] = 2;
+  multi["seed"] = 7;
+  j = parse(s.post("/v1/completions", multi).body);
+  ASSERT_EQ(j["choices"].size(), 4u);
+  json one = base;
+  one["prompt"] = "The dog";
+  one["seed"] = 8;
+  EXPECT_EQ(j["choices"][3]["text"], text_of(s.post("/v1/completions", one)));
+  EXPECT_EQ(j["choices"][3]["index"], 3);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], prompt_len + s.tok->encode("The dog", true).size());
+  // Streaming: every choice's chunks carry its index and end with its finish_reason.
+  json st = req;
+  st["stream"] = true;
+  server::HttpResult sr = s.post("/v1/completions", st);
+  ASSERT_EQ(sr.status, 200);
+  std::map<int, std::string> texts;
+  std::map<int, std::string> finish;
+  for (const std::string& e : sr.events) {
+    if (e == "[DONE]") continue;
+    json c = parse(e)["choices"][0];
+    texts[c["index"].get<int>()] += c["text"].get<std::string>();
+    if (!c["finish_reason"].is_null()) finish[c["index"].get<int>()] = c["finish_reason"];
+  }
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(texts[i], first["choices"][i]["text"].get<std::string>()) << i;
+    EXPECT_EQ(finish[i], "length") << i;
+  }
+  // Chat too; without a seed each choice draws its own.
+  server::HttpResult c = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                                                         {"n", 4}, {"max_tokens", 12}, {"ignore_eos", true}});
+  ASSERT_EQ(c.status, 200) << c.body;
+  std::set<std::string> chats;
+  for (int i = 0; i < 4; ++i) chats.insert(text_of(c, i));
+  EXPECT_GE(chats.size(), 2u);
+  // best_of equal to n is n.
+  json bo = base;
+  bo["n"] = 2;
+  bo["best_of"] = 2;
+  EXPECT_EQ(parse(s.post("/v1/completions", bo).body)["choices"].size(), 2u);
+  EXPECT_TRUE(s.wait_idle());
+}
+
+TEST(ServerHttp, PenaltiesAndMinPMatchTheReferenceSampler) {
+  TestServer s;
+  const std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  auto reference = [&](const SamplingParams& sp) {
+    GenerateOptions g;
+    g.max_new_tokens = 40;
+    g.stop_at_eos = false;
+    g.sampling = sp;
+    return s.tok->decode(generate(*s.model, prompt, g).ids);
+  };
+  const json base{{"prompt", prompt}, {"max_tokens", 40}, {"ignore_eos", true}, {"temperature", 0}};
+  const std::string plain = text_of(s.post("/v1/completions", base));
+  EXPECT_EQ(plain, reference({}));
+  struct Case {
+    const char* field;
+    double value;
+  } cases[] = {{"frequency_penalty", 1.5}, {"presence_penalty", 2.0}, {"repetition_penalty", 1.5}};
+  for (const Case& c : cases) {
+    SamplingParams sp;
+    if (std::string(c.field) == "frequency_penalty") sp.frequency_penalty = static_cast<float>(c.value);
+    if (std::string(c.field) == "presence_penalty") sp.presence_penalty = static_cast<float>(c.value);
+    if (std::string(c.field) == "repetition_penalty") sp.repetition_penalty = static_cast<float>(c.value);
+    json req = base;
+    req[c.field] = c.value;
+    const std::string got = text_of(s.post("/v1/completions", req));
+    EXPECT_EQ(got, reference(sp)) << c.field;
+    EXPECT_NE(got, plain) << c.field << " changed nothing over 40 greedy tokens";
+    // The chat endpoint takes the same fields.
+    server::HttpResult ch = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                                                            {"max_tokens", 4}, {c.field, c.value}});
+    EXPECT_EQ(ch.status, 200) << c.field << ": " << ch.body;
+  }
+  // min_p 1 keeps only the most likely token: sampling at temperature 1 is greedy.
+  json mp = base;
+  mp["temperature"] = 1.0;
+  mp["min_p"] = 1.0;
+  mp["seed"] = 3;
+  EXPECT_EQ(text_of(s.post("/v1/completions", mp)), plain);
+  mp["min_p"] = 0.0;
+  EXPECT_NE(text_of(s.post("/v1/completions", mp)), plain) << "sampling at temperature 1 should leave greedy";
+  EXPECT_TRUE(s.wait_idle());
+}
+
+TEST(ServerHttp, StopTokenIdsEndTheChoiceWithoutTheirText) {
+  TestServer s;
+  const std::vector<int32_t> prompt = s.tok->encode("Once upon a time", true);
+  GenerateOptions g;
+  g.max_new_tokens = 20;
+  g.stop_at_eos = false;
+  const std::vector<int32_t> ids = generate(*s.model, prompt, g).ids;
+  // Stop at the 6th generated token (at its first occurrence).
+  const int32_t stop = ids[5];
+  const size_t at = std::find(ids.begin(), ids.end(), stop) - ids.begin();
+  server::HttpResult r = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 20}, {"temperature", 0},
+                                                    {"stop_token_ids", {stop}}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  json j = parse(r.body);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(j["usage"]["completion_tokens"], at + 1);  // the stop token is generated
+  EXPECT_EQ(j["choices"][0]["text"], s.tok->decode(std::vector<int32_t>(ids.begin(), ids.begin() + at)));
+  // Streamed, and on chat.
+  server::HttpResult st = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 20}, {"temperature", 0},
+                                                     {"stop_token_ids", {stop}}, {"stream", true}});
+  std::string streamed;
+  for (const std::string& e : st.events)
+    if (e != "[DONE]") streamed += parse(e)["choices"][0]["text"].get<std::string>();
+  EXPECT_EQ(streamed, j["choices"][0]["text"].get<std::string>());
+  server::HttpResult c = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                                                         {"max_tokens", 30}, {"temperature", 0}, {"ignore_eos", true},
+                                                         {"stop_token_ids", json::array()}});
+  EXPECT_EQ(c.status, 200) << c.body;
+}
+
+TEST(ServerHttp, TokenizeDetokenizeAndVersion) {
+  TestServer s;
+  const std::string text = "Once upon a time";
+  const std::vector<int32_t> ids = s.tok->encode(text, true);
+  server::HttpResult r = s.post("/tokenize", {{"prompt", text}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  json j = parse(r.body);
+  EXPECT_EQ(j["tokens"].get<std::vector<int32_t>>(), ids);
+  EXPECT_EQ(j["count"], ids.size());
+  EXPECT_EQ(j["max_model_len"], s.engine->max_model_len());
+  EXPECT_TRUE(j["token_strs"].is_null());
+  // add_special_tokens false drops the BOS; return_token_strs gives the vocabulary pieces.
+  j = parse(s.post("/tokenize", {{"prompt", text}, {"add_special_tokens", false}, {"return_token_strs", true},
+                                 {"model", "tiny"}}).body);
+  const std::vector<int32_t> bare = s.tok->encode(text, false);
+  EXPECT_EQ(j["tokens"].get<std::vector<int32_t>>(), bare);
+  ASSERT_EQ(j["token_strs"].size(), bare.size());
+  for (size_t i = 0; i < bare.size(); ++i) EXPECT_EQ(j["token_strs"][i], s.tok->id_to_token(bare[i]));
+  // The empty text is BOS alone, as on the CLI and in Hugging Face.
+  j = parse(s.post("/tokenize", {{"prompt", ""}}).body);
+  EXPECT_EQ(j["tokens"], json::array({s.tok->bos_id()}));
+  // Messages render with the server's chat template and encode as chat does (plain
+  // template here: its text with the BOS); usage of a chat request agrees.
+  const json msgs = {{{"role", "system"}, {"content", "Be nice."}}, {{"role", "user"}, {"content", "Hi"}}};
+  j = parse(s.post("/tokenize", {{"messages", msgs}}).body);
+  EXPECT_EQ(j["tokens"].get<std::vector<int32_t>>(), s.tok->encode("system: Be nice.\nuser: Hi\nassistant:", true));
+  server::HttpResult chat = s.post("/v1/chat/completions", {{"messages", msgs}, {"max_tokens", 1}});
+  EXPECT_EQ(parse(chat.body)["usage"]["prompt_tokens"], j["count"]);
+  j = parse(s.post("/tokenize", {{"messages", msgs}, {"add_generation_prompt", false}}).body);
+  EXPECT_EQ(j["tokens"].get<std::vector<int32_t>>(), s.tok->encode("system: Be nice.\nuser: Hi\n", true));
+  // /detokenize: the text of the ids, special tokens kept.
+  r = s.post("/detokenize", {{"tokens", ids}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(parse(r.body)["prompt"], s.tok->decode(ids, false));
+  EXPECT_EQ(parse(s.post("/detokenize", {{"tokens", bare}}).body)["prompt"], text);
+  EXPECT_EQ(parse(s.post("/detokenize", {{"tokens", json::array()}}).body)["prompt"], "");
+  // /version
+  r = s.get("/version");
+  ASSERT_EQ(r.status, 200);
+  EXPECT_EQ(parse(r.body)["version"], SPEAR_VERSION);
 }

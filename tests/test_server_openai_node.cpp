@@ -46,5 +46,8 @@ TEST(ServerOpenAINode, OfficialSdkTalksToTheServer) {
   int rc = run("cd '" + dir.string() + "' && timeout 120 node openai_client.mjs " + base + " tiny", &out);
   EXPECT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("\"completion\""), std::string::npos) << out;
+  // n, seeds, penalties and the tokenizer endpoints (issue 14) were exercised.
+  EXPECT_NE(out.find("\"n\":["), std::string::npos) << out;
+  EXPECT_NE(out.find("\"tokenize\":["), std::string::npos) << out;
   EXPECT_TRUE(s.wait_idle());
 }

@@ -6,7 +6,10 @@
 #include <atomic>
 #include <cstdio>
 #include <thread>
+#include <cctype>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 
 #include "cli/commands.h"
@@ -15,6 +18,7 @@
 #include "runtime/backend.h"
 #include "runtime/load.h"
 #include "server/chat_template.h"
+#include "server/generation_defaults.h"
 #include "server/http_server.h"
 #include "tokenizer/tokenizer.h"
 
@@ -35,12 +39,41 @@ std::vector<int32_t> chat_stop_ids(const Tokenizer& tok, const server::ChatTempl
   return ids;
 }
 
+// --api-key-file: the key is the file's text without surrounding whitespace.
+std::string read_key_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  SPEAR_CHECK(in.good(), "--api-key-file: cannot open " + path);
+  std::string k(std::istreambuf_iterator<char>(in), {});
+  const auto ws = [](unsigned char c) { return std::isspace(c) != 0; };
+  while (!k.empty() && ws(k.back())) k.pop_back();
+  size_t i = 0;
+  while (i < k.size() && ws(k[i])) ++i;
+  k.erase(0, i);
+  SPEAR_CHECK(!k.empty(), "--api-key-file: " + path + " holds no key");
+  SPEAR_CHECK(k.find_first_of("\r\n") == std::string::npos, "--api-key-file: " + path + " holds more than one line");
+  return k;
+}
+
+// Every flag of `spear serve` can come from the environment: --max-batch from
+// SPEAR_MAX_BATCH, --api-key from SPEAR_API_KEY, ... (a flag on the command line wins).
+// Set when serve is the command being parsed: CLI11 reads the environment of every
+// subcommand, and a stray SPEAR_PORT must not break `spear info`.
+void add_env_names(CLI::App* cmd) {
+  for (CLI::Option* opt : cmd->get_options()) {
+    if (opt->get_lnames().empty() || opt->get_lnames()[0] == "help") continue;
+    std::string env = "SPEAR_";
+    for (char c : opt->get_lnames()[0]) env += c == '-' ? '_' : static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    opt->envname(env);
+  }
+}
+
 }  // namespace
 
 void register_serve(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API");
   struct Opts {
     std::string model, name, scheduler = "ec-aware", device = "cpu";
+    std::string chat_template, api_key_file, generation_config = "auto";
     double gpu_memory_fraction = 0.9;
     server::ServerOptions http;
     EngineConfig eng;
@@ -54,7 +87,16 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--served-model-name", o->name, "Model id in the API (default: the file or directory name)");
   cmd->add_option("--host", o->http.host, "Address to bind (127.0.0.1 = this machine only)")->capture_default_str();
   cmd->add_option("--port", o->http.port, "Port (0 = any free port, printed at start)")->capture_default_str();
-  cmd->add_option("--api-key", o->http.api_key, "Require 'Authorization: Bearer KEY' on /v1/*");
+  cmd->add_option("--api-key", o->http.api_key,
+                  "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (visible in ps: "
+                  "prefer --api-key-file or SPEAR_API_KEY)");
+  cmd->add_option("--api-key-file", o->api_key_file, "Read the API key from this file (its text, trimmed)");
+  cmd->add_option("--chat-template", o->chat_template,
+                  "Chat template: a Jinja file, or a tokenizer_config.json (default: the model's)");
+  cmd->add_option("--generation-config", o->generation_config,
+                  "auto: sampling defaults from the model's generation_config.json; none: OpenAI's defaults")
+      ->check(CLI::IsMember({"auto", "none"}))
+      ->capture_default_str();
   cmd->add_option("--max-batch", o->eng.sched.max_batch, "Running sequences at most")->capture_default_str();
   cmd->add_option("--max-model-len", o->eng.max_model_len, "Context length per request (default: the model's)");
   cmd->add_option("--max-num-batched-tokens", o->eng.sched.max_batched_tokens, "Token rows per step at most")->capture_default_str();
@@ -89,6 +131,7 @@ void register_serve(CLI::App& app) {
       ->check(CLI::Range(0.05, 0.99))
       ->capture_default_str();
   cmd->add_flag("--no-profile", o->no_profile, "Skip the start-up cost-model profile (use the online fit only)");
+  cmd->preparse_callback([cmd](size_t) { add_env_names(cmd); });
   cmd->callback([o] {
     namespace fs = std::filesystem;
     const Device device = parse_device(o->device);
@@ -102,6 +145,11 @@ void register_serve(CLI::App& app) {
     o->eng.kv_cache_bytes = o->kv_cache_mb << 20;
     o->eng.profile = !o->no_profile;
     o->http.max_body_bytes = static_cast<size_t>(o->max_body_mb) << 20;
+    if (!o->api_key_file.empty()) {
+      SPEAR_CHECK(o->http.api_key.empty(),
+                  "give the API key once: --api-key, --api-key-file or SPEAR_API_KEY (SPEAR_API_KEY_FILE)");
+      o->http.api_key = read_key_file(o->api_key_file);
+    }
 
     // SIGINT/SIGTERM are taken by this thread (sigwait) for an orderly stop; block
     // them before any other thread exists so that none of those receives them.
@@ -111,7 +159,13 @@ void register_serve(CLI::App& app) {
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
+    std::string name = o->name;
+    if (name.empty()) {
+      fs::path p = fs::path(o->model);
+      name = (p.has_filename() ? p.filename() : p.parent_path().filename()).string();
+    }
     server::HttpServer http(o->http);
+    http.metrics().set_model_name(name);
     http.start();
     std::fprintf(stderr, "spear: listening on http://%s:%d (loading %s)\n", o->http.host.c_str(),
                  http.port(), o->model.c_str());
@@ -119,11 +173,25 @@ void register_serve(CLI::App& app) {
 
     LoadedModel lm = load_model(o->model);
     Tokenizer tok = load_tokenizer(lm);
+    // The chat template and sampling defaults travel in a .spear artifact as in a
+    // model directory.
     std::string note;
-    server::ChatTemplate tmpl = fs::is_directory(o->model)
-                                    ? server::ChatTemplate::from_model_dir(o->model, &note)
-                                    : server::ChatTemplate::plain();
+    server::ChatTemplate tmpl = server::ChatTemplate::plain();
+    if (o->chat_template.empty()) {
+      tmpl = server::ChatTemplate::from_tokenizer_config(lm.tokenizer_config_json, &note);
+    } else {
+      try {
+        tmpl = server::ChatTemplate::from_file(o->chat_template, lm.tokenizer_config_json);
+      } catch (const std::exception& e) {
+        throw Error(std::string("--chat-template: ") + e.what());
+      }
+    }
     if (!note.empty()) note = " (" + note + ")";
+    std::string gen_note;
+    server::GenerationDefaults gen_defaults;
+    if (o->generation_config == "auto")
+      gen_defaults = server::GenerationDefaults::from_json_text(lm.generation_config_json, &gen_note);
+    if (!gen_note.empty()) std::fprintf(stderr, "spear: %s\n", gen_note.c_str());
     const ModelConfig mc = lm.weights.config;
     ServeDeviceOptions dev;
     dev.max_batch = static_cast<int>(o->eng.sched.max_batch);
@@ -148,11 +216,7 @@ void register_serve(CLI::App& app) {
     st.tok = &tok;
     st.engine = &engine;
     st.tmpl = tmpl;
-    std::string name = o->name;
-    if (name.empty()) {
-      fs::path p = fs::path(o->model);
-      name = (p.has_filename() ? p.filename() : p.parent_path().filename()).string();
-    }
+    st.defaults = gen_defaults;
     st.model_name = name;
     st.chat_stop_ids = tmpl.is_jinja() ? chat_stop_ids(tok, tmpl) : std::vector<int32_t>{};
     st.limits.max_model_len = engine.max_model_len();
@@ -160,13 +224,13 @@ void register_serve(CLI::App& app) {
     http.set_ready(st);
     std::fprintf(stderr,
                  "spear: ready: model '%s', scheduler %s, max batch %lld, context %lld, KV %lld "
-                 "blocks of %lld; chat template: %s%s\nspear: %s\n",
+                 "blocks of %lld; chat template: %s%s; generation defaults: %s\nspear: %s\n",
                  name.c_str(), policy_name(o->eng.sched.policy),
                  static_cast<long long>(o->eng.sched.max_batch),
                  static_cast<long long>(engine.max_model_len()),
                  static_cast<long long>(engine.stats().kv_blocks_total),
                  static_cast<long long>(o->eng.block_size), tmpl.description().c_str(),
-                 note.c_str(), engine.cost_model_summary().c_str());
+                 note.c_str(), gen_defaults.describe().c_str(), engine.cost_model_summary().c_str());
     std::fflush(stderr);
 
     int sig = 0;

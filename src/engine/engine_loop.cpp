@@ -334,7 +334,8 @@ void Engine::step() {
       finish(s, FinishReason::Length);
       continue;
     }
-    const int32_t id = s->sampler.sample(last, V);
+    const std::span<const int32_t> toks(s->tokens);
+    const int32_t id = s->sampler.sample(last, V, {toks.first(s->n_prompt), toks.subspan(s->n_prompt)});
     TokenEvent ev;
     ev.id = id;
     if (s->req.logprobs >= 0) {

@@ -42,7 +42,7 @@ GenerateResult generate_with(const ModelConfig& cfg, const StepFn& step, const s
   int64_t pos = static_cast<int64_t>(prompt.size());
   const auto& eos = cfg.eos_token_ids;
   while (true) {
-    int32_t id = sampler.sample(logits.data(), cfg.vocab_size);
+    int32_t id = sampler.sample(logits.data(), cfg.vocab_size, {prompt, res.ids});
     res.ids.push_back(id);
     bool go_on = !opt.on_token || opt.on_token(id);
     if (opt.stop_at_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) {

@@ -1,8 +1,19 @@
 #pragma once
 // Next-token choice from a row of logits: greedy (temperature 0), or sampling with
-// temperature, top-k and top-p (nucleus), reproducible from a seed.
+// temperature, min-p, top-k and top-p (nucleus), reproducible from a seed. Repetition,
+// frequency and presence penalties adjust the logits first (for greedy too), with
+// vLLM's semantics:
+//   repetition_penalty r (> 0, 1 = off), on every token seen in the prompt or the
+//     output: logit / r where logit > 0, logit * r otherwise;
+//   frequency_penalty f and presence_penalty p (OpenAI's, [-2, 2], 0 = off), on the
+//     output tokens only: logit -= f * count(token) + p * (count(token) > 0).
+// Then the order of vLLM's sampler: divide by the temperature; drop tokens whose
+// probability is below min_p times the most likely one's; keep the top_k; keep the
+// smallest prefix (most likely first) whose renormalized mass reaches top_p; draw.
 #include <cstdint>
 #include <random>
+#include <span>
+#include <utility>
 #include <vector>
 
 namespace spear {
@@ -11,19 +22,48 @@ struct SamplingParams {
   float temperature = 0.0f;  // 0 = greedy
   int64_t top_k = 0;         // 0 = no limit
   float top_p = 1.0f;        // 1 = no limit
+  float min_p = 0.0f;        // 0 = no limit
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
   uint64_t seed = 0;
+
+  bool has_penalties() const {
+    return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f;
+  }
 };
+
+// The tokens a sequence holds so far, for the penalties. Ids outside the vocabulary
+// are ignored.
+struct TokenHistory {
+  std::span<const int32_t> prompt;
+  std::span<const int32_t> output;
+};
+
+// Applies the penalties of `p` to logits[0, n) in place (see above).
+void apply_penalties(float* logits, int64_t n, const SamplingParams& p, const TokenHistory& h);
 
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);  // throws spear::Error on out-of-range values
-  int32_t sample(const float* logits, int64_t n);
+  int32_t sample(const float* logits, int64_t n, const TokenHistory& h = {});
+  // The distribution sample() draws from: (id, probability) of each candidate left,
+  // most likely first, probabilities summing to 1 (greedy: the argmax alone, 1).
+  // Consumes no randomness.
+  std::vector<std::pair<int32_t, double>> distribution(const float* logits, int64_t n,
+                                                       const TokenHistory& h = {});
   const SamplingParams& params() const { return p_; }
 
  private:
+  const float* penalized(const float* logits, int64_t n, const TokenHistory& h);
+  // Fills cand_ (best first) and prob_ (unnormalized); returns how many are kept.
+  int64_t candidates(const float* logits, int64_t n, double* sum);
+
   SamplingParams p_;
   std::mt19937_64 rng_;
   std::vector<std::pair<float, int32_t>> cand_;  // scratch
+  std::vector<double> prob_;                     // scratch
+  std::vector<float> work_;                      // scratch: penalized logits
 };
 
 // Index of the largest logit; the first one on ties (as torch.argmax).

@@ -80,6 +80,10 @@ SpearArtifact artifact_from_model_dir(const std::string& dir) {
   a.config_json = read_file_bytes((fs::path(dir) / "config.json").string());
   if (fs::exists(fs::path(dir) / "tokenizer.json"))
     a.tokenizer_json = read_file_bytes((fs::path(dir) / "tokenizer.json").string());
+  if (fs::exists(fs::path(dir) / "tokenizer_config.json"))
+    a.tokenizer_config_json = read_file_bytes((fs::path(dir) / "tokenizer_config.json").string());
+  if (fs::exists(fs::path(dir) / "generation_config.json"))
+    a.generation_config_json = read_file_bytes((fs::path(dir) / "generation_config.json").string());
   a.weights = load_hf_weights(dir);
   a.meta["source_model"] = fs::absolute(dir).lexically_normal().string();
   a.meta["source_model_sha256"] = model_dir_hash(dir);
@@ -134,9 +138,11 @@ void write_spear(const std::string& path, const SpearArtifact& a) {
   std::vector<TensorToWrite> tensors;
   tensors.push_back({"spear.config_json", DType::U8, {static_cast<int64_t>(a.config_json.size())},
                      a.config_json.data()});
-  if (!a.tokenizer_json.empty())
-    tensors.push_back({"spear.tokenizer_json", DType::U8,
-                       {static_cast<int64_t>(a.tokenizer_json.size())}, a.tokenizer_json.data()});
+  for (const auto& [name, text] : {std::pair<const char*, const std::string*>{"spear.tokenizer_json", &a.tokenizer_json},
+                                   {"spear.tokenizer_config_json", &a.tokenizer_config_json},
+                                   {"spear.generation_config_json", &a.generation_config_json}})
+    if (!text->empty())
+      tensors.push_back({name, DType::U8, {static_cast<int64_t>(text->size())}, text->data()});
   for (const auto& t : unquantized_tensors(a.weights))
     tensors.push_back({t.name, t.tensor->dtype, t.tensor->shape, t.tensor->data});
   std::vector<std::vector<uint16_t>> f16_store;  // keeps EC fp16 buffers alive
@@ -254,11 +260,15 @@ SpearArtifact read_spear(const std::string& path) {
   } catch (const Error& e) {
     fail(std::string("embedded config.json: ") + e.what());
   }
-  if (const TensorView* t = f->find("spear.tokenizer_json")) {
-    if (t->dtype != DType::U8 || t->shape.size() != 1) fail("'spear.tokenizer_json' must be U8 (n)");
-    used.insert(t->name);
-    a.tokenizer_json.assign(reinterpret_cast<const char*>(t->data), t->nbytes);
-  }
+  // The source's text files; each optional (older artifacts hold only the tokenizer).
+  for (const auto& [name, text] : {std::pair<const char*, std::string*>{"spear.tokenizer_json", &a.tokenizer_json},
+                                   {"spear.tokenizer_config_json", &a.tokenizer_config_json},
+                                   {"spear.generation_config_json", &a.generation_config_json}})
+    if (const TensorView* t = f->find(name)) {
+      if (t->dtype != DType::U8 || t->shape.size() != 1) fail(std::string("'") + name + "' must be U8 (n)");
+      used.insert(t->name);
+      text->assign(reinterpret_cast<const char*>(t->data), t->nbytes);
+    }
   // The unquantized tensors: views of the mapped file, checked against the config.
   LlamaWeights& w = a.weights;
   w.layers.resize(cfg.num_layers);

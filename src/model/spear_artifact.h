@@ -2,6 +2,11 @@
 // The .spear artifact: one safetensors container with everything needed to run a
 // quantized (and possibly compensated) model without its source directory:
 //   spear.config_json, spear.tokenizer_json   U8  the source's config.json / tokenizer.json, verbatim
+//   spear.tokenizer_config_json, spear.generation_config_json   U8  the source's
+//                                              tokenizer_config.json (the chat template) and
+//                                              generation_config.json, verbatim, when it has them
+//                                              (optional: artifacts written before they were kept
+//                                              load without them)
 //   model.embed_tokens.weight, *.input_layernorm.weight, ...   the unquantized tensors, in the
 //                                              source's dtype (bytes copied, so nothing is rounded)
 //   model.layers.L.MOD.qweight  U8  (out, packed_row_bytes(in, bits))  codes (core/quant_format.h)
@@ -30,6 +35,8 @@ inline constexpr const char* kSpearFormatVersion = "1";
 struct SpearArtifact {
   std::string config_json;     // the source's config.json, verbatim
   std::string tokenizer_json;  // the source's tokenizer.json, verbatim; may be empty
+  std::string tokenizer_config_json;   // the source's tokenizer_config.json; may be empty
+  std::string generation_config_json;  // the source's generation_config.json; may be empty
   LlamaWeights weights;        // weights.config is parsed from config_json
   nlohmann::json meta = nlohmann::json::object();
 

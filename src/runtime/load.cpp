@@ -1,6 +1,8 @@
 #include "runtime/load.h"
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 
 #include "core/error.h"
 #include "model/load_hf.h"
@@ -18,12 +20,23 @@ LoadedModel load_model(const std::string& path) {
     r.is_artifact = true;
     r.meta = std::move(a.meta);
     r.tokenizer_json = std::move(a.tokenizer_json);
+    r.tokenizer_config_json = std::move(a.tokenizer_config_json);
+    r.generation_config_json = std::move(a.generation_config_json);
     return r;
   }
   SPEAR_CHECK(fs::is_directory(path),
               "model not found: " + path + " (expected a model directory or a .spear file)");
   r.weights = load_hf_weights(path);
   r.tokenizer_json_path = (fs::path(path) / "tokenizer.json").string();
+  auto text = [&](const char* name) {
+    const fs::path p = fs::path(path) / name;
+    if (!fs::is_regular_file(p)) return std::string();
+    std::ifstream in(p, std::ios::binary);
+    SPEAR_CHECK(in.good(), "cannot open " + p.string());
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  r.tokenizer_config_json = text("tokenizer_config.json");
+  r.generation_config_json = text("generation_config.json");
   return r;
 }
 

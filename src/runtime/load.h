@@ -17,6 +17,10 @@ struct LoadedModel {
   nlohmann::json meta = nlohmann::json::object();  // .spear: the artifact's metadata
   std::string tokenizer_json_path;  // directory: DIR/tokenizer.json
   std::string tokenizer_json;       // .spear: the embedded text
+  // tokenizer_config.json (the chat template) and generation_config.json: the
+  // directory's files or the artifact's embedded copies; empty when there are none.
+  std::string tokenizer_config_json;
+  std::string generation_config_json;
 };
 
 LoadedModel load_model(const std::string& path);

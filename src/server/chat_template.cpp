@@ -67,29 +67,37 @@ std::string token_field(const nlohmann::json& cfg, const char* key) {
 }
 }  // namespace
 
-ChatTemplate ChatTemplate::from_model_dir(const std::string& model_dir, std::string* note) {
-  namespace fs = std::filesystem;
+namespace {
+// The chat_template of a tokenizer_config.json: a string, or the entry named "default"
+// of a list of {"name", "template"}. Empty if none.
+std::string template_source(const nlohmann::json& cfg) {
+  auto it = cfg.find("chat_template");
+  if (it != cfg.end() && it->is_string()) return it->get<std::string>();
+  if (it != cfg.end() && it->is_array())
+    for (const auto& e : *it)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+        return e["template"].get<std::string>();
+  return "";
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in.good()) throw std::runtime_error("cannot open " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+}  // namespace
+
+ChatTemplate ChatTemplate::from_tokenizer_config(const std::string& json_text, std::string* note) {
   auto fallback = [&](const std::string& why) {
     if (note) *note = why;
     return plain();
   };
-  fs::path p = fs::path(model_dir) / "tokenizer_config.json";
-  if (!fs::exists(p)) return fallback("no tokenizer_config.json");
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json cfg = nlohmann::json::parse(ss.str(), nullptr, false);
+  if (json_text.empty()) return fallback("no tokenizer_config.json");
+  nlohmann::json cfg = nlohmann::json::parse(json_text, nullptr, false);
   if (cfg.is_discarded() || !cfg.is_object()) return fallback("tokenizer_config.json is not valid JSON");
-  auto it = cfg.find("chat_template");
-  std::string src;
-  if (it != cfg.end() && it->is_string()) {
-    src = it->get<std::string>();
-  } else if (it != cfg.end() && it->is_array()) {
-    for (const auto& e : *it)
-      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") &&
-          e["template"].is_string())
-        src = e["template"].get<std::string>();
-  }
+  const std::string src = template_source(cfg);
   if (src.empty()) return fallback("tokenizer_config.json has no chat_template");
   try {
     ChatTemplate t = from_jinja(src, token_field(cfg, "bos_token"), token_field(cfg, "eos_token"));
@@ -98,6 +106,42 @@ ChatTemplate ChatTemplate::from_model_dir(const std::string& model_dir, std::str
   } catch (const std::exception& e) {
     return fallback(std::string("its chat_template is not supported (") + e.what() + ")");
   }
+}
+
+ChatTemplate ChatTemplate::from_model_dir(const std::string& model_dir, std::string* note) {
+  namespace fs = std::filesystem;
+  fs::path p = fs::path(model_dir) / "tokenizer_config.json";
+  std::string text;
+  if (fs::exists(p)) {
+    try {
+      text = read_text(p.string());
+    } catch (const std::exception&) {
+    }
+  }
+  return from_tokenizer_config(text, note);
+}
+
+ChatTemplate ChatTemplate::from_file(const std::string& path, const std::string& model_tokenizer_config) {
+  const std::string text = read_text(path);
+  nlohmann::json model_cfg = nlohmann::json::parse(model_tokenizer_config, nullptr, false);
+  if (model_cfg.is_discarded() || !model_cfg.is_object()) model_cfg = nlohmann::json::object();
+  std::string bos = token_field(model_cfg, "bos_token"), eos = token_field(model_cfg, "eos_token");
+  std::string src = text;
+  const nlohmann::json cfg = nlohmann::json::parse(text, nullptr, false);
+  if (!cfg.is_discarded() && cfg.is_object()) {  // a tokenizer_config.json
+    src = template_source(cfg);
+    if (src.empty()) throw std::runtime_error(path + " is a JSON object without a chat_template");
+    if (!token_field(cfg, "bos_token").empty()) bos = token_field(cfg, "bos_token");
+    if (!token_field(cfg, "eos_token").empty()) eos = token_field(cfg, "eos_token");
+  }
+  ChatTemplate t;
+  try {
+    t = from_jinja(src, bos, eos);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("the chat template in " + path + " is not usable: " + e.what());
+  }
+  t.desc_ = "jinja (" + path + ")";
+  return t;
 }
 
 }  // namespace spear::server

@@ -31,9 +31,19 @@ class ChatTemplate {
   // conversation.
   static ChatTemplate from_jinja(const std::string& source, std::string bos_token,
                                  std::string eos_token);
-  // From <model_dir>/tokenizer_config.json; the plain template (with *note saying
-  // why) when the file, the template, or spear's support for it is missing.
+  // From the text of a tokenizer_config.json (a model directory's file or a .spear
+  // artifact's copy); the plain template (with *note saying why) when the text, the
+  // template, or spear's support for it is missing.
+  static ChatTemplate from_tokenizer_config(const std::string& json_text, std::string* note);
+  // From <model_dir>/tokenizer_config.json, as from_tokenizer_config.
   static ChatTemplate from_model_dir(const std::string& model_dir, std::string* note);
+  // `spear serve --chat-template FILE`: FILE is a tokenizer_config.json (a JSON object
+  // with "chat_template") or a Jinja template. bos_token / eos_token come from FILE
+  // when it is a tokenizer_config.json that names them, else from the model's
+  // tokenizer_config.json text (may be empty). Throws std::runtime_error when the file
+  // cannot be read or its template is not usable: an explicit template never falls
+  // back to the plain one.
+  static ChatTemplate from_file(const std::string& path, const std::string& model_tokenizer_config);
 
   // Throws std::runtime_error (e.g. the template's raise_exception for roles that do
   // not alternate); the server answers 400 with the message.

@@ -1,5 +1,6 @@
 #include "server/generation.h"
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
 #include <memory>
@@ -58,6 +59,7 @@ struct Choice {
       : dec(tok), prompt_dec(tok), stop(std::move(stops)) {}
   std::shared_ptr<RequestStream> stream;
   std::vector<int32_t> prompt;
+  bool first_of_prompt = true;  // usage counts each prompt once, however many choices it has
   StreamDecoder dec;
   StreamDecoder prompt_dec;  // echo: the prompt tokens' pieces of the echoed text
   StopMatcher stop;
@@ -83,25 +85,31 @@ class Session {
   }
   ~Session() { cancel_all(); }
 
-  // Submits every prompt; throws ApiError when the engine refuses.
+  // Submits n choices of every prompt (choice index: prompt * n + j, as vLLM numbers
+  // them); throws ApiError when the engine refuses.
   void submit() {
     std::vector<EngineRequest> reqs;
-    for (const auto& p : spec_.prompts) {
-      auto c = std::make_unique<Choice>(*st_.tok, spec_.stop);
-      c->stream = std::make_shared<RequestStream>(notifier_);
-      c->prompt = p;
-      EngineRequest r;
-      r.prompt = p;
-      r.sampling = spec_.sampling;
-      r.max_tokens = spec_.max_tokens;
-      r.ignore_eos = spec_.ignore_eos;
-      if (spec_.chat) r.stop_ids = st_.chat_stop_ids;
-      r.logprobs = spec_.logprobs;
-      r.prompt_logprobs = spec_.echo && spec_.logprobs >= 0;
-      r.stream = c->stream;
-      reqs.push_back(std::move(r));
-      choices_.push_back(std::move(c));
-    }
+    std::vector<int32_t> stop_ids = spec_.stop_token_ids;
+    if (spec_.chat) stop_ids.insert(stop_ids.end(), st_.chat_stop_ids.begin(), st_.chat_stop_ids.end());
+    for (const auto& p : spec_.prompts)
+      for (int64_t j = 0; j < spec_.n; ++j) {
+        auto c = std::make_unique<Choice>(*st_.tok, spec_.stop);
+        c->stream = std::make_shared<RequestStream>(notifier_);
+        c->prompt = p;
+        c->first_of_prompt = j == 0;
+        EngineRequest r;
+        r.prompt = p;
+        r.sampling = spec_.sampling;
+        if (j < static_cast<int64_t>(spec_.seeds.size())) r.sampling.seed = spec_.seeds[j];
+        r.max_tokens = spec_.max_tokens;
+        r.ignore_eos = spec_.ignore_eos;
+        r.stop_ids = stop_ids;
+        r.logprobs = spec_.logprobs;
+        r.prompt_logprobs = spec_.echo && spec_.logprobs >= 0;
+        r.stream = c->stream;
+        reqs.push_back(std::move(r));
+        choices_.push_back(std::move(c));
+      }
     std::string why;
     switch (st_.engine->submit(std::move(reqs), &why)) {
       case Engine::Submit::Ok: break;
@@ -174,7 +182,7 @@ class Session {
     for (size_t i = 0; i < choices_.size(); ++i) {
       const Choice& c = *choices_[i];
       completion += c.generated;
-      prompt += static_cast<int64_t>(c.prompt.size());
+      if (c.first_of_prompt) prompt += static_cast<int64_t>(c.prompt.size());
       json ch{{"index", i}, {"finish_reason", c.finish_reason}};
       if (spec_.chat) {
         ch["message"] = {{"role", "assistant"}, {"content", c.text}};
@@ -242,7 +250,7 @@ class Session {
       int64_t completion = 0, prompt = 0;
       for (const auto& c : choices_) {
         completion += c->generated;
-        prompt += static_cast<int64_t>(c->prompt.size());
+        if (c->first_of_prompt) prompt += static_cast<int64_t>(c->prompt.size());
       }
       out += sse({{"id", id_},
                   {"object", spec_.chat ? "chat.completion.chunk" : "text_completion"},
@@ -336,6 +344,10 @@ class Session {
     c.generated++;
     c.pending_tokens++;
     add_logprob(c, ev, c.text_offset);
+    // A stop_token_ids token ends the choice (the engine finishes it) and, as in vLLM,
+    // its text is not part of the output.
+    if (std::find(spec_.stop_token_ids.begin(), spec_.stop_token_ids.end(), ev.id) != spec_.stop_token_ids.end())
+      return;
     const std::string piece = c.dec.push(ev.id);
     c.text_offset += static_cast<int64_t>(piece.size());  // where the next token's text starts
     std::string shown = c.stop.push(piece);

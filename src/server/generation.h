@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "server/chat_template.h"
+#include "server/generation_defaults.h"
 #include "server/protocol.h"
 
 namespace httplib {
@@ -34,6 +35,7 @@ struct ServeState {
   std::string model_name;
   std::vector<int32_t> chat_stop_ids;  // e.g. the template's end-of-turn token
   ProtocolLimits limits;
+  GenerationDefaults defaults;  // generation_config.json: used where a request omits a field
   int retry_after_s = 1;
 };
 

@@ -20,6 +20,7 @@
 #include "server/json_fields.h"
 #include "server/protocol.h"
 #include "server/socket_front.h"
+#include "server/tokenize_api.h"
 #include "tokenizer/tokenizer.h"
 
 namespace spear::server {
@@ -144,6 +145,7 @@ void HttpServer::set_ready(ServeState state) {
   state_ = std::make_unique<ServeState>(std::move(state));
   state_->retry_after_s = opt_.retry_after_s;
   state_->limits.allow_unknown_fields = opt_.allow_unknown_fields;
+  metrics_.set_model_name(state_->model_name);
   if (state_->limits.max_prompt_bytes == 0 && state_->tok)
     state_->limits.max_prompt_bytes = prompt_byte_bound(*state_->tok, state_->limits.max_model_len);
   ready_.store(true);
@@ -218,30 +220,49 @@ void HttpServer::start() {
                                       {"max_model_len", st.limits.max_model_len},
                                       {"vocab_size", st.limits.vocab_size}}})}});
   }));
-  auto check_model = [this](const GenSpec& g) {
-    if (!g.model.empty() && g.model != state_->model_name)
-      throw ApiError(404, "the model '" + g.model + "' does not exist; this server serves '" +
+  auto check_model_name = [this](const std::string& model) {
+    if (!model.empty() && model != state_->model_name)
+      throw ApiError(404, "the model '" + model + "' does not exist; this server serves '" +
                               state_->model_name + "'",
                      "invalid_request_error", "model_not_found", "model");
   };
+  auto check_model = [check_model_name](const GenSpec& g) { check_model_name(g.model); };
+  // vLLM's tokenizer endpoints (no /v1 prefix, as in vLLM); authenticated like /v1/*.
+  svr.Post("/tokenize", guarded("/tokenize", true, [this, check_model_name](const httplib::Request& req, httplib::Response& res) {
+    const ServeState& st = *state_;
+    std::string model;
+    json out = tokenize_response(request_json(req), *st.tok, st.tmpl, st.limits, &model);
+    check_model_name(model);
+    send_json(res, 200, out);
+  }));
+  svr.Post("/detokenize", guarded("/detokenize", true, [this, check_model_name](const httplib::Request& req, httplib::Response& res) {
+    const ServeState& st = *state_;
+    std::string model;
+    json out = detokenize_response(request_json(req), *st.tok, st.limits, &model);
+    check_model_name(model);
+    send_json(res, 200, out);
+  }));
+  svr.Get("/version", [](const httplib::Request&, httplib::Response& res) {
+    send_json(res, 200, {{"version", SPEAR_VERSION}});
+  });
   svr.Post("/v1/completions", guarded("/v1/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
-    GenSpec g = parse_completion_request(request_json(req), *st.tok, st.limits);
+    GenSpec g = parse_completion_request(request_json(req), *st.tok, st.limits, st.defaults);
     check_model(g);
     run_generation(st, std::move(g), req, res, cancel_);
   }));
   svr.Post("/v1/chat/completions", guarded("/v1/chat/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
-    GenSpec g = parse_chat_request(request_json(req), *st.tok, st.tmpl, st.limits);
+    GenSpec g = parse_chat_request(request_json(req), *st.tok, st.tmpl, st.limits, st.defaults);
     check_model(g);
     run_generation(st, std::move(g), req, res, cancel_);
   }));
   // The right path with the wrong method: 405, not 404.
-  for (const char* p : {"/v1/completions", "/v1/chat/completions"})
+  for (const char* p : {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
     svr.Get(p, [p](const httplib::Request&, httplib::Response& res) {
       send_error(res, ApiError(405, std::string("use POST for ") + p, "invalid_request_error", "method_not_allowed"));
     });
-  for (const char* p : {"/v1/models", "/health", "/metrics"})
+  for (const char* p : {"/v1/models", "/health", "/metrics", "/version"})
     svr.Post(p, [p](const httplib::Request&, httplib::Response& res) {
       send_error(res, ApiError(405, std::string("use GET for ") + p, "invalid_request_error", "method_not_allowed"));
     });

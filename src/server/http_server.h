@@ -1,7 +1,9 @@
 #pragma once
 // The OpenAI-compatible HTTP front end (cpp-httplib):
 //   POST /v1/completions, POST /v1/chat/completions   (JSON or SSE streaming)
+//   POST /tokenize, POST /detokenize (vLLM's shapes)  GET /version
 //   GET  /v1/models, GET /health (503 while loading), GET /metrics (Prometheus)
+// The API key, when set, guards /v1/*, /tokenize and /detokenize.
 // It listens before the model is loaded, so that /health can say 503 "loading";
 // set_ready() hands it the loaded model. Every request is validated before it
 // reaches the engine; every failure is an OpenAI-style JSON error; no request can

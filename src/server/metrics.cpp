@@ -15,6 +15,26 @@ std::vector<double> latency_buckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
           0.5,   0.75,   1.0,   1.5,  2.5,  5.0,  10.0, 20.0,  40.0, 80.0};
 }
+// 1, 2, 5, 10, 20, 50, ... as vLLM's token-count histograms.
+std::vector<double> token_buckets() {
+  std::vector<double> b;
+  for (double m = 1; m <= 1e6; m *= 10)
+    for (double f : {1.0, 2.0, 5.0}) b.push_back(m * f);
+  return b;
+}
+// A Prometheus label value: backslash, double quote and newline escaped.
+std::string label_value(const std::string& v) {
+  std::string r;
+  for (char c : v) {
+    if (c == '\\' || c == '"') r += '\\';
+    if (c == '\n') {
+      r += "\\n";
+      continue;
+    }
+    r += c;
+  }
+  return r;
+}
 }  // namespace
 
 Histogram::Histogram(std::vector<double> bounds)
@@ -30,23 +50,29 @@ void Histogram::observe(double v) {
   n_++;
 }
 
-void Histogram::render(std::string& out, const std::string& name, const std::string& help) const {
+void Histogram::render(std::string& out, const std::string& name, const std::string& help,
+                       const std::string& labels) const {
   std::lock_guard<std::mutex> lk(mu_);
   out += "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
+  const std::string pre = labels.empty() ? "" : labels + ",";
+  const std::string own = labels.empty() ? "" : "{" + labels + "}";
   uint64_t cum = 0;
   for (size_t i = 0; i < bounds_.size(); ++i) {
     cum += counts_[i];
-    out += name + "_bucket{le=\"" + num(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
+    out += name + "_bucket{" + pre + "le=\"" + num(bounds_[i]) + "\"} " + std::to_string(cum) + "\n";
   }
   cum += counts_.back();
-  out += name + "_bucket{le=\"+Inf\"} " + std::to_string(cum) + "\n";
-  out += name + "_sum " + num(sum_) + "\n" + name + "_count " + std::to_string(n_) + "\n";
+  out += name + "_bucket{" + pre + "le=\"+Inf\"} " + std::to_string(cum) + "\n";
+  out += name + "_sum" + own + " " + num(sum_) + "\n" + name + "_count" + own + " " + std::to_string(n_) + "\n";
 }
 
 Metrics::Metrics()
     : ttft_(latency_buckets()), tpot_(latency_buckets()), e2e_(latency_buckets()),
       step_(latency_buckets()),
-      step_tokens_({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}) {}
+      step_tokens_({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096}),
+      req_prompt_tokens_(token_buckets()), req_gen_tokens_(token_buckets()) {
+  set_model_name("");
+}
 
 void Metrics::on_step(const StepRecord& s) {
   step_.observe(s.seconds);
@@ -63,6 +89,8 @@ void Metrics::on_request_done(const RequestRecord& r) {
   if (r.ttft_s >= 0) ttft_.observe(r.ttft_s);
   if (r.tpot_s >= 0) tpot_.observe(r.tpot_s);
   e2e_.observe(r.e2e_s);
+  req_prompt_tokens_.observe(static_cast<double>(r.prompt_tokens));
+  req_gen_tokens_.observe(static_cast<double>(r.generated));
   std::lock_guard<std::mutex> lk(mu_);
   finished_by_reason_[finish_reason_name(r.reason)]++;
 }
@@ -70,6 +98,11 @@ void Metrics::on_request_done(const RequestRecord& r) {
 void Metrics::count_response(const std::string& endpoint, int status) {
   std::lock_guard<std::mutex> lk(mu_);
   responses_[{endpoint, status}]++;
+}
+
+void Metrics::set_model_name(const std::string& name) {
+  std::lock_guard<std::mutex> lk(mu_);
+  model_label_ = "model_name=\"" + label_value(name) + "\"";
 }
 
 void Metrics::set_memory(const std::string& device, const std::map<std::string, int64_t>& bytes) {
@@ -80,54 +113,72 @@ void Metrics::set_memory(const std::string& device, const std::map<std::string, 
 
 std::string Metrics::render(const Engine* engine, bool ready) const {
   std::string out;
+  std::string model;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    model = model_label_;
+  }
+  // `name{model_name="..",extra} value`
+  auto series = [&](const std::string& name, const std::string& extra, const std::string& v) {
+    out += name + "{" + model + (extra.empty() ? "" : "," + extra) + "} " + v + "\n";
+  };
+  auto head = [&](const std::string& name, const std::string& help, const char* type) {
+    out += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+  };
   auto gauge = [&](const std::string& name, const std::string& help, double v) {
-    out += "# HELP " + name + " " + help + "\n# TYPE " + name + " gauge\n" + name + " " + num(v) + "\n";
+    head(name, help, "gauge");
+    series(name, "", num(v));
   };
   auto counter = [&](const std::string& name, const std::string& help, double v) {
-    out += "# HELP " + name + " " + help + "\n# TYPE " + name + " counter\n" + name + " " + num(v) + "\n";
+    head(name, help, "counter");
+    series(name, "", num(v));
   };
-  gauge("spear_ready", "1 once the model is loaded and the engine runs", ready ? 1 : 0);
+  gauge("spear:ready", "1 once the model is loaded and the engine runs", ready ? 1 : 0);
   EngineStats st;
   if (engine) st = engine->stats();
-  gauge("spear_requests_running", "Requests admitted to the engine (prefilling or decoding)", st.running);
-  gauge("spear_requests_waiting", "Requests queued for admission", st.waiting);
-  gauge("spear_kv_cache_blocks_used", "KV cache blocks in use", st.kv_blocks_used);
-  gauge("spear_kv_cache_blocks_total", "KV cache blocks in the pool", st.kv_blocks_total);
-  gauge("spear_kv_cache_usage_ratio", "Fraction of KV cache blocks in use",
+  gauge("spear:num_requests_running", "Requests admitted to the engine (prefilling or decoding)", st.running);
+  gauge("spear:num_requests_waiting", "Requests queued for admission", st.waiting);
+  gauge("spear:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = all)",
         st.kv_blocks_total ? static_cast<double>(st.kv_blocks_used) / st.kv_blocks_total : 0);
-  counter("spear_prompt_tokens_total", "Prompt tokens received", st.prompt_tokens);
-  counter("spear_generation_tokens_total", "Tokens generated", st.generated_tokens);
-  counter("spear_preemptions_total", "Sequences preempted (recomputed) for lack of KV memory",
+  gauge("spear:kv_cache_blocks_used", "KV cache blocks in use", st.kv_blocks_used);
+  gauge("spear:kv_cache_blocks_total", "KV cache blocks in the pool", st.kv_blocks_total);
+  counter("spear:prompt_tokens_total", "Prompt tokens received", st.prompt_tokens);
+  counter("spear:generation_tokens_total", "Tokens generated", st.generated_tokens);
+  counter("spear:num_preemptions_total", "Sequences preempted (recomputed) for lack of KV memory",
           st.preemptions);
   {
     std::lock_guard<std::mutex> lk(mu_);
-    out += "# HELP spear_engine_steps_total Engine steps by kind\n# TYPE spear_engine_steps_total counter\n";
+    head("spear:request_success_total", "Requests finished, by reason (abort: cancelled)", "counter");
+    std::map<std::string, uint64_t> by_reason{{"stop", 0}, {"length", 0}, {"abort", 0}, {"error", 0}};
+    for (const auto& [reason, n] : finished_by_reason_) by_reason[reason == "cancelled" ? "abort" : reason] += n;
+    for (const auto& [reason, n] : by_reason)
+      series("spear:request_success_total", "finished_reason=\"" + reason + "\"", std::to_string(n));
+    head("spear:engine_steps_total", "Engine steps by kind", "counter");
     for (const char* k : {"decode", "prefill", "mixed"}) {
       auto it = steps_by_kind_.find(k);
-      out += std::string("spear_engine_steps_total{kind=\"") + k + "\"} " +
-             std::to_string(it == steps_by_kind_.end() ? 0 : it->second) + "\n";
+      series("spear:engine_steps_total", std::string("kind=\"") + k + "\"",
+             std::to_string(it == steps_by_kind_.end() ? 0 : it->second));
     }
-    out += "# HELP spear_requests_finished_total Requests finished by reason\n# TYPE spear_requests_finished_total counter\n";
-    for (const auto& [reason, n] : finished_by_reason_)
-      out += "spear_requests_finished_total{reason=\"" + reason + "\"} " + std::to_string(n) + "\n";
-    out += "# HELP spear_http_responses_total HTTP responses by endpoint and status\n# TYPE spear_http_responses_total counter\n";
+    head("spear:http_responses_total", "HTTP responses by endpoint and status", "counter");
     for (const auto& [key, n] : responses_)
-      out += "spear_http_responses_total{endpoint=\"" + key.first + "\",status=\"" +
-             std::to_string(key.second) + "\"} " + std::to_string(n) + "\n";
+      series("spear:http_responses_total",
+             "endpoint=\"" + key.first + "\",status=\"" + std::to_string(key.second) + "\"", std::to_string(n));
     if (!mem_bytes_.empty()) {
-      out += "# HELP spear_memory_bytes Memory held by use\n# TYPE spear_memory_bytes gauge\n";
+      head("spear:memory_bytes", "Memory held by use", "gauge");
       for (const auto& [kind, b] : mem_bytes_)
-        out += "spear_memory_bytes{device=\"" + mem_device_ + "\",kind=\"" + kind + "\"} " + std::to_string(b) + "\n";
+        series("spear:memory_bytes", "device=\"" + mem_device_ + "\",kind=\"" + kind + "\"", std::to_string(b));
     }
-    gauge("spear_cost_model_mean_abs_rel_error",
+    gauge("spear:cost_model_mean_abs_rel_error",
           "Mean |predicted - measured| / measured step time of the scheduler's cost model",
           step_err_n_ ? step_abs_rel_err_sum_ / step_err_n_ : 0);
   }
-  ttft_.render(out, "spear_time_to_first_token_seconds", "Time to first token");
-  tpot_.render(out, "spear_time_per_output_token_seconds", "Time per output token after the first (per request)");
-  e2e_.render(out, "spear_e2e_request_latency_seconds", "End-to-end request latency");
-  step_.render(out, "spear_engine_step_seconds", "Engine step duration");
-  step_tokens_.render(out, "spear_engine_step_tokens", "Token rows per engine step");
+  ttft_.render(out, "spear:time_to_first_token_seconds", "Time to first token", model);
+  tpot_.render(out, "spear:time_per_output_token_seconds", "Time per output token after the first (per request)", model);
+  e2e_.render(out, "spear:e2e_request_latency_seconds", "End-to-end request latency", model);
+  step_tokens_.render(out, "spear:iteration_tokens_total", "Token rows per engine step", model);
+  req_prompt_tokens_.render(out, "spear:request_prompt_tokens", "Prompt tokens per finished request", model);
+  req_gen_tokens_.render(out, "spear:request_generation_tokens", "Generated tokens per finished request", model);
+  step_.render(out, "spear:engine_step_seconds", "Engine step duration", model);
   return out;
 }
 

@@ -65,4 +65,51 @@ try {
 } catch (e) {
   check(e instanceof OpenAI.NotFoundError, "404 surfaces as NotFoundError: " + e);
 }
+// n > 1 (choice i samples with seed + i, as vLLM's n), seeds, penalties and vLLM's
+// extra sampling fields (passed through the SDK's body), on both endpoints.
+const nreq = { model, prompt: "Once upon a time", max_tokens: 8, n: 3, seed: 42, temperature: 1, ignore_eos: true };
+const nres = await client.completions.create(nreq);
+check(nres.choices.length === 3 && nres.choices.map((c) => c.index).join() === "0,1,2", "n choices and their indexes");
+check(nres.usage.completion_tokens === 24, "usage counts every choice's tokens");
+const seeded = await client.completions.create({ ...nreq, n: 1, seed: 43 });
+check(seeded.choices[0].text === nres.choices[1].text, "choice 1 samples with seed + 1");
+const again = await client.completions.create(nreq);
+check(again.choices.map((c) => c.text).join("|") === nres.choices.map((c) => c.text).join("|"), "a seed reproduces");
+out.n = nres.choices.map((c) => c.text);
+const pen = await client.chat.completions.create({
+  model, messages: [{ role: "user", content: "Hi" }], max_tokens: 8, n: 2, seed: 1,
+  presence_penalty: 0.5, frequency_penalty: 0.5, repetition_penalty: 1.2, min_p: 0.05, top_k: 20, stop_token_ids: [],
+});
+check(pen.choices.length === 2 && pen.choices[1].index === 1, "chat n with penalties");
+const nstream = await client.chat.completions.create({
+  model, messages: [{ role: "user", content: "Hi" }], max_tokens: 6, n: 2, seed: 5, stream: true,
+});
+const finished = new Set();
+for await (const chunk of nstream) for (const ch of chunk.choices) if (ch.finish_reason) finished.add(ch.index);
+check(finished.size === 2, "each streamed choice finishes");
+try {
+  await client.completions.create({ model, prompt: "x", max_tokens: 1, presence_penalty: 3 });
+  throw new Error("an out-of-range penalty was accepted");
+} catch (e) {
+  check(e instanceof OpenAI.BadRequestError && e.param === "presence_penalty", "penalty range: " + e);
+}
+
+// vLLM's /tokenize and /detokenize (outside /v1), with plain fetch.
+const root = baseURL.replace(/\/v1\/?$/, "");
+const post = async (path, body) => {
+  const r = await fetch(root + path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  check(r.status === 200, path + " status " + r.status);
+  return r.json();
+};
+const tok = await post("/tokenize", { model, prompt: "Once upon a time", return_token_strs: true });
+check(tok.count === tok.tokens.length && tok.count > 1 && tok.token_strs.length === tok.count, "tokenize shape");
+check(tok.count === c.usage.prompt_tokens, "tokenize counts what the completion counted");
+const detok = await post("/detokenize", { model, tokens: tok.tokens.slice(1) });
+check(detok.prompt === "Once upon a time", "detokenize inverts tokenize: " + JSON.stringify(detok));
+const chatTok = await post("/tokenize", { model, messages: [{ role: "user", content: "Hi" }] });
+check(chatTok.count === chat.usage.prompt_tokens, "chat tokenize counts what chat counted");
+const version = await (await fetch(root + "/version")).json();
+check(typeof version.version === "string", "version");
+out.tokenize = tok.tokens;
+
 console.log(JSON.stringify(out));
