@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 BEFORE=${1:-}
 rm -rf build-bin && mkdir -p build-bin/lib build-bin/data
 cp build/spear build/tests/spear_cuda_tests build-bin/
+[ -x build/bench/bench_w4a16 ] && cp build/bench/bench_w4a16 build-bin/
 [ -n "$BEFORE" ] && cp "$BEFORE" build-bin/spear-before
 strip build-bin/spear* 2>/dev/null || true
 for l in $(ldd build/spear build/tests/spear_cuda_tests | awk '/=>/{print $3}' | sort -u |

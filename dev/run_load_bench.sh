@@ -6,6 +6,8 @@
 # (build-bin/spear-before) and after: peak host memory and wall time of `spear ppl --device
 # cuda` over 2 windows. Logs and a JSON line per measurement go to $OUT.
 #   bash dev/run_load_bench.sh tests ckpt7b load7b w4 fuse   (load7b and w4 need ckpt7b first)
+# floor (decode-floor issue): bench-latency --breakdown at 7B and 1B, and prefill with and
+# without the dequantize + cuBLAS path (--dequant-mb 0), same build, same run; kernels: bench_w4a16 --quick.
 set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
 B=$PWD/build-bin; D=$B/data
@@ -47,4 +49,14 @@ fuse)  # stacked Q|K|V and Gate|Up against one GEMM per module, same build, same
       --contexts 512 --prefill 512,2048 --autotune $f --md "$OUT/bench-latency${f}.md" >"$OUT/bench-latency${f}.log" 2>&1
     echo "bench-latency $f rc=$?"; cat "$OUT/bench-latency${f}.md"
   done ;;
+floor)
+  timeout 330 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants fp16,w4,w4ec --batches 1,8,32 \
+    --contexts 512 --prefill 512,2048 --autotune --breakdown --md "$OUT/floor.md" --json "$OUT/floor.json" >"$OUT/floor.log" 2>&1
+  echo "bench-latency floor rc=$?"; sed -n 1,45p "$OUT/floor.md"
+  timeout 120 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1 --contexts 512 \
+    --prefill 512,2048 --autotune --dequant-mb 0 --md "$OUT/floor-nodq.md" >"$OUT/floor-nodq.log" 2>&1
+  echo "bench-latency --dequant-mb 0 rc=$?"; cat "$OUT/floor-nodq.md" ;;
+kernels)
+  [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
+  echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;
 esac; done

@@ -391,7 +391,9 @@ TEST(ServerReliability, EchoTextOffsetsSliceTheReturnedText) {
     const json& offs = ch["logprobs"]["text_offset"];
     ASSERT_EQ(tokens.size(), offs.size());
     ASSERT_EQ(tokens.size(), 5u + max_tokens);  // BOS + 4 prompt tokens + generated
-    if (max_tokens == 0) EXPECT_EQ(text, "Once upon a time");
+    if (max_tokens == 0) {
+      EXPECT_EQ(text, "Once upon a time");
+    }
     for (size_t i = 0; i < tokens.size(); ++i) {
       const size_t a = offs[i].get<size_t>();
       const size_t b = i + 1 < offs.size() ? offs[i + 1].get<size_t>() : text.size();

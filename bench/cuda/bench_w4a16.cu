@@ -5,6 +5,7 @@
 // per-call time. The same run measures the bandwidth ceiling (the better of a 2 GiB read
 // and a 2 GiB device copy) and cuBLAS FP16 on the same shapes, and the EC variants:
 // fused, split, naive (W4 + cuBLAS u = x A^T + gate kernel + cuBLAS y += v B^T) and plain.
+// At M >= 32 the dequantize + cuBLAS path (Kernel::kDequant) is one more candidate.
 //
 // Each reported decode config is also checked against a reference config (decode nt=1,
 // register stream, split EC) on the same inputs: relative L2 difference in the log.
@@ -311,6 +312,12 @@ int main(int argc, char** argv) {
 
   W4A16Dispatcher disp(cache_path);
   CK(disp.init());
+  // The dequantize + cuBLAS path is a candidate at M >= 32 (its scratch: the largest shape
+  // whole, 22016 x 4096 in fp16, plus v of an r = 64 EC at M = 2048).
+  const size_t dq_bytes = 192ull << 20;
+  void* dq_scratch;
+  CK(cudaMalloc(&dq_scratch, dq_bytes));
+  disp.set_dequant(blas, dq_scratch, dq_bytes);
 
   const std::vector<Shape> shapes = {
       {"7B", "qkv", 4096, 12288}, {"7B", "o", 4096, 4096},     {"7B", "gate+up", 4096, 22016},
@@ -409,7 +416,7 @@ int main(int argc, char** argv) {
       Best best;
       for (const KernelConfig& c : disp.candidates(x, s.K, M, set.w[0], nullptr)) {
         const float us = time_graph(calls, [&](int i) {
-          CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
+          CK(disp.run_config(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
         });
         if (us < best.us) best = {c, us};
       }
@@ -417,7 +424,7 @@ int main(int argc, char** argv) {
       check("w4", best.cfg, set.w[0], nullptr, M, s.K, s.N);
       w4a16_set_pdl(false);  // the same config launched without programmatic dependent launch
       const float nopdl = time_graph(calls, [&](int i) {
-        CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, best.cfg, ws, wsb, g_stream));
+        CK(disp.run_config(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, best.cfg, ws, wsb, g_stream));
       });
       w4a16_set_pdl(true);
       const float alpha = 1.f, beta = 0.f;
@@ -450,7 +457,7 @@ int main(int argc, char** argv) {
       Best best;
       for (const KernelConfig& c : disp.candidates(x, s.K, M, set.w[0], nullptr)) {
         const float us = time_graph(calls, [&](int i) {
-          CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
+          CK(disp.run_config(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
         });
         if (us < best.us) best = {c, us};
       }
@@ -488,13 +495,13 @@ int main(int argc, char** argv) {
         Best plain, fused, split;
         for (const KernelConfig& c : disp.candidates(x, s.K, M, set.w[0], nullptr)) {
           const float us = time_graph(calls, [&](int i) {
-            CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
+            CK(disp.run_config(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
           });
           if (us < plain.us) plain = {c, us};
         }
         for (const KernelConfig& c : disp.candidates(x, s.K, M, set.w[0], &set.ec[0])) {
           const float us = time_graph(calls, [&](int i) {
-            CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[i % copies], &set.ec[i % copies], y, s.N, c, ws, wsb,
+            CK(disp.run_config(Act::kF16, x, s.K, M, set.w[i % copies], &set.ec[i % copies], y, s.N, c, ws, wsb,
                           g_stream));
           });
           const bool is_fused = c.kernel == Kernel::kDecode && c.ec == EcMode::kFused;
@@ -509,7 +516,7 @@ int main(int argc, char** argv) {
         const float one = 1.f, zero = 0.f;
         const float naive = time_graph(calls, [&](int i) {
           const int c = i % copies;
-          CK(w4a16_gemm(Act::kF16, x, s.K, M, set.w[c], nullptr, y, s.N, plain.cfg, ws, wsb, g_stream));
+          CK(disp.run_config(Act::kF16, x, s.K, M, set.w[c], nullptr, y, s.N, plain.cfg, ws, wsb, g_stream));
           CB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, r, M, s.K, &one, set.a_rm[c], CUDA_R_16F, s.K, x, CUDA_R_16F,
                           s.K, &zero, u16, CUDA_R_16F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
           gate_kernel<<<(M * r + 255) / 256, 256, 0, g_stream>>>(u16, M * r, r, set.ec[c].gate_g, set.ec[c].gate_c);

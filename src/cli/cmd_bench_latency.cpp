@@ -34,8 +34,8 @@ void register_bench_latency(CLI::App& app) {
     std::string configs = "llama-3.2-1b", variants = "fp16,w4,w4ec-naive,w4ec";
     std::string batches = "1,8,32", contexts = "512,2048", prefill = "512,2048";
     double ec_budget = 0.01;
-    int ec_rank = 32, group = 0, iters = 20;
-    bool autotune = false, no_fuse = false;
+    int ec_rank = 32, group = 0, iters = 20, dequant_mb = 256;
+    bool autotune = false, no_fuse = false, breakdown = false;
     std::string json, md;
   };
   auto o = std::make_shared<Opts>();
@@ -51,6 +51,11 @@ void register_bench_latency(CLI::App& app) {
   cmd->add_option("--iters", o->iters, "Timed decode steps per case (median reported)")->capture_default_str();
   cmd->add_flag("--autotune", o->autotune, "Autotune the W4 kernels for each shape first");
   cmd->add_flag("--no-fuse", o->no_fuse, "One GEMM per module (no stacked Q|K|V, Gate|Up)");
+  cmd->add_option("--dequant-mb", o->dequant_mb,
+                  "Scratch for the W4 dequantize + cuBLAS path at prefill sizes (0 = that path off)")
+      ->capture_default_str();
+  cmd->add_flag("--breakdown", o->breakdown,
+                "Per decode case: each op timed alone outside the graph, their sum against the graph step");
   cmd->add_option("--json", o->json, "Write all measurements as JSON");
   cmd->add_option("--md", o->md, "Write the tables as markdown");
   cmd->callback([o] {
@@ -66,6 +71,9 @@ void register_bench_latency(CLI::App& app) {
     b.iters = o->iters;
     b.autotune = o->autotune;
     b.fuse = !o->no_fuse;
+    b.breakdown = o->breakdown;
+    SPEAR_CHECK(o->dequant_mb >= 0 && o->dequant_mb <= 65536, "bench-latency: --dequant-mb out of range (0..65536)");
+    b.dequant_scratch_mb = o->dequant_mb;
     const BenchLatencyResult r = bench_latency(b);
     std::printf("%s", r.markdown.c_str());
     if (!o->json.empty()) write_text_file(o->json, r.json);

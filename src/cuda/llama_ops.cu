@@ -12,6 +12,7 @@
 // - Decode workspace: acc (B, n_heads, max_splits, head_dim) float (unnormalized, relative to
 //   the split's max), then ml (B, n_heads, max_splits, 2) float (max in log2 units, sum); a
 //   second kernel merges the splits of each (sequence, head).
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -19,6 +20,7 @@
 #include <cstring>
 
 #include "cuda/llama_ops.h"
+#include "cuda/pdl_launch.cuh"
 
 namespace spear::cuda {
 namespace {
@@ -79,6 +81,7 @@ __device__ __forceinline__ unsigned f2h(float a, float b) {
 
 __global__ void __launch_bounds__(128) k_embed(const int32_t* __restrict__ tokens, const __half* __restrict__ table,
                                                int64_t V, int D, int vec, float* __restrict__ x) {
+  pdl_enter();
   const int64_t t = blockIdx.x;
   const int tok = tokens[t];
   const bool ok = tok >= 0 && tok < V;
@@ -126,6 +129,7 @@ __device__ __forceinline__ void norm_store(const float* xr, const float* __restr
 
 __global__ void __launch_bounds__(kNormThreads) k_rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
                                                           float eps, int D, int vec, __half* __restrict__ out) {
+  pdl_enter();
   __shared__ float red[32];
   const int64_t t = blockIdx.x;
   const float* xr = x + t * D;
@@ -147,6 +151,7 @@ __global__ void __launch_bounds__(kNormThreads) k_rmsnorm(const float* __restric
 __global__ void __launch_bounds__(kNormThreads) k_add_rmsnorm(float* x, const __half* __restrict__ delta,
                                                               int64_t ld_delta, const float* __restrict__ w,
                                                               float eps, int D, int vec, __half* __restrict__ out) {
+  pdl_enter();
   __shared__ float red[32];
   const int64_t t = blockIdx.x;
   float* xr = x + t * D;
@@ -189,6 +194,7 @@ __global__ void __launch_bounds__(256) k_rope_store(__half* q, int64_t ldq, __ha
                                                     const float* __restrict__ sin_tab, int max_pos, int T,
                                                     int n_heads, int n_kv_heads, int head_dim, __half* k_cache,
                                                     __half* v_cache) {
+  pdl_enter();
   const int half_d = head_dim / 2;
   const int nh = n_heads + n_kv_heads;
   const int64_t total = static_cast<int64_t>(T) * nh * half_d;
@@ -433,20 +439,31 @@ __device__ __forceinline__ void reduce_key_groups(AttnSmem<HD, ROWS>& sm, float 
   }
 }
 
+// Key positions per split of a sequence of len positions: split_len when given (> 0);
+// else (0) the length spread over the launch's max_splits splits, in whole tiles of kKT, so
+// that a short context still fills the GPU with blocks (the grid is fixed; CUDA graphs).
+__device__ __forceinline__ int split_length(int len, int split_len, int max_splits) {
+  if (split_len > 0) return split_len;
+  const int per = (len + max_splits - 1) / max_splits;
+  return max(kKT, (per + kKT - 1) / kKT * kKT);
+}
+
 template <int HD, int ROWS>
 __global__ void __launch_bounds__(kAttnThreads, 4)
     k_decode_attn(const __half* __restrict__ q, int64_t ldq, const __half* __restrict__ kc,
                   const __half* __restrict__ vc, const int32_t* __restrict__ bts, int max_blocks, int bs, int n_kv,
                   const int32_t* __restrict__ seq_lens, int G, int n_heads, float qscale, int max_len, int split_len,
                   int max_splits, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
+  pdl_enter();
   using C = AttnCfg<HD, ROWS>;
   __shared__ AttnSmem<HD, ROWS> sm;
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int len = min(max(seq_lens[b], 0), max_len);
-  const long long kbeg_l = static_cast<long long>(split) * split_len;
+  const int slen = split_length(len, split_len, max_splits);
+  const long long kbeg_l = static_cast<long long>(split) * slen;
   if (kbeg_l >= len) return;  // uniform over the block
   const int kbeg = static_cast<int>(kbeg_l);
-  const int kend = static_cast<int>(min(static_cast<long long>(len), kbeg_l + split_len));
+  const int kend = static_cast<int>(min(static_cast<long long>(len), kbeg_l + slen));
   const int tid = threadIdx.x;
   const __half* qb = q + static_cast<int64_t>(b) * ldq + static_cast<int64_t>(kvh) * G * HD;
   for (int i = tid; i < ROWS * HD; i += kAttnThreads) {
@@ -489,9 +506,11 @@ __global__ void __launch_bounds__(kAttnThreads, 4)
 __global__ void k_decode_combine(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                  const int32_t* __restrict__ seq_lens, int n_heads, int head_dim, int max_len,
                                  int split_len, int max_splits, __half* __restrict__ out, int64_t ldo) {
+  pdl_enter();
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int len = min(max(seq_lens[b], 0), max_len);
-  const int ns = static_cast<int>((static_cast<long long>(len) + split_len - 1) / split_len);
+  const int slen = split_length(len, split_len, max_splits);
+  const int ns = static_cast<int>((static_cast<long long>(len) + slen - 1) / slen);
   const int64_t base = (static_cast<int64_t>(b) * n_heads + h) * max_splits;
   float o = 0.f;
   if (ns > 0) {
@@ -516,6 +535,7 @@ __global__ void __launch_bounds__(kAttnThreads, 4)
                    const __half* __restrict__ vc, const int32_t* __restrict__ bts, int max_blocks, int bs, int n_kv,
                    const int32_t* __restrict__ q_seq, const int32_t* __restrict__ q_pos, int T, int G, float qscale,
                    int max_pos, __half* __restrict__ out, int64_t ldo) {
+  pdl_enter();
   constexpr int ROWS = kPrefillRows;
   using C = AttnCfg<HD, ROWS>;
   __shared__ AttnSmem<HD, ROWS> sm;
@@ -585,6 +605,7 @@ __global__ void k_attn_generic(const __half* __restrict__ q, int64_t ldq, const 
                                int n_kv, int hd, int G, float scale, const int32_t* __restrict__ seq_lens, int max_len,
                                const int32_t* __restrict__ q_seq, const int32_t* __restrict__ q_pos, int max_pos,
                                __half* __restrict__ out, int64_t ldo) {
+  pdl_enter();
   const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x, kvh = h / G;
   int seq, lim;
   if (seq_lens) {  // decode: token t is sequence t, attending to its whole cached length
@@ -636,9 +657,23 @@ __global__ void k_attn_generic(const __half* __restrict__ q, int64_t ldq, const 
 bool tiled_head_dim(int hd) { return hd == 64 || hd == 128; }
 bool generic_head_dim(int hd) { return hd > 0 && hd % 8 == 0 && hd <= kGenericMaxHd; }
 
+// The most splits a launch may use: fixed split_len: enough to cover max_len; dynamic (0):
+// at most kMaxDynSplits, and no more than whole kKT tiles of max_len.
+constexpr int64_t kMaxDynSplits = 64;
 int64_t decode_max_splits(int max_len, int split_len) {
-  const int64_t s = (static_cast<int64_t>(max_len) + split_len - 1) / split_len;
+  const int64_t s = split_len > 0 ? (static_cast<int64_t>(max_len) + split_len - 1) / split_len
+                                  : std::min<int64_t>(kMaxDynSplits, (static_cast<int64_t>(max_len) + kKT - 1) / kKT);
   return s < 1 ? 1 : s;
+}
+
+// Dynamic splits: about two blocks per SM over the (KV head, sequence) pairs of the launch.
+int64_t decode_dynamic_splits(int max_len, int B, int n_kv) {
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    cudaGetLastError();
+  const int64_t pairs = static_cast<int64_t>(B) * n_kv;
+  const int64_t want = (2 * static_cast<int64_t>(sms) + pairs - 1) / pairs;
+  return std::max<int64_t>(1, std::min(want, decode_max_splits(max_len, 0)));
 }
 
 bool paged_kv_ok(const PagedKV& kv) {
@@ -651,7 +686,7 @@ template <int HD, int ROWS>
 void launch_decode(dim3 grid, cudaStream_t stream, const __half* q, int64_t ldq, const PagedKV& kv,
                    const int32_t* seq_lens, int G, int n_heads, float qscale, int max_len, int split_len,
                    int max_splits, float* ws_acc, float* ws_ml) {
-  k_decode_attn<HD, ROWS><<<grid, kAttnThreads, 0, stream>>>(q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
+  launch_pdl(k_decode_attn<HD, ROWS>, grid, kAttnThreads, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
                                                              kv.max_blocks, kv.block_size, kv.n_kv_heads, seq_lens, G,
                                                              n_heads, qscale, max_len, split_len, max_splits, ws_acc,
                                                              ws_ml);
@@ -693,6 +728,7 @@ __device__ __forceinline__ float silu_mul1(float g, float u) { return g / (1.f +
 __global__ void __launch_bounds__(256) k_silu_mul(const __half* __restrict__ gate, int64_t ldg,
                                                   const __half* __restrict__ up, int64_t ldu, int T, int H, int vec,
                                                   __half* __restrict__ out) {
+  pdl_enter();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (vec) {
     const int H8 = H / 8;
@@ -727,6 +763,7 @@ constexpr int kEcMaxR = 256;
 
 __global__ void __launch_bounds__(kEcThreads) k_ec_gate(const __half* z, const float* __restrict__ G,
                                                         const float* __restrict__ c, int T, int r, __half* s) {
+  pdl_enter();
   __shared__ float zs[kEcTokens][kEcMaxR];
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kEcTokens;
   for (int i = threadIdx.x; i < kEcTokens * r; i += blockDim.x) {
@@ -756,6 +793,7 @@ __global__ void __launch_bounds__(kEcThreads) k_ec_gate(const __half* z, const f
 }
 
 __global__ void __launch_bounds__(256) k_copy_half(const __half* __restrict__ in, int64_t n, __half* __restrict__ out) {
+  pdl_enter();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = in[i];
@@ -775,6 +813,7 @@ __device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int o
 
 __global__ void __launch_bounds__(kRowThreads) k_argmax(const float* __restrict__ logits, int64_t ld, int V, int vec,
                                                         int32_t* __restrict__ ids) {
+  pdl_enter();
   __shared__ float sv[32];
   __shared__ int si[32];
   const int64_t row = blockIdx.x;
@@ -836,6 +875,7 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float om, float os
 __global__ void __launch_bounds__(kRowThreads) k_nll(const float* __restrict__ logits, int64_t ld,
                                                      const int32_t* __restrict__ target, int V, int vec,
                                                      float* __restrict__ nll) {
+  pdl_enter();
   __shared__ float sm_m[32], sm_s[32];
   const int64_t row = blockIdx.x;
   const float* x = logits + row * ld;
@@ -956,7 +996,7 @@ cudaError_t embed_lookup(const int32_t* tokens, const __half* table, int64_t V, 
   if (T == 0) return cudaSuccess;
   SPEAR_REQUIRE(tokens && table && x);
   const int vec = D % 8 == 0 && aligned(table, 16) && aligned(x, 16);
-  k_embed<<<T, 128, 0, stream>>>(tokens, table, V, D, vec, x);
+  launch_pdl(k_embed, T, 128, 0, stream, tokens, table, V, D, vec, x);
   return cudaGetLastError();
 }
 
@@ -965,7 +1005,7 @@ cudaError_t rmsnorm(const float* x, const float* w, float eps, int T, int D, __h
   if (T == 0) return cudaSuccess;
   SPEAR_REQUIRE(x && w && out);
   const int vec = D % 4 == 0 && aligned(x, 16) && aligned(w, 16) && aligned(out, 8);
-  k_rmsnorm<<<T, kNormThreads, 0, stream>>>(x, w, eps, D, vec, out);
+  launch_pdl(k_rmsnorm, T, kNormThreads, 0, stream, x, w, eps, D, vec, out);
   return cudaGetLastError();
 }
 
@@ -976,7 +1016,7 @@ cudaError_t add_rmsnorm(float* x, const __half* delta, int64_t ld_delta, const f
   SPEAR_REQUIRE(x && delta && (w || !out));
   const int vec = D % 4 == 0 && aligned(x, 16) && aligned(delta, 8) && ld_delta % 4 == 0 &&
                   (!out || (aligned(w, 16) && aligned(out, 8)));
-  k_add_rmsnorm<<<T, kNormThreads, 0, stream>>>(x, delta, ld_delta, w, eps, D, vec, out);
+  launch_pdl(k_add_rmsnorm, T, kNormThreads, 0, stream, x, delta, ld_delta, w, eps, D, vec, out);
   return cudaGetLastError();
 }
 
@@ -990,13 +1030,13 @@ cudaError_t rope_store_kv(__half* q, int64_t ldq, __half* k, int64_t ldk, const 
   if (T == 0) return cudaSuccess;
   SPEAR_REQUIRE(q && k && v && pos && slot && cos_tab && sin_tab && k_cache && v_cache);
   const int64_t total = static_cast<int64_t>(T) * (n_heads + n_kv_heads) * (head_dim / 2);
-  k_rope_store<<<grid_for(total, 256), 256, 0, stream>>>(q, ldq, k, ldk, v, ldv, pos, slot, cos_tab, sin_tab, max_pos,
+  launch_pdl(k_rope_store, grid_for(total, 256), 256, 0, stream, q, ldq, k, ldk, v, ldv, pos, slot, cos_tab, sin_tab, max_pos,
                                                          T, n_heads, n_kv_heads, head_dim, k_cache, v_cache);
   return cudaGetLastError();
 }
 
 size_t decode_attention_ws_bytes(int B, int n_heads, int head_dim, int max_len, int split_len) {
-  if (B < 0 || n_heads <= 0 || head_dim <= 0 || max_len < 0 || split_len <= 0) return 0;
+  if (B < 0 || n_heads <= 0 || head_dim <= 0 || max_len < 0 || split_len < 0) return 0;
   const int64_t ms = decode_max_splits(max_len, split_len);
   return static_cast<size_t>(B) * static_cast<size_t>(n_heads) * static_cast<size_t>(ms) *
          (static_cast<size_t>(head_dim) + 2) * sizeof(float);
@@ -1009,7 +1049,7 @@ cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, co
   SPEAR_REQUIRE(kv.n_kv_heads > 0 && kv.n_kv_heads <= 65535 && n_heads % kv.n_kv_heads == 0 &&
                 n_heads / kv.n_kv_heads <= kMaxGroup);
   SPEAR_REQUIRE(generic_head_dim(kv.head_dim));
-  SPEAR_REQUIRE(kv.block_size > 0 && split_len > 0 && split_len % kv.block_size == 0);
+  SPEAR_REQUIRE(kv.block_size > 0 && split_len >= 0 && split_len % kv.block_size == 0);
   SPEAR_REQUIRE(kv.max_blocks > 0 && static_cast<int64_t>(kv.max_blocks) * kv.block_size >= max_len);
   const int hd = kv.head_dim;
   SPEAR_REQUIRE(ldq >= static_cast<int64_t>(n_heads) * hd && ldo >= static_cast<int64_t>(n_heads) * hd);
@@ -1017,14 +1057,15 @@ cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, co
   SPEAR_REQUIRE(q && seq_lens && out && ws && paged_kv_ok(kv) && aligned(ws, 16));
   const size_t need = decode_attention_ws_bytes(B, n_heads, hd, max_len, split_len);
   SPEAR_REQUIRE(ws_bytes >= need);
-  const int64_t ms64 = decode_max_splits(max_len, split_len);
+  const int64_t ms64 = split_len > 0 ? decode_max_splits(max_len, split_len)
+                                     : decode_dynamic_splits(max_len, B, kv.n_kv_heads);
   SPEAR_REQUIRE(ms64 <= INT_MAX);
   const int max_splits = static_cast<int>(ms64);
   float* ws_acc = static_cast<float*>(ws);
   float* ws_ml = ws_acc + static_cast<size_t>(B) * n_heads * max_splits * hd;
   const int G = n_heads / kv.n_kv_heads;
   if (!tiled_head_dim(hd)) {
-    k_attn_generic<<<dim3(B, n_heads), 32, 0, stream>>>(q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
+    launch_pdl(k_attn_generic, dim3(B, n_heads), 32, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
                                                         kv.max_blocks, kv.block_size, kv.n_kv_heads, hd, G, scale,
                                                         seq_lens, max_len, nullptr, nullptr, 0, out, ldo);
     return cudaGetLastError();
@@ -1040,7 +1081,7 @@ cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, co
                             max_splits, ws_acc, ws_ml);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  k_decode_combine<<<dim3(n_heads, B), hd, 0, stream>>>(ws_acc, ws_ml, seq_lens, n_heads, hd, max_len, split_len,
+  launch_pdl(k_decode_combine, dim3(n_heads, B), hd, 0, stream, ws_acc, ws_ml, seq_lens, n_heads, hd, max_len, split_len,
                                                         max_splits, out, ldo);
   return cudaGetLastError();
 }
@@ -1058,7 +1099,7 @@ cudaError_t prefill_attention(const __half* q, int64_t ldq, const PagedKV& kv, c
   SPEAR_REQUIRE(q && q_seq && q_pos && out && paged_kv_ok(kv));
   const int G = n_heads / kv.n_kv_heads;
   if (!tiled_head_dim(hd)) {
-    k_attn_generic<<<dim3(T, n_heads), 32, 0, stream>>>(q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
+    launch_pdl(k_attn_generic, dim3(T, n_heads), 32, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
                                                         kv.max_blocks, kv.block_size, kv.n_kv_heads, hd, G, scale,
                                                         nullptr, 0, q_seq, q_pos, max_pos, out, ldo);
     return cudaGetLastError();
@@ -1066,11 +1107,11 @@ cudaError_t prefill_attention(const __half* q, int64_t ldq, const PagedKV& kv, c
   const float qscale = scale * kLog2e;
   const dim3 grid((T + kPrefillRows - 1) / kPrefillRows, n_heads);
   if (hd == 64)
-    k_prefill_attn<64><<<grid, kAttnThreads, 0, stream>>>(q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
+    launch_pdl(k_prefill_attn<64>, grid, kAttnThreads, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
                                                           kv.max_blocks, kv.block_size, kv.n_kv_heads, q_seq, q_pos, T,
                                                           G, qscale, max_pos, out, ldo);
   else
-    k_prefill_attn<128><<<grid, kAttnThreads, 0, stream>>>(q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
+    launch_pdl(k_prefill_attn<128>, grid, kAttnThreads, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
                                                            kv.max_blocks, kv.block_size, kv.n_kv_heads, q_seq, q_pos,
                                                            T, G, qscale, max_pos, out, ldo);
   return cudaGetLastError();
@@ -1084,7 +1125,7 @@ cudaError_t silu_mul(const __half* gate, int64_t ldg, const __half* up, int64_t 
   const int vec = H % 8 == 0 && ldg % 8 == 0 && ldu % 8 == 0 && aligned(gate, 16) && aligned(up, 16) &&
                   aligned(out, 16);
   const int64_t n = static_cast<int64_t>(T) * (vec ? H / 8 : H);
-  k_silu_mul<<<grid_for(n, 256), 256, 0, stream>>>(gate, ldg, up, ldu, T, H, vec, out);
+  launch_pdl(k_silu_mul, grid_for(n, 256), 256, 0, stream, gate, ldg, up, ldu, T, H, vec, out);
   return cudaGetLastError();
 }
 
@@ -1095,11 +1136,11 @@ cudaError_t ec_gate(const __half* z, const float* G, const float* c, int T, int 
   if (G == nullptr) {
     if (s == z) return cudaSuccess;
     const int64_t n = static_cast<int64_t>(T) * r;
-    k_copy_half<<<grid_for(n, 256), 256, 0, stream>>>(z, n, s);
+    launch_pdl(k_copy_half, grid_for(n, 256), 256, 0, stream, z, n, s);
     return cudaGetLastError();
   }
   SPEAR_REQUIRE(c != nullptr);
-  k_ec_gate<<<(T + kEcTokens - 1) / kEcTokens, kEcThreads, 0, stream>>>(z, G, c, T, r, s);
+  launch_pdl(k_ec_gate, (T + kEcTokens - 1) / kEcTokens, kEcThreads, 0, stream, z, G, c, T, r, s);
   return cudaGetLastError();
 }
 
@@ -1108,7 +1149,7 @@ cudaError_t argmax_rows(const float* logits, int64_t ld, int T, int V, int32_t* 
   if (T == 0) return cudaSuccess;
   SPEAR_REQUIRE(logits && ids);
   const int vec = V % 4 == 0 && ld % 4 == 0 && aligned(logits, 16);
-  k_argmax<<<T, kRowThreads, 0, stream>>>(logits, ld, V, vec, ids);
+  launch_pdl(k_argmax, T, kRowThreads, 0, stream, logits, ld, V, vec, ids);
   return cudaGetLastError();
 }
 
@@ -1118,7 +1159,7 @@ cudaError_t nll_rows(const float* logits, int64_t ld, const int32_t* target, int
   if (T == 0) return cudaSuccess;
   SPEAR_REQUIRE(logits && target && nll);
   const int vec = V % 4 == 0 && ld % 4 == 0 && aligned(logits, 16);
-  k_nll<<<T, kRowThreads, 0, stream>>>(logits, ld, target, V, vec, nll);
+  launch_pdl(k_nll, T, kRowThreads, 0, stream, logits, ld, target, V, vec, nll);
   return cudaGetLastError();
 }
 
@@ -1159,6 +1200,24 @@ cudaError_t fill_random_bytes(uint8_t* out, int64_t n, uint64_t seed, cudaStream
   if (n == 0) return cudaSuccess;
   SPEAR_REQUIRE(out);
   k_fill_bytes<<<grid_for((n + 7) / 8, 256), 256, 0, stream>>>(out, n, mix64(seed));
+  return cudaGetLastError();
+}
+
+namespace {
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__global__ void k_spin(int64_t ns) {
+  const uint64_t t0 = global_ns();
+  while (global_ns() - t0 < static_cast<uint64_t>(ns)) __nanosleep(1000);
+}
+}  // namespace
+
+cudaError_t gpu_spin(int64_t ns, cudaStream_t stream) {
+  SPEAR_REQUIRE(ns >= 0);
+  k_spin<<<1, 1, 0, stream>>>(ns);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,9 @@
 // FlashInfer style: plain device pointers with their shapes, a cudaStream_t, a
 // cudaError_t back (cudaErrorInvalidValue for bad arguments; launch errors as CUDA
 // reports them). Nothing allocates or synchronizes; every call is CUDA-graph capturable.
+// The kernels of a decode step are launched with programmatic dependent launch (as the W4
+// GEMMs are; off with $SPEAR_W4A16_PDL=0): each waits for its predecessor's completion
+// (griddepcontrol.wait) before it touches memory, so it may be scheduled while that one drains.
 //
 // Numerics: the residual stream is float32 (it is what RMSNorm reads and what grows
 // layer after layer); matrix inputs/outputs and the KV cache are fp16 ("half");
@@ -60,15 +63,21 @@ struct PagedKV {
 // Decode: one query token per sequence. q (B, n_heads, head_dim) fp16 (row stride ldq),
 // seq_lens (B) = number of cached positions to attend to (the new token's K/V already
 // stored; 0 gives an output of 0). out (B, n_heads * head_dim) fp16, row stride ldo.
-// Split along positions into chunks of split_len (a multiple of block_size): grid
-// (max_splits, n_kv_heads, B); splits past a sequence's length exit at once, so the
-// launch shape depends only on max_len (CUDA-graph friendly). Each block handles all
-// n_heads / n_kv_heads query heads of its KV head, reading each K/V row once.
-// ws: decode_attention_ws_bytes(B, n_heads, head_dim, max_len) bytes (partial results).
-size_t decode_attention_ws_bytes(int B, int n_heads, int head_dim, int max_len, int split_len = 256);
+// Split along positions ("flash decoding"), grid (S, n_kv_heads, B), a second kernel merging
+// the S partial results of each (sequence, head):
+// - split_len = 0 (default): S is fixed per launch from the GPU's size (about two blocks per
+//   SM over the B x n_kv_heads pairs, at most 64 and at most max_len / 64), and each sequence's
+//   length is spread over the S splits at run time (whole tiles of 64 positions): a batch-1
+//   step at a short context still fills the GPU, and the launch shape depends only on B and
+//   max_len (CUDA-graph friendly).
+// - split_len > 0 (a multiple of block_size): fixed chunks of split_len positions, S =
+//   ceil(max_len / split_len); splits past a sequence's length exit at once.
+// Each block handles all n_heads / n_kv_heads query heads of its KV head, reading each K/V
+// row once. ws: decode_attention_ws_bytes(B, n_heads, head_dim, max_len, split_len) bytes.
+size_t decode_attention_ws_bytes(int B, int n_heads, int head_dim, int max_len, int split_len = 0);
 cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, const int32_t* seq_lens, int B,
                              int n_heads, float scale, int max_len, __half* out, int64_t ldo, void* ws,
-                             size_t ws_bytes, cudaStream_t stream, int split_len = 256);
+                             size_t ws_bytes, cudaStream_t stream, int split_len = 0);
 
 // Prefill (and mixed batches): T query tokens; token t belongs to sequence q_seq[t] (a row
 // of block_tables) at position q_pos[t] and attends causally to positions [0, q_pos[t]]
@@ -106,5 +115,9 @@ cudaError_t fill_uniform_f16(__half* out, int64_t n, uint64_t seed, float scale,
 cudaError_t fill_uniform_f32(float* out, int64_t n, uint64_t seed, float lo, float hi, cudaStream_t stream);
 // Random bytes (random 4-bit codes when used for packed weights).
 cudaError_t fill_random_bytes(uint8_t* out, int64_t n, uint64_t seed, cudaStream_t stream);
+
+// One thread that waits `ns` nanoseconds of GPU time: the ops queued behind it start back to
+// back, so that event timings measure GPU time and not host launch time (profiling).
+cudaError_t gpu_spin(int64_t ns, cudaStream_t stream);
 
 }  // namespace spear::cuda

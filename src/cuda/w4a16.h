@@ -9,6 +9,7 @@
 // synchronizes inside w4a16_gemm; every call is CUDA-graph capturable.
 // Layouts: src/quant/gpu_layout.h (built on the CPU by repack_w4 / repack_ec_a / _b);
 // kernels and derivations: docs/KERNELS.md.
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -53,7 +54,13 @@ struct EcTerm {
   Gate gate = Gate::kSigmoid2;
 };
 
-enum class Kernel : int { kDecode = 0, kPrefill = 1 };
+// kDecode: weights streamed from HBM straight into mma.sync (M <= 64).
+// kPrefill: a cp.async-pipelined tiled mma.sync GEMM that dequantizes in registers.
+// kDequant: the weights expanded to 16-bit rows in a scratch buffer (`rows` at a time) and
+//   multiplied by cuBLAS (wgmma); for prefill-sized M, where the expansion's bytes are small
+//   next to the GEMM. Needs a cuBLAS handle and scratch: W4A16Dispatcher::set_dequant, or
+//   w4a16_gemm_dequant (w4a16_gemm refuses it).
+enum class Kernel : int { kDecode = 0, kPrefill = 1, kDequant = 2 };
 // kFused: one kernel computes u = A x from the x it loads for the GEMM (one warp per
 //   16-rank x 128-input tile, right after griddepcontrol.wait), waits for all of u in its
 //   epilogue, and applies gamma and B there (decode kernel only; needs the whole grid
@@ -71,6 +78,7 @@ struct KernelConfig {
   int bulk = 0;    // decode, tg <= 2: 1 = each block's weight slice streamed into shared memory by
                    // cp.async.bulk (TMA) copies issued at entry; 0 = per-lane register loads
   int bm = 128;    // prefill: tokens per block (64 or 128)
+  int rows = 0;    // dequant: output rows expanded per cuBLAS call (multiple of 16); 0 = all that fit
   EcMode ec = EcMode::kFused;  // used only with an EcTerm; prefill is always split
   std::string str() const;
   static bool parse(const std::string& s, KernelConfig* out);
@@ -87,6 +95,16 @@ cudaError_t w4a16_workspace_init(void* ws, size_t bytes, cudaStream_t stream);
 cudaError_t w4a16_gemm(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
                        void* y, int64_t ldy, const KernelConfig& cfg, void* ws, size_t ws_bytes,
                        cudaStream_t stream);
+
+// The dequantize-then-cuBLAS path (Kernel::kDequant) with its own scratch: for each chunk of
+// cfg.rows output rows (0: as many as fit), expand them to 16-bit (act's type) in scratch and
+// call cublasGemmEx on `blas` (its stream is set to `stream`); with an EC, u = A x (split),
+// v = gamma(u) * u, then y += v B^T by cuBLAS. ws as for w4a16_gemm (u lives there).
+// Scratch: w4a16_dequant_scratch_bytes(rows, M, w, ec); fewer rows per chunk fit a smaller one.
+size_t w4a16_dequant_scratch_bytes(int rows, int max_m, const W4Matrix& w, const EcTerm* ec);
+cudaError_t w4a16_gemm_dequant(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
+                               void* y, int64_t ldy, const KernelConfig& cfg, cublasHandle_t blas, void* scratch,
+                               size_t scratch_bytes, void* ws, size_t ws_bytes, cudaStream_t stream);
 
 // Programmatic dependent launch (Hopper) of the decode kernel: it may start while the
 // previous kernel in the stream drains, fetching its weights, and waits (griddepcontrol)
@@ -112,12 +130,19 @@ class W4A16Dispatcher {
   const std::string& gpu_name() const { return gpu_; }
   const std::string& cache_path() const { return path_; }
   int num_sms() const { return sms_; }
+  // Makes Kernel::kDequant available (a candidate of autotune, and the heuristic's choice for
+  // M >= 512): cuBLAS calls go to `blas`, expanded weights to `scratch` (not owned).
+  void set_dequant(cublasHandle_t blas, void* scratch, size_t scratch_bytes);
+  bool dequant_available() const { return blas_ != nullptr; }
   static std::string key(Act act, int M, const W4Matrix& w, const EcTerm* ec);
   // The cached config for this shape when there is one, else the heuristic.
   KernelConfig select(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
                       bool* from_cache = nullptr) const;
   cudaError_t run(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
                   int64_t ldy, void* ws, size_t ws_bytes, cudaStream_t stream) const;
+  // Runs one config (any kernel; kDequant through set_dequant's handle and scratch).
+  cudaError_t run_config(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
+                         int64_t ldy, const KernelConfig& cfg, void* ws, size_t ws_bytes, cudaStream_t stream) const;
   // Times every candidate config on these buffers (y is overwritten), stores the fastest
   // in the table under this shape's key. With ec, fused and split are both candidates.
   cudaError_t autotune(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
@@ -134,6 +159,10 @@ class W4A16Dispatcher {
  private:
   std::string path_, gpu_;
   int sms_ = 132;
+  cublasHandle_t blas_ = nullptr;
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
+  bool dequant_fits(int rows, int M, const W4Matrix& w, const EcTerm* ec) const;
   struct Entry {
     KernelConfig cfg;
     float us;

@@ -6,8 +6,10 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <type_traits>
 
 #include "cuda/w4a16.h"
+#include "cuda/w4a16_dequant.cuh"
 #include "cuda/w4a16_kernels.cuh"
 #include "quant/gpu_layout.h"
 
@@ -118,21 +120,9 @@ int pow2_at_least(int v) {
   return p;
 }
 
-template <typename T>
-cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y, int64_t ldy,
-                      const KernelConfig& cfg, void* ws, cudaStream_t stream) {
-  WsLayout L(ws, w, ec);
-  const bool vec = x_vec_ok(x, ldx, w.K);
-  const int KU = w.K_pad / kGpuKUnit;
-  const int upg = w.group ? w.group / kGpuKUnit : KU;
-  EcMode mode = ec ? (cfg.kernel == Kernel::kPrefill ? EcMode::kSplit : cfg.ec) : EcMode::kFused;
-  const int NB = w.N_pad / 16;
-  const int NG = (NB + cfg.nt - 1) / cfg.nt;
-  int sms = 132;
-  // (config_ok checked this with the fp16 instantiation; the bf16 one may differ)
-  if (ec && mode == EcMode::kFused && !fused_fits<T>(cfg, M, w, ec)) mode = EcMode::kSplit;
-  cudaError_t e;
-
+// The decode kernels' parameters common to every config (and to the split u kernel).
+DecodeParams decode_params(const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y,
+                           int64_t ldy, const WsLayout& L) {
   DecodeParams d{};
   d.x = x;
   d.ldx = ldx;
@@ -146,9 +136,9 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
   d.zeros = w.zeros;
   d.N_pad = w.N_pad;
   d.KB = w.K_pad / 64;
-  d.KU = KU;
-  d.upg = upg;
-  d.x_vec = vec;
+  d.KU = w.K_pad / kGpuKUnit;
+  d.upg = w.group ? w.group / kGpuKUnit : d.KU;
+  d.x_vec = x_vec_ok(x, ldx, w.K);
   d.ctrl = L.ctrl;
   d.ws_cnt = L.cnt;
   d.ws_y = L.ws_y;
@@ -160,21 +150,46 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
     d.gate = static_cast<int>(ec->gate);
     d.r_pad = ec->r_pad;
   }
+  return d;
+}
 
-  if (ec && mode == EcMode::kSplit) {  // u = A x for all M tokens first
-    const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
-    const int mchunks = (M + tg * 8 - 1) / (tg * 8);
-    const int a_tiles = ec->r_pad / 16;
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    int chunks = std::clamp((2 * sms + a_tiles * mchunks - 1) / (a_tiles * mchunks), 1, KU);
-    d.a_units = (KU + chunks - 1) / chunks;
-    d.a_chunks = (KU + d.a_units - 1) / d.a_units;
-    d.u = L.u_split;
-    if ((e = cudaMemsetAsync(L.u_split, 0, sizeof(float) * M * ec->r_pad, stream)) != cudaSuccess) return e;
-    if ((e = detail::launch_ec_u<T>(d, tg, a_tiles * d.a_chunks, mchunks, 256, stream)) != cudaSuccess) return e;
-  }
+// Split EC, step 1: u (M, r_pad) f32 = A x for all M tokens (zeroed, then accumulated by
+// (16-rank tile, K chunk, token chunk) blocks; about two blocks per SM).
+template <typename T>
+cudaError_t launch_split_u(DecodeParams d, float* u, cudaStream_t stream) {
+  const int M = d.M, KU = d.KU;
+  const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  const int mchunks = (M + tg * 8 - 1) / (tg * 8);
+  const int a_tiles = d.r_pad / 16;
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int chunks = std::clamp((2 * sms + a_tiles * mchunks - 1) / (a_tiles * mchunks), 1, KU);
+  d.a_units = (KU + chunks - 1) / chunks;
+  d.a_chunks = (KU + d.a_units - 1) / d.a_units;
+  d.u = u;
+  cudaError_t e;
+  if ((e = cudaMemsetAsync(u, 0, sizeof(float) * M * d.r_pad, stream)) != cudaSuccess) return e;
+  return detail::launch_ec_u<T>(d, tg, a_tiles * d.a_chunks, mchunks, 256, stream);
+}
+
+template <typename T>
+cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y, int64_t ldy,
+                      const KernelConfig& cfg, void* ws, cudaStream_t stream) {
+  WsLayout L(ws, w, ec);
+  const bool vec = x_vec_ok(x, ldx, w.K);
+  const int KU = w.K_pad / kGpuKUnit;
+  const int upg = w.group ? w.group / kGpuKUnit : KU;
+  EcMode mode = ec ? (cfg.kernel == Kernel::kPrefill ? EcMode::kSplit : cfg.ec) : EcMode::kFused;
+  const int NB = w.N_pad / 16;
+  const int NG = (NB + cfg.nt - 1) / cfg.nt;
+  // (config_ok checked this with the fp16 instantiation; the bf16 one may differ)
+  if (ec && mode == EcMode::kFused && !fused_fits<T>(cfg, M, w, ec)) mode = EcMode::kSplit;
+  cudaError_t e;
+  DecodeParams d = decode_params(x, ldx, M, w, ec, y, ldy, L);
+
+  if (ec && mode == EcMode::kSplit)  // u = A x for all M tokens first
+    if ((e = launch_split_u<T>(d, L.u_split, stream)) != cudaSuccess) return e;
 
   if (cfg.kernel == Kernel::kPrefill) {
     PrefillParams pp{};
@@ -236,14 +251,66 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
   return cudaSuccess;
 }
 
+// Scratch of the dequant path: v (max_m, r_pad) in 16-bit, then `rows` expanded rows of K_pad.
+size_t dequant_v_bytes(int max_m, const EcTerm* ec) {
+  return ec ? align256(2 * static_cast<size_t>(std::max(max_m, 1)) * ec->r_pad) : 0;
+}
+int dequant_rows(int rows, const W4Matrix& w) {
+  return rows <= 0 ? w.N_pad : static_cast<int>(std::min<int64_t>(round_up(rows, 16), w.N_pad));
+}
+
+template <typename T>
+cudaError_t dequant_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec, void* y, int64_t ldy,
+                          int rows_req, cublasHandle_t blas, void* scratch, size_t scratch_bytes, void* ws,
+                          cudaStream_t stream) {
+  constexpr cudaDataType_t kType = std::is_same_v<T, __half> ? CUDA_R_16F : CUDA_R_16BF;
+  const size_t v_bytes = dequant_v_bytes(M, ec);
+  const size_t row_bytes = 2 * static_cast<size_t>(w.K_pad);
+  // rows per chunk: as asked (0: all), then as many as the scratch holds
+  int rows = dequant_rows(rows_req, w);
+  if (scratch_bytes < v_bytes + 16 * row_bytes) return cudaErrorInvalidValue;
+  rows = static_cast<int>(std::min<int64_t>(rows, static_cast<int64_t>((scratch_bytes - v_bytes) / row_bytes) / 16 * 16));
+  T* v = static_cast<T*>(scratch);
+  T* wbuf = reinterpret_cast<T*>(static_cast<char*>(scratch) + v_bytes);
+  cublasStatus_t st = cublasSetStream(blas, stream);
+  if (st != CUBLAS_STATUS_SUCCESS) return cudaErrorInvalidResourceHandle;
+  cudaError_t e;
+  const float one = 1.0f, zero = 0.0f;
+  for (int r0 = 0; r0 < w.N; r0 += rows) {
+    const int rn = std::min(rows, w.N_pad - r0);
+    if ((e = detail::launch_dequant<T>(static_cast<const uint4*>(w.qweight), w.scales, w.zeros, w.K_pad / 64, w.N_pad,
+                                       w.group, r0, rn, wbuf, w.K_pad, stream)) != cudaSuccess)
+      return e;
+    // y[:, r0 : r0 + n] (column-major view: (n, M), ld ldy) = W_chunk (n, K) x^T
+    const int n = std::min(rn, w.N - r0);
+    st = cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, M, w.K, &one, wbuf, kType, w.K_pad, x, kType,
+                      static_cast<int>(ldx), &zero, static_cast<T*>(y) + r0, kType, static_cast<int>(ldy),
+                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) return cudaErrorLaunchFailure;
+  }
+  if (!ec) return cudaSuccess;
+  WsLayout L(ws, w, ec);
+  DecodeParams d = decode_params(x, ldx, M, w, ec, y, ldy, L);
+  if ((e = launch_split_u<T>(d, L.u_split, stream)) != cudaSuccess) return e;
+  if ((e = detail::launch_ec_gate_cast<T>(L.u_split, M, ec->r_pad, static_cast<int>(ec->gate), ec->gate_g,
+                                          ec->gate_c, v, stream)) != cudaSuccess)
+    return e;
+  // y (column-major (N, M)) += B (N_pad, r_pad) row-major [= (r_pad, N) column-major, transposed] v^T
+  st = cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, w.N, M, ec->r_pad, &one, ec->b, kType, ec->r_pad, v, kType,
+                    ec->r_pad, &one, y, kType, static_cast<int>(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  return st == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorLaunchFailure;
+}
+
 }  // namespace
 
 std::string KernelConfig::str() const {
   std::ostringstream o;
   if (kernel == Kernel::kDecode)
     o << "decode nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits << (bulk ? " bulk=1" : "");
-  else
+  else if (kernel == Kernel::kPrefill)
     o << "prefill bm=" << bm;
+  else
+    o << "dequant" << (rows > 0 ? " rows=" + std::to_string(rows) : std::string());
   o << " ec=" << (ec == EcMode::kFused ? "fused" : "split");
   return o.str();
 }
@@ -257,6 +324,8 @@ bool KernelConfig::parse(const std::string& s, KernelConfig* out) {
     c.kernel = Kernel::kDecode;
   else if (tok == "prefill")
     c.kernel = Kernel::kPrefill;
+  else if (tok == "dequant")
+    c.kernel = Kernel::kDequant;
   else
     return false;
   while (in >> tok) {
@@ -287,6 +356,8 @@ bool KernelConfig::parse(const std::string& s, KernelConfig* out) {
       c.bm = static_cast<int>(n);
     else if (k == "bulk")
       c.bulk = static_cast<int>(n);
+    else if (k == "rows")
+      c.rows = static_cast<int>(n);
     else
       return false;
   }
@@ -309,6 +380,7 @@ bool w4a16_config_ok(const KernelConfig& c, const void* x, int64_t ldx, int M, c
   if (ec && (ec->r_pad != 0) && false) return false;
   const int KU = w.K_pad / kGpuKUnit;
   if (c.kernel == Kernel::kPrefill) return (c.bm == 64 || c.bm == 128) && x_vec_ok(x, ldx, w.K);
+  if (c.kernel == Kernel::kDequant) return c.rows >= 0 && c.rows % 16 == 0;
   if (c.kernel != Kernel::kDecode) return false;
   const bool nt_ok = c.nt == 1 || c.nt == 2 || c.nt == 4;
   const bool tg_ok = c.tg == 1 || c.tg == 2 || c.tg == 4 || c.tg == 8;
@@ -324,10 +396,30 @@ cudaError_t w4a16_gemm(Act act, const void* x, int64_t ldx, int M, const W4Matri
                        int64_t ldy, const KernelConfig& cfg, void* ws, size_t ws_bytes, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   if (!x || !y || !ws || ldx < w.K || ldy < w.N) return cudaErrorInvalidValue;
+  if (cfg.kernel == Kernel::kDequant) return cudaErrorInvalidValue;  // needs cuBLAS: w4a16_gemm_dequant
   if (!w4a16_config_ok(cfg, x, ldx, M, w, ec)) return cudaErrorInvalidValue;
   if (ws_bytes < w4a16_workspace_bytes(M, w, ec)) return cudaErrorInvalidValue;
   if (act == Act::kF16) return run_typed<__half>(x, ldx, M, w, ec, y, ldy, cfg, ws, stream);
   if (act == Act::kBF16) return run_typed<__nv_bfloat16>(x, ldx, M, w, ec, y, ldy, cfg, ws, stream);
+  return cudaErrorInvalidValue;
+}
+
+size_t w4a16_dequant_scratch_bytes(int rows, int max_m, const W4Matrix& w, const EcTerm* ec) {
+  return dequant_v_bytes(max_m, ec) + 2 * static_cast<size_t>(dequant_rows(rows, w)) * w.K_pad;
+}
+
+cudaError_t w4a16_gemm_dequant(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
+                               void* y, int64_t ldy, const KernelConfig& cfg, cublasHandle_t blas, void* scratch,
+                               size_t scratch_bytes, void* ws, size_t ws_bytes, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  if (!x || !y || !blas || !scratch || ldx < w.K || ldy < w.N) return cudaErrorInvalidValue;
+  if (cfg.kernel != Kernel::kDequant || !w4a16_config_ok(cfg, x, ldx, M, w, ec)) return cudaErrorInvalidValue;
+  if (ec && ws_bytes < w4a16_workspace_bytes(M, w, ec)) return cudaErrorInvalidValue;
+  if (ldx > INT32_MAX || ldy > INT32_MAX) return cudaErrorInvalidValue;
+  if (act == Act::kF16)
+    return dequant_typed<__half>(x, ldx, M, w, ec, y, ldy, cfg.rows, blas, scratch, scratch_bytes, ws, stream);
+  if (act == Act::kBF16)
+    return dequant_typed<__nv_bfloat16>(x, ldx, M, w, ec, y, ldy, cfg.rows, blas, scratch, scratch_bytes, ws, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -418,17 +510,52 @@ KernelConfig W4A16Dispatcher::select(Act act, const void* x, int64_t ldx, int M,
       const int need = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
       if (c.tg > need && c.nt * need <= 8) c.tg = need;
     }
-    if (w4a16_config_ok(c, x, ldx, M, w, ec)) {
+    const bool usable = c.kernel == Kernel::kDequant ? w4a16_config_ok(c, x, ldx, M, w, ec) &&
+                                                            dequant_fits(c.rows, M, w, ec)
+                                                      : w4a16_config_ok(c, x, ldx, M, w, ec);
+    if (usable) {
       if (from_cache) *from_cache = true;
       return c;
     }
   }
+  // Unmeasured: at prefill sizes the expanded weights' extra bytes are small next to the
+  // GEMM, and cuBLAS' wgmma outruns the mma.sync prefill kernel (BENCHMARKS.md).
+  if (M >= 512 && dequant_fits(0, M, w, ec)) {
+    KernelConfig c;
+    c.kernel = Kernel::kDequant;
+    c.ec = EcMode::kSplit;
+    return c;
+  }
   return w4a16_heuristic(M, w, ec, sms_, x_vec_ok(x, ldx, w.K));
+}
+
+void W4A16Dispatcher::set_dequant(cublasHandle_t blas, void* scratch, size_t scratch_bytes) {
+  blas_ = scratch ? blas : nullptr;
+  scratch_ = scratch;
+  scratch_bytes_ = scratch_bytes;
+}
+
+// At least 128 rows per chunk (a narrower cuBLAS call wastes the GPU).
+bool W4A16Dispatcher::dequant_fits(int rows, int M, const W4Matrix& w, const EcTerm* ec) const {
+  if (!blas_) return false;
+  const int need_rows = std::min(rows > 0 ? rows : w.N_pad, std::min(w.N_pad, 128));
+  return w4a16_dequant_scratch_bytes(need_rows, M, w, ec) <= scratch_bytes_;
+}
+
+cudaError_t W4A16Dispatcher::run_config(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w,
+                                        const EcTerm* ec, void* y, int64_t ldy, const KernelConfig& cfg, void* ws,
+                                        size_t ws_bytes, cudaStream_t stream) const {
+  if (cfg.kernel == Kernel::kDequant) {
+    if (!dequant_fits(cfg.rows, M, w, ec)) return cudaErrorInvalidValue;
+    return w4a16_gemm_dequant(act, x, ldx, M, w, ec, y, ldy, cfg, blas_, scratch_, scratch_bytes_, ws, ws_bytes,
+                              stream);
+  }
+  return w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, cfg, ws, ws_bytes, stream);
 }
 
 cudaError_t W4A16Dispatcher::run(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
                                  void* y, int64_t ldy, void* ws, size_t ws_bytes, cudaStream_t stream) const {
-  return w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, select(act, x, ldx, M, w, ec), ws, ws_bytes, stream);
+  return run_config(act, x, ldx, M, w, ec, y, ldy, select(act, x, ldx, M, w, ec), ws, ws_bytes, stream);
 }
 
 std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx, int M, const W4Matrix& w,
@@ -489,6 +616,15 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
       c.ec = EcMode::kSplit;
       cands.push_back(c);
     }
+  if (blas_ && M >= 32)  // dequantize + cuBLAS, whole matrix or in chunks (L2-sized at 4096 x 4096)
+    for (int rows : {0, 8192, 4096, 2048}) {
+      if (rows >= w.N_pad || !dequant_fits(rows, M, w, ec)) continue;
+      KernelConfig c;
+      c.kernel = Kernel::kDequant;
+      c.rows = rows;
+      c.ec = EcMode::kSplit;
+      cands.push_back(c);
+    }
   std::vector<KernelConfig> ok;
   for (const KernelConfig& c : cands)  // fused candidates only where they really run fused
     if (w4a16_config_ok(c, x, ldx, M, w, ec) &&
@@ -519,10 +655,10 @@ cudaError_t W4A16Dispatcher::autotune(Act act, const void* x, int64_t ldx, int M
     if (!w4a16_config_ok(c, x, ldx, M, w, ec)) continue;
     bool failed = false;
     for (int i = 0; i < 3 && !failed; ++i)
-      failed = w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, c, ws, ws_bytes, stream) != cudaSuccess;
+      failed = run_config(act, x, ldx, M, w, ec, y, ldy, c, ws, ws_bytes, stream) != cudaSuccess;
     if (failed) continue;
     cudaEventRecord(e0, stream);
-    for (int i = 0; i < reps; ++i) w4a16_gemm(act, x, ldx, M, w, ec, y, ldy, c, ws, ws_bytes, stream);
+    for (int i = 0; i < reps; ++i) run_config(act, x, ldx, M, w, ec, y, ldy, c, ws, ws_bytes, stream);
     cudaEventRecord(e1, stream);
     if ((e = cudaEventSynchronize(e1)) != cudaSuccess) break;
     float ms = 0;

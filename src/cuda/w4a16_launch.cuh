@@ -3,6 +3,7 @@
 // two sets of kernel instantiations compile in parallel.
 #include <mutex>
 
+#include "cuda/pdl_launch.cuh"
 #include "cuda/w4a16_kernels.cuh"
 
 namespace spear::cuda::detail {
@@ -25,17 +26,7 @@ static cudaError_t decode_inst(const DecodeParams& p, int grid, int threads, siz
   static cudaError_t attr_err = cudaSuccess;
   std::call_once(once, [&] { attr_err = allow_big_smem(kern); });
   if (attr_err != cudaSuccess) return attr_err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kern, p);
+  return launch_pdl(kern, dim3(grid), dim3(threads), smem, s, p);
 }
 
 template <typename T, int NT, int TG, bool GROUPED, bool BULK>

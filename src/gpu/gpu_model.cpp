@@ -206,8 +206,32 @@ struct GpuModel::Impl {
   int last_rows = 0;
   // decode graphs by batch size
   std::map<int, cudaGraphExec_t> graphs;
+  // dequantize + cuBLAS path of the W4 GEMMs (prefill-sized M): expanded weight rows
+  void* dq_scratch = nullptr;
+  size_t dq_scratch_bytes = 0;
+  // Op timing for profile_decode_step: while on, mark(name) records an event before each op,
+  // so that op i takes the time between events i and i + 1.
+  struct OpMarks {
+    bool on = false;
+    std::vector<cudaEvent_t> events;
+    std::vector<const char*> names;
+    size_t used = 0;
+  } marks;
+
+  void mark(const char* name) {
+    if (!marks.on) return;
+    if (marks.used == marks.events.size()) {
+      cudaEvent_t e;
+      CUDA_OK(cudaEventCreate(&e));
+      marks.events.push_back(e);
+      marks.names.push_back(nullptr);
+    }
+    marks.names[marks.used] = name;
+    CUDA_OK(cudaEventRecord(marks.events[marks.used++], stream));
+  }
 
   ~Impl() {
+    for (cudaEvent_t e : marks.events) cudaEventDestroy(e);
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
     if (stream) cudaStreamSynchronize(stream);
     for (auto& [p, sz] : allocations) cudaFree(p);
@@ -328,6 +352,27 @@ struct GpuModel::Impl {
       w4_ws = alloc<uint8_t>(static_cast<int64_t>(w4_ws_bytes), a);
       CUDA_OK(w4a16_workspace_init(w4_ws, w4_ws_bytes, stream));
     }
+    // Scratch for the dequantize + cuBLAS path: the largest module whole, up to the cap
+    // (bigger modules then run in chunks of rows), and at least 128 rows of it.
+    if (opt.dequant_scratch_mb > 0 && opt.max_tokens >= 32) {
+      size_t need = 0, least = 0;
+      auto dq_for = [&](const GpuLinear& L) {
+        if (!L.is_w4) return;
+        const EcTerm* ec = L.fused ? &L.ect : nullptr;
+        need = std::max(need, w4a16_dequant_scratch_bytes(0, opt.max_tokens, L.q, ec));
+        least = std::max(least, w4a16_dequant_scratch_bytes(128, opt.max_tokens, L.q, ec));
+      };
+      for (int64_t l = 0; l < cfg.num_layers; ++l) {
+        for (auto& L : lin[l]) dq_for(L);
+        if (qkv_fused[l]) dq_for(qkv[l]);
+        if (gu_fused[l]) dq_for(gate_up[l]);
+      }
+      if (need > 0) {
+        dq_scratch_bytes = std::max(least, std::min(need, static_cast<size_t>(opt.dequant_scratch_mb) << 20));
+        dq_scratch = alloc<uint8_t>(static_cast<int64_t>(dq_scratch_bytes), a);
+        disp.set_dequant(blas, dq_scratch, dq_scratch_bytes);
+      }
+    }
     att_ws_bytes = decode_attention_ws_bytes(opt.max_batch, static_cast<int>(cfg.num_heads), HD(), opt.max_len);
     att_ws = alloc<uint8_t>(static_cast<int64_t>(att_ws_bytes), a);
     // cuBLAS gets its own workspace so that graph capture never allocates.
@@ -381,7 +426,9 @@ struct GpuModel::Impl {
   }
 
   // y (M, N) with row stride ldy (>= N: the output may be a column slice of a wider buffer).
-  void linear(const GpuLinear& L_in, const __half* xin, int M, __half* y, int ldy, bool capturing) {
+  void linear(const GpuLinear& L_in, const char* label, const __half* xin, int M, __half* y, int ldy,
+              bool capturing) {
+    mark(label);
     GpuLinear L_noec;
     const GpuLinear* Lp = &L_in;
     if (!ec_enabled && L_in.r > 0) {
@@ -409,6 +456,7 @@ struct GpuModel::Impl {
                   ", K=" + std::to_string(L.K) + ") failed: " + cudaGetErrorString(e));
     if (L.r > 0 && !ec_in_kernel) {
       // naive EC: z = x A^T, s = gate(z), y += s B^T
+      mark("ec (separate launches)");
       gemm16(L.A, L.K, xin, M, L.K, L.r, z, L.r, 0.0f);
       CUDA_OK(ec_gate(z, L.G, L.c, M, L.r, s, stream));
       gemm16(L.B, L.r, s, M, L.r, L.N, y, ldy, 1.0f);
@@ -428,17 +476,20 @@ struct GpuModel::Impl {
     const float eps = static_cast<float>(cfg.rms_norm_eps);
     const float scale = 1.0f / std::sqrt(static_cast<float>(cfg.head_dim));
     const int NH = static_cast<int>(cfg.num_heads), NKV = static_cast<int>(cfg.num_kv_heads);
+    mark("embed");
     CUDA_OK(embed_lookup(tok, embed, cfg.vocab_size, T, D(), x, stream));
+    mark("rmsnorm");
     CUDA_OK(rmsnorm(x, attn_norm[0], eps, T, D(), xn, stream));
     for (int64_t l = 0; l < cfg.num_layers; ++l) {
       auto& Ls = lin[l];
       if (qkv_fused[l]) {
-        linear(qkv[l], xn, T, qkv_out, ld_qkv(), capturing);
+        linear(qkv[l], "gemm q|k|v", xn, T, qkv_out, ld_qkv(), capturing);
       } else {
-        linear(Ls[Module::Q], xn, T, q, ld_qkv(), capturing);
-        linear(Ls[Module::K], xn, T, k, ld_qkv(), capturing);
-        linear(Ls[Module::V], xn, T, v, ld_qkv(), capturing);
+        linear(Ls[Module::Q], "gemm q", xn, T, q, ld_qkv(), capturing);
+        linear(Ls[Module::K], "gemm k", xn, T, k, ld_qkv(), capturing);
+        linear(Ls[Module::V], "gemm v", xn, T, v, ld_qkv(), capturing);
       }
+      mark("rope + kv write");
       CUDA_OK(rope_store_kv(q, ld_qkv(), k, ld_qkv(), v, ld_qkv(), pos, slot, cos_tab, sin_tab, opt.max_len, T, NH, NKV, HD(),
                             kc[l], vc[l], stream));
       PagedKV kv;
@@ -449,25 +500,30 @@ struct GpuModel::Impl {
       kv.block_size = opt.block_size;
       kv.n_kv_heads = NKV;
       kv.head_dim = HD();
+      mark("attention");
       if (decode)
         CUDA_OK(decode_attention(q, ld_qkv(), kv, lens, n_chunks, NH, scale, opt.max_len, att, QD(), att_ws, att_ws_bytes,
                                  stream));
       else
         CUDA_OK(prefill_attention(q, ld_qkv(), kv, qseq, pos, T, NH, scale, opt.max_len, att, QD(), stream));
-      linear(Ls[Module::O], att, T, proj, D(), capturing);
+      linear(Ls[Module::O], "gemm o", att, T, proj, D(), capturing);
+      mark("add + rmsnorm");
       CUDA_OK(add_rmsnorm(x, proj, D(), ffn_norm[l], eps, T, D(), xn, stream));
       if (gu_fused[l]) {
-        linear(gate_up[l], xn, T, gu_out, ld_gu(), capturing);
+        linear(gate_up[l], "gemm gate|up", xn, T, gu_out, ld_gu(), capturing);
       } else {
-        linear(Ls[Module::Gate], xn, T, gate, ld_gu(), capturing);
-        linear(Ls[Module::Up], xn, T, up, ld_gu(), capturing);
+        linear(Ls[Module::Gate], "gemm gate", xn, T, gate, ld_gu(), capturing);
+        linear(Ls[Module::Up], "gemm up", xn, T, up, ld_gu(), capturing);
       }
+      mark("silu * up");
       CUDA_OK(silu_mul(gate, ld_gu(), up, ld_gu(), T, FF(), hid, stream));
-      linear(Ls[Module::Down], hid, T, proj, D(), capturing);
+      linear(Ls[Module::Down], "gemm down", hid, T, proj, D(), capturing);
       const float* next_norm = l + 1 < cfg.num_layers ? attn_norm[l + 1] : final_norm;
+      mark("add + rmsnorm");
       CUDA_OK(add_rmsnorm(x, proj, D(), next_norm, eps, T, D(), xn, stream));
     }
     // The head on the rows asked for.
+    mark("head");
     const __half* hrows = xn;
     int R = T;
     if (!rows.empty() && static_cast<int>(rows.size()) != T) {
@@ -529,28 +585,7 @@ struct GpuModel::Impl {
     SPEAR_CHECK(T <= opt.max_tokens, "GPU forward: " + std::to_string(T) + " tokens in one call; at most " +
                                          std::to_string(opt.max_tokens));
     CUDA_OK(cudaStreamSynchronize(stream));  // h_in may still be in flight from the last call
-    std::vector<int> rows;
-    int r = 0;
-    for (int ci = 0; ci < n_chunks; ++ci) {
-      const GpuChunk& c = chunks[ci];
-      Slot& s = slots[c.slot];
-      if (!c.blocks) ensure_blocks(s, c.start_pos + c.n_tokens);
-      const int32_t* table = c.blocks ? c.blocks : s.blocks.data();
-      const int n_table = c.blocks ? c.n_blocks : static_cast<int>(s.blocks.size());
-      for (int i = 0; i < c.n_tokens; ++i, ++r) {
-        const int p = c.start_pos + i;
-        h_in[o_tok + r] = c.tokens[i];
-        h_in[o_pos + r] = p;
-        h_in[o_slot + r] = table[p / opt.block_size] * opt.block_size + p % opt.block_size;
-        h_in[o_qseq + r] = ci;
-        if (c.all_logits || i + 1 == c.n_tokens) rows.push_back(r);
-      }
-      h_in[o_len + ci] = c.start_pos + c.n_tokens;
-      int32_t* btrow = h_in + o_bt + static_cast<int64_t>(ci) * max_blocks;
-      for (int b = 0; b < max_blocks; ++b) btrow[b] = b < n_table ? table[b] : 0;
-    }
-    const int64_t copy_n = o_bt + static_cast<int64_t>(n_chunks) * max_blocks;
-    CUDA_OK(cudaMemcpyAsync(d_in, h_in, sizeof(int32_t) * copy_n, cudaMemcpyHostToDevice, stream));
+    const std::vector<int> rows = upload_inputs(chunks);
     if (decode && opt.graphs) {
       auto it = graphs.find(n_chunks);
       if (it == graphs.end()) {
@@ -581,6 +616,36 @@ struct GpuModel::Impl {
     for (const GpuChunk& c : chunks)
       if (!c.blocks) slots[c.slot].len = std::max(slots[c.slot].len, c.start_pos + c.n_tokens);
     return logits;
+  }
+
+  // Fills h_in (tokens, positions, cache slots, sequence of each token, lengths, block
+  // tables; allocating blocks for new positions) and copies it to d_in on the stream.
+  // Returns the rows whose logits are wanted.
+  std::vector<int> upload_inputs(std::span<const GpuChunk> chunks) {
+    const int n_chunks = static_cast<int>(chunks.size());
+    std::vector<int> rows;
+    int r = 0;
+    for (int ci = 0; ci < n_chunks; ++ci) {
+      const GpuChunk& c = chunks[ci];
+      Slot& s = slots[c.slot];
+      if (!c.blocks) ensure_blocks(s, c.start_pos + c.n_tokens);
+      const int32_t* table = c.blocks ? c.blocks : s.blocks.data();
+      const int n_table = c.blocks ? c.n_blocks : static_cast<int>(s.blocks.size());
+      for (int i = 0; i < c.n_tokens; ++i, ++r) {
+        const int p = c.start_pos + i;
+        h_in[o_tok + r] = c.tokens[i];
+        h_in[o_pos + r] = p;
+        h_in[o_slot + r] = table[p / opt.block_size] * opt.block_size + p % opt.block_size;
+        h_in[o_qseq + r] = ci;
+        if (c.all_logits || i + 1 == c.n_tokens) rows.push_back(r);
+      }
+      h_in[o_len + ci] = c.start_pos + c.n_tokens;
+      int32_t* btrow = h_in + o_bt + static_cast<int64_t>(ci) * max_blocks;
+      for (int b = 0; b < max_blocks; ++b) btrow[b] = b < n_table ? table[b] : 0;
+    }
+    const int64_t copy_n = o_bt + static_cast<int64_t>(n_chunks) * max_blocks;
+    CUDA_OK(cudaMemcpyAsync(d_in, h_in, sizeof(int32_t) * copy_n, cudaMemcpyHostToDevice, stream));
+    return rows;
   }
 };
 
@@ -977,6 +1042,83 @@ void GpuModel::decode_step_bench(int B, int32_t tok) {
     ch[b] = GpuChunk{b, &toks[b], 1, len - 1, false};
   }
   impl_->forward(ch);
+}
+
+StepProfile GpuModel::profile_decode_step(int B, int32_t tok, int reps) {
+  SPEAR_CHECK(reps >= 1 && reps <= 1000, "GPU: profile repetitions out of range");
+  Impl& im = *impl_;
+  for (int i = 0; i < 3; ++i) decode_step_bench(B, tok);  // the graph captured, kernels tuned
+  std::vector<GpuChunk> ch(B);
+  std::vector<int32_t> toks(B, tok);
+  for (int b = 0; b < B; ++b) ch[b] = GpuChunk{b, &toks[b], 1, im.slots[b].len - 1, false};
+  CUDA_OK(cudaStreamSynchronize(im.stream));
+  const std::vector<int> rows = im.upload_inputs(ch);
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  StepProfile prof;
+  // The graph step, queued behind a spin so that it starts right after the first event.
+  cudaEvent_t g0, g1;
+  CUDA_OK(cudaEventCreate(&g0));
+  CUDA_OK(cudaEventCreate(&g1));
+  std::vector<double> graph_us;
+  for (int r = 0; r < reps; ++r) {
+    CUDA_OK(gpu_spin(200000, im.stream));
+    CUDA_OK(cudaEventRecord(g0, im.stream));
+    CUDA_OK(cudaGraphLaunch(im.graphs.at(B), im.stream));
+    CUDA_OK(cudaEventRecord(g1, im.stream));
+    CUDA_OK(cudaEventSynchronize(g1));
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, g0, g1));
+    graph_us.push_back(ms * 1e3);
+  }
+  cudaEventDestroy(g0);
+  cudaEventDestroy(g1);
+  prof.graph_us = median(graph_us);
+  // The ops one by one. The spin must outlast the host's queueing of the whole step: when
+  // the first event has already completed by the time everything is queued, double it.
+  int64_t spin_ns = 5'000'000;
+  std::map<std::string, std::vector<double>> us_by_op;
+  std::map<std::string, int> calls;
+  std::vector<std::string> order;
+  std::vector<double> sums;
+  for (int r = 0; r < reps;) {
+    CUDA_OK(gpu_spin(spin_ns, im.stream));
+    im.marks.on = true;
+    im.marks.used = 0;
+    im.body(B, B, true, rows, false);
+    im.mark("sampling (argmax)");
+    CUDA_OK(argmax_rows(im.logits, im.V(), im.last_rows, im.V(), im.ids, im.stream));
+    im.mark("end");
+    im.marks.on = false;
+    const bool late = cudaEventQuery(im.marks.events[0]) == cudaSuccess;
+    CUDA_OK(cudaStreamSynchronize(im.stream));
+    if (late) {
+      SPEAR_CHECK(spin_ns < 2'000'000'000, "GPU: the step could not be queued ahead of the GPU");
+      spin_ns *= 2;
+      continue;
+    }
+    std::map<std::string, double> step;
+    std::map<std::string, int> step_calls;
+    double sum = 0;
+    for (size_t i = 0; i + 1 < im.marks.used; ++i) {
+      float ms = 0;
+      CUDA_OK(cudaEventElapsedTime(&ms, im.marks.events[i], im.marks.events[i + 1]));
+      const std::string name = im.marks.names[i];
+      if (!step.count(name) && !us_by_op.count(name)) order.push_back(name);
+      step[name] += ms * 1e3;
+      step_calls[name] += 1;
+      sum += ms * 1e3;
+    }
+    for (const auto& [name, us] : step) us_by_op[name].push_back(us);
+    calls = step_calls;
+    sums.push_back(sum);
+    ++r;
+  }
+  for (const std::string& name : order) prof.ops.push_back({name, calls[name], median(us_by_op[name])});
+  prof.sum_us = median(sums);
+  return prof;
 }
 
 void GpuModel::synchronize() const { CUDA_OK(cudaStreamSynchronize(impl_->stream)); }

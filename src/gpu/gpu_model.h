@@ -49,6 +49,9 @@ struct GpuOptions {
   // one GEMM per module (the comparison in tests and bench-latency --no-fuse).
   bool fuse_projections = true;
   bool autotune = false;    // autotune the W4 kernels for each shape on first use
+  // Scratch for the W4 GEMMs' dequantize + cuBLAS path (prefill-sized M): the largest
+  // module's expanded rows up to this cap (then in chunks); 0 = that path off.
+  int dequant_scratch_mb = 256;
   bool verbose = false;
 };
 
@@ -86,6 +89,22 @@ struct GpuChunk {
   // own blocks and length are not used.
   const int32_t* blocks = nullptr;
   int n_blocks = 0;
+};
+
+// Where a decode step's time goes (bench-latency --breakdown). Each op of the step is timed
+// on its own, outside the graph: the step is queued behind a spin kernel (so host launch
+// time does not count) with an event before every op; ops of one name are summed per step.
+// Beside it, the same step as its CUDA graph (where launches overlap: programmatic
+// dependent launch of the W4 kernels). Times are medians over the repetitions.
+struct StepProfile {
+  struct Op {
+    std::string name;  // "gemm q|k|v", "attention", "add + rmsnorm", ... in order of first use
+    int calls = 0;     // per step
+    double us = 0;     // per step
+  };
+  std::vector<Op> ops;
+  double sum_us = 0;    // of the ops
+  double graph_us = 0;  // the graph step
 };
 
 class GpuModel {
@@ -132,6 +151,9 @@ class GpuModel {
   // One decode step for slots 0..B-1 at their current lengths, each fed token `tok`,
   // through the decode graph for B (captured on first use). Returns nothing; for timing.
   void decode_step_bench(int B, int32_t tok);
+  // The breakdown of that step (slots as for decode_step_bench), plus greedy sampling
+  // (argmax) of its logits as one more op.
+  StepProfile profile_decode_step(int B, int32_t tok, int reps = 10);
   void synchronize() const;
 
   struct Impl;

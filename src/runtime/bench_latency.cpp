@@ -42,6 +42,49 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
+
+std::string fmt_ms(double ms) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.3f", ms);
+  return b;
+}
+
+// One decode case's breakdown as markdown: µs per step by op, share of the ops' sum, and
+// (with ECs) the same op without them.
+std::string breakdown_table(const std::string& title, const cuda::StepProfile& p, const cuda::StepProfile* plain) {
+  std::string md = "\n" + title + "\n\n| op | calls/step | µs/step | % of ops |" +
+                   (plain ? " µs without ECs | EC share |" : "") + "\n|---|---:|---:|---:|" +
+                   (plain ? "---:|---:|" : "") + "\n";
+  char row[256];
+  for (const cuda::StepProfile::Op& op : p.ops) {
+    std::snprintf(row, sizeof row, "| %s | %d | %.1f | %.1f%% |", op.name.c_str(), op.calls, op.us,
+                  100.0 * op.us / p.sum_us);
+    md += row;
+    if (plain) {
+      double base = 0;
+      for (const cuda::StepProfile::Op& q : plain->ops)
+        if (q.name == op.name) base = q.us;
+      std::snprintf(row, sizeof row, " %.1f | %+.1f%% |", base, base > 0 ? 100.0 * (op.us - base) / base : 0.0);
+      md += row;
+    }
+    md += "\n";
+  }
+  std::snprintf(row, sizeof row, "| **sum of ops** | | %.1f | 100%% |", p.sum_us);
+  md += row;
+  if (plain) {
+    std::snprintf(row, sizeof row, " %.1f | %+.1f%% |", plain->sum_us, 100.0 * (p.sum_us - plain->sum_us) / plain->sum_us);
+    md += row;
+  }
+  std::snprintf(row, sizeof row, "\n| **graph step** | | %.1f | %.1f%% of the sum |", p.graph_us,
+                100.0 * p.graph_us / p.sum_us);
+  md += row;
+  if (plain) {
+    std::snprintf(row, sizeof row, " %.1f | %+.1f%% |", plain->graph_us,
+                  100.0 * (p.graph_us - plain->graph_us) / plain->graph_us);
+    md += row;
+  }
+  return md + "\n";
+}
 }  // namespace
 
 BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
@@ -64,7 +107,7 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
       "| config | variant | batch | ctx | ms/step | floor ms | x floor | speedup vs FP16 | time vs W4 |\n"
       "|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
   std::string md_prefill = "| config | variant | tokens | ms | tok/s | vs FP16 |\n|---|---|---:|---:|---:|---:|\n";
-  std::string md_models;
+  std::string md_models, md_breakdown;
   const int maxB = *std::max_element(batches.begin(), batches.end());
   const int maxC = *std::max_element(contexts.begin(), contexts.end());
   const int maxP = *std::max_element(prefills.begin(), prefills.end());
@@ -88,6 +131,7 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
       go.ec_path = variant == LatencyVariant::kW4EcNaive ? EcPath::kNaive : EcPath::kDispatch;
       go.autotune = o.autotune;
       go.fuse_projections = o.fuse;
+      go.dequant_scratch_mb = o.dequant_scratch_mb;
       auto t0 = clock::now();
       auto m = GpuModel::synthetic(cfg, spec, go);
       const GpuMemory& mem = m->memory();
@@ -133,6 +177,26 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
           out["decode"].push_back({{"config", cname}, {"variant", var}, {"batch", B}, {"ctx", C},
                                    {"ms_median", med}, {"ms_min", *std::min_element(ms.begin(), ms.end())},
                                    {"floor_ms", floor_ms}, {"bytes_read", weight_read + kv_read}});
+          if (o.breakdown) {
+            const bool has_ec = spec.kind == WeightKind::kW4Ec;
+            const StepProfile prof = m->profile_decode_step(B, 7);
+            StepProfile plain;
+            if (has_ec) {  // the same step without the ECs: what they cost, op by op
+              m->set_ec_enabled(false);
+              plain = m->profile_decode_step(B, 7);
+              m->set_ec_enabled(true);
+            }
+            md_breakdown += breakdown_table(cname + " " + var + ", batch " + std::to_string(B) + ", ctx " +
+                                                std::to_string(C) + ": graph step " + fmt_ms(med) + " ms (" +
+                                                fmt_ms(floor_ms) + " ms bytes floor)",
+                                            prof, has_ec ? &plain : nullptr);
+            nlohmann::json ops = nlohmann::json::array();
+            for (const StepProfile::Op& op : prof.ops)
+              ops.push_back({{"op", op.name}, {"calls", op.calls}, {"us", op.us}});
+            out["breakdown"].push_back({{"config", cname}, {"variant", var}, {"batch", B}, {"ctx", C},
+                                        {"ops", ops}, {"sum_us", prof.sum_us}, {"graph_us", prof.graph_us},
+                                        {"plain_sum_us", has_ec ? plain.sum_us : 0.0}});
+          }
         }
       for (int b = 0; b < maxB; ++b) m->reset(b);
       // prefill: one sequence of P tokens, logits of the last one
@@ -166,8 +230,12 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
   }
   const std::string md = std::string("GPU: ") + prop.name + ", copy-bandwidth ceiling " +
                          std::to_string(static_cast<int>(ceiling)) + " GB/s; Q|K|V and Gate|Up " +
-                         (o.fuse ? "stacked (one GEMM each)" : "separate (--no-fuse)") + "\n\nDecode (per step, all sequences):\n\n" +
-                         md_decode + "\nPrefill (one sequence):\n\n" + md_prefill + "\nModels:\n\n" + md_models;
+                         (o.fuse ? "stacked (one GEMM each)" : "separate (--no-fuse)") +
+                         "; W4 dequantize + cuBLAS path " +
+                         (o.dequant_scratch_mb > 0 ? "on (" + std::to_string(o.dequant_scratch_mb) + " MB scratch)" : "off") + "\n\nDecode (per step, all sequences):\n\n" +
+                         md_decode + "\nPrefill (one sequence):\n\n" + md_prefill +
+                         (md_breakdown.empty() ? "" : "\nDecode step breakdown (each op timed alone, outside the graph):\n" + md_breakdown) +
+                         "\nModels:\n\n" + md_models;
   return {md, out.dump(1) + "\n"};
 }
 #endif

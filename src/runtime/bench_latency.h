@@ -21,6 +21,10 @@ struct BenchLatencyOptions {
   int ec_rank = 32, group = 0, iters = 20;
   bool autotune = false;
   bool fuse = true;  // Q|K|V and Gate|Up as one GEMM each (GpuOptions::fuse_projections)
+  // Per decode case, where the step goes: each op timed alone outside the graph, their sum
+  // against the graph step (GpuModel::profile_decode_step); with ECs, also without them.
+  bool breakdown = false;
+  int dequant_scratch_mb = 256;  // GpuOptions::dequant_scratch_mb (0: no dequantize + cuBLAS path)
 };
 
 struct BenchLatencyResult {

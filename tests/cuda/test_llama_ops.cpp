@@ -377,7 +377,7 @@ void attend_ref(const Paged& pk, const uint16_t* q, int s, int kvh, int n, doubl
 struct DecodeCase {
   int n_heads, n_kv, hd;
   std::vector<int> lens;
-  int split_len = 256;
+  int split_len = 0;  // 0: splits sized at run time (the engine's mode)
   int extra_max_len = 0;  // max_len = max(lens) + extra
   bool graph = false;
 };
@@ -477,6 +477,13 @@ TEST(LlamaOps, DecodeAttentionManySplits) {
   REQUIRE_GPU();
   run_decode({8, 2, 128, {700, 5, 64, 65}, 64}, 33);
   run_decode({8, 2, 64, {129, 1, 48}, 16}, 34);  // split_len == block_size
+  run_decode({8, 2, 64, {1, 37, 300, 16, 0, 513}, 256}, 38);  // fixed chunks of 256
+  // run-time splits: one sequence (many splits of few tiles each) and a long context (few
+  // splits of many tiles)
+  run_decode({32, 8, 128, {1000}}, 39);
+  DecodeCase longc{8, 8, 64, {4000, 64, 65}};
+  longc.extra_max_len = 3000;
+  run_decode(longc, 40);
 }
 TEST(LlamaOps, DecodeAttentionGroupSizes) {
   REQUIRE_GPU();

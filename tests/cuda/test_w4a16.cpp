@@ -2,10 +2,12 @@
 // built from the dequantize() oracle: fp16 and bf16 activations, per-channel and grouped,
 // asymmetric and symmetric, odd M/N/K, poisoned outputs (every element written, nothing
 // past N touched), the EC with a per-token gate checked token by token, every kernel
-// (decode, prefill), EC mode (fused, split) and the dispatcher. Skips without a GPU.
+// (decode, prefill, dequantize + cuBLAS), EC mode (fused, split) and the dispatcher. Skips without a GPU.
 #include <gtest/gtest.h>
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -126,6 +128,15 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
   const EcTerm* ec = p.r > 0 ? &h.ec : nullptr;
   W4A16Dispatcher disp("/nonexistent-dir/none.txt");  // heuristic only
   CK(disp.init());
+  // The dequantize + cuBLAS path: its own scratch for the largest M (the dispatcher picks it
+  // for M >= 512).
+  cublasHandle_t blas = nullptr;
+  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
+  const int max_m = *std::max_element(Ms.begin(), Ms.end());
+  const size_t scratch_bytes = w4a16_dequant_scratch_bytes(0, max_m, h.w, ec);
+  void* scratch = nullptr;
+  CK(cudaMalloc(&scratch, scratch_bytes));
+  disp.set_dequant(blas, scratch, scratch_bytes);
   std::mt19937 rng(seed + 1);
   std::normal_distribution<float> nd(0.f, 1.f);
   for (int M : Ms) {
@@ -200,6 +211,13 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
         c.ec = EcMode::kSplit;
         cases.push_back({c});
       }
+    for (int rows : {0, 48}) {  // whole matrix, and chunks of 48 rows (the last one partial)
+      KernelConfig c;
+      c.kernel = Kernel::kDequant;
+      c.rows = rows;
+      c.ec = EcMode::kSplit;
+      cases.push_back({c});
+    }
     cases.push_back({KernelConfig{}, true});
 
     // Plain W4 (no EC) once, to isolate the EC contribution.
@@ -220,7 +238,10 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
         CK(cudaMemset(dy, 0xff, ybytes));  // poison: NaN in fp16 and bf16
         for (int call = 0; call < (rep ? 3 : 1); ++call) {
           cudaError_t e = cs.use_dispatcher ? disp.run(act, dx, ldx, M, h.w, ec, dy, ldy, ws, wsb, nullptr)
-                                            : w4a16_gemm(act, dx, ldx, M, h.w, ec, dy, ldy, cs.cfg, ws, wsb, nullptr);
+                          : cs.cfg.kernel == Kernel::kDequant
+                              ? w4a16_gemm_dequant(act, dx, ldx, M, h.w, ec, dy, ldy, cs.cfg, blas, scratch,
+                                                   scratch_bytes, ws, wsb, nullptr)
+                              : w4a16_gemm(act, dx, ldx, M, h.w, ec, dy, ldy, cs.cfg, ws, wsb, nullptr);
           CK(e);
         }
         CK(cudaDeviceSynchronize());
@@ -263,6 +284,8 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
     cudaFree(dy0);
     cudaFree(ws);
   }
+  cudaFree(scratch);
+  cublasDestroy(blas);
   w4_free(&h.w);
   if (ec) ec_free(&h.ec);
 }
@@ -281,7 +304,7 @@ TEST(W4A16Gpu, PerChannelSymF16Large) {
 }
 TEST(W4A16Gpu, Group128AsymBf16) {
   REQUIRE_GPU();
-  run_problem({777, 384, 128, false, true, 16}, {2, 9, 33, 257}, 4);
+  run_problem({777, 384, 128, false, true, 16}, {2, 9, 33, 257, 520}, 4);
 }
 TEST(W4A16Gpu, Group256AsymF16NoEc) {
   REQUIRE_GPU();
@@ -314,6 +337,18 @@ TEST(W4A16Gpu, RejectsBadArguments) {
   bulk_tg4.tg = 4;
   EXPECT_FALSE(w4a16_config_ok(bulk_tg4, nullptr, 8, 32, w, nullptr));
   EXPECT_FALSE(KernelConfig::parse("decode nt=x", &parsed));
+  ASSERT_TRUE(KernelConfig::parse("dequant rows=4096 ec=split", &parsed));
+  EXPECT_EQ(parsed.kernel, Kernel::kDequant);
+  EXPECT_EQ(parsed.str(), "dequant rows=4096 ec=split");
+  ASSERT_TRUE(KernelConfig::parse("dequant ec=split", &parsed));
+  EXPECT_EQ(parsed.rows, 0);
+  // kDequant needs cuBLAS: w4a16_gemm refuses it, and so does the dequant entry without a handle.
+  EXPECT_EQ(w4a16_gemm(Act::kF16, reinterpret_cast<void*>(16), 8, 1, w, nullptr, reinterpret_cast<void*>(16), 8,
+                       parsed, reinterpret_cast<void*>(16), 1 << 20, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(w4a16_gemm_dequant(Act::kF16, reinterpret_cast<void*>(16), 8, 1, w, nullptr, reinterpret_cast<void*>(16),
+                               8, parsed, nullptr, reinterpret_cast<void*>(16), 1 << 20, nullptr, 0, nullptr),
+            cudaErrorInvalidValue);
 }
 
 // The dispatcher's table survives a save/load round trip and is keyed by the GPU name.
