@@ -86,6 +86,14 @@ TEST(ServerChatTemplate, PlainFallbackAndUnsupported) {
   EXPECT_THROW(ChatTemplate::from_jinja("{% macro f() %}x{% endmacro %}", "", ""), std::runtime_error);
   EXPECT_THROW(ChatTemplate::from_jinja("{{ messages | frobnicate }}", "", ""), std::runtime_error);
   EXPECT_THROW(ChatTemplate::from_jinja("{% for m in messages %}", "", ""), std::runtime_error);
+  // A template may refuse some conversations (Gemma: no system role) but not all of them.
+  EXPECT_THROW(ChatTemplate::from_jinja("{{ raise_exception('never') }}", "", ""), std::runtime_error);
+  ChatTemplate no_system = ChatTemplate::from_jinja(
+      "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+      "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+      "", "");
+  EXPECT_EQ(no_system.render({{"user", "Hi"}}, true), "Hi");
+  EXPECT_THROW(no_system.render({{"system", "S"}, {"user", "Hi"}}, true), jinja::Raised);
   std::string note;
   ChatTemplate d = ChatTemplate::from_model_dir("/nonexistent", &note);
   EXPECT_FALSE(d.is_jinja());

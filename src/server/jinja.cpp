@@ -1014,7 +1014,7 @@ class Eval {
         if (callee.k == Node::K::Var) {
           if (callee.s == "raise_exception") {
             std::vector<Value> a = args(n, 1);
-            throw std::runtime_error(a.empty() ? "template error" : a[0].to_string());
+            throw Raised(a.empty() ? "template error" : a[0].to_string());
           }
           if (callee.s == "namespace") {
             Value ns = Value::dict();

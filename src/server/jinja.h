@@ -19,7 +19,7 @@
 //    default/d, capitalize, title, replace, reverse, list, int, items
 //  * methods: strip, lstrip, rstrip, upper, lower, startswith, endswith, split,
 //    replace, title, capitalize, items, keys, values, get
-//  * functions: raise_exception(msg) (rendering fails with that message),
+//  * functions: raise_exception(msg) (rendering throws jinja::Raised with that message),
 //    namespace(k=v, ...), range(n[, m])
 // Not supported (templates using them fail at load and the plain template is used):
 // macros, call blocks, include/import, filters and tests not listed, floats.
@@ -27,6 +27,7 @@
 // cannot be made to run away by a request.
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,12 @@ struct Value {
 };
 
 struct Node;
+
+// What raise_exception(msg) throws: the template refusing its input (e.g. roles that do
+// not alternate), as opposed to an error of spear's renderer or an unsupported feature.
+struct Raised : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 class Template {
  public:

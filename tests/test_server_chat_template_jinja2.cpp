@@ -1,0 +1,151 @@
+// Real chat templates (tests/data/chat_templates: Llama 3.1, Mistral, Qwen2.5, Phi-3,
+// Gemma) rendered by spear's Jinja subset and by Python's jinja2 set up as transformers'
+// apply_chat_template sets it up (tests/chat_template_jinja2.py): the texts must be
+// identical, and a conversation one refuses (raise_exception) the other refuses with the
+// same message. Skips with a message when python3 or python3-jinja2 is missing.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "server/chat_template.h"
+#include "test_paths.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using spear::server::ChatMessage;
+using spear::server::ChatTemplate;
+
+namespace {
+
+struct Case {
+  std::vector<ChatMessage> messages;
+  bool add_generation_prompt;
+};
+
+std::vector<Case> cases() {
+  const std::vector<std::vector<ChatMessage>> convs = {
+      {{"user", "Hi"}},
+      {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello!"}, {"user", "Bye"}},
+      {{"user", "What is 2+2?"}, {"assistant", "4"}},
+      {{"user", "  padded both sides \n\n"}, {"assistant", "\n  answer with\ttabs  "}, {"user", "x"}},
+      {{"system", "  sys with spaces  "}, {"user", "h\u00e9llo \u2014 \u4f60\u597d \U0001F600"}},
+      {{"user", "{{ not a tag }} {% neither %} 'quotes' \"double\" \\backslash"}},
+      {{"user", ""}, {"assistant", ""}, {"user", ""}},
+      {{"user", "a"}, {"user", "b"}},                      // roles do not alternate
+      {{"assistant", "first"}, {"user", "then"}},          // starts with the assistant
+      {{"system", "S"}},                                   // system alone
+      {{"user", "u1"}, {"assistant", "a1"}, {"user", "u2"}, {"assistant", "a2"}, {"user", "u3"},
+       {"assistant", "a3"}, {"user", "u4"}},
+  };
+  std::vector<Case> out;
+  for (const auto& c : convs)
+    for (bool agp : {true, false}) out.push_back({c, agp});
+  return out;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Python's renderings of every case, or a reason to skip in *skip.
+json render_with_jinja2(const std::string& tmpl, const std::vector<Case>& cs, const std::string& bos,
+                        const std::string& eos, std::string* skip) {
+  json req{{"template", tmpl}, {"cases", json::array()}};
+  for (const Case& c : cs) {
+    json msgs = json::array();
+    for (const ChatMessage& m : c.messages) msgs.push_back({{"role", m.role}, {"content", m.content}});
+    req["cases"].push_back(
+        {{"messages", msgs}, {"add_generation_prompt", c.add_generation_prompt}, {"bos_token", bos}, {"eos_token", eos}});
+  }
+  const fs::path in = fs::temp_directory_path() / ("spear_jinja2_in_" + std::to_string(getpid()));
+  std::ofstream(in, std::ios::binary) << req.dump();
+  const std::string cmd = "python3 " + spear::test::source_dir() + "/tests/chat_template_jinja2.py < " +
+                          in.string() + " 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  if (p) {
+    std::array<char, 4096> buf;
+    size_t n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  }
+  const int st = p ? pclose(p) : -1;
+  fs::remove(in);
+  const int rc = st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  if (rc == 3 || rc == 127) {
+    *skip = "python3 with jinja2 is needed (Debian: apt-get install python3-jinja2; scripts/install-deps.sh)";
+    return {};
+  }
+  EXPECT_EQ(rc, 0) << "tests/chat_template_jinja2.py failed";
+  return json::parse(out, nullptr, false);
+}
+
+struct Model {
+  const char* file;
+  const char* bos;
+  const char* eos;
+};
+
+class ChatTemplateJinja2 : public ::testing::TestWithParam<Model> {};
+
+}  // namespace
+
+TEST_P(ChatTemplateJinja2, RendersLikeJinja2) {
+  const Model m = GetParam();
+  const std::string src = slurp(fs::path(spear::test::source_dir()) / "tests/data/chat_templates" / m.file);
+  ASSERT_FALSE(src.empty()) << m.file;
+  const std::vector<Case> cs = cases();
+  std::string skip;
+  const json want = render_with_jinja2(src, cs, m.bos, m.eos, &skip);
+  if (!skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_TRUE(want.is_array() && want.size() == cs.size()) << want.dump();
+
+  ChatTemplate t = ChatTemplate::from_jinja(src, m.bos, m.eos);  // throws if spear cannot parse it
+  int rendered = 0, refused = 0;
+  for (size_t i = 0; i < cs.size(); ++i) {
+    SCOPED_TRACE(std::string(m.file) + " case " + std::to_string(i / 2) +
+                 (cs[i].add_generation_prompt ? " (add_generation_prompt)" : ""));
+    std::string got, err;
+    try {
+      got = t.render(cs[i].messages, cs[i].add_generation_prompt);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    if (want[i]["ok"].get<bool>()) {
+      ++rendered;
+      EXPECT_EQ(err, "");
+      EXPECT_EQ(got, want[i]["text"].get<std::string>());
+    } else {
+      ++refused;
+      const std::string msg = want[i]["error"].get<std::string>();
+      EXPECT_NE(err, "") << "jinja2 refused (" << msg << "), spear rendered: " << got;
+      EXPECT_NE(err.find(msg), std::string::npos) << "spear: " << err << "\njinja2: " << msg;
+    }
+  }
+  EXPECT_GT(rendered, 0);  // every template renders some of the conversations
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    RealTemplates, ChatTemplateJinja2,
+    ::testing::Values(Model{"llama-3.1-instruct.jinja", "<|begin_of_text|>", "<|eot_id|>"},
+                      Model{"mistral-7b-instruct-v0.2.jinja", "<s>", "</s>"},
+                      Model{"qwen2.5-instruct.jinja", "", "<|im_end|>"},
+                      Model{"phi-3-mini-instruct.jinja", "<s>", "<|endoftext|>"},
+                      Model{"gemma-it.jinja", "<bos>", "<eos>"}),
+    [](const ::testing::TestParamInfo<Model>& i) {
+      std::string n = i.param.file;
+      n = n.substr(0, n.find(".jinja"));
+      for (char& c : n)
+        if (!isalnum(static_cast<unsigned char>(c))) c = '_';
+      return n;
+    });
