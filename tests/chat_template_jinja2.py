@@ -5,7 +5,8 @@ lstrip_blocks, loopcontrols, tojson without HTML escaping or key sorting,
 raise_exception), for tests/test_server_chat_template_jinja2.cpp.
 
 stdin:  {"template": str, "cases": [{"messages": [...], "add_generation_prompt": bool,
-         "bos_token": str, "eos_token": str}, ...]}
+         "bos_token": str, "eos_token": str[, "template": str]}, ...]}
+        (a case's own "template" replaces the common one)
 stdout: [{"ok": true, "text": str} | {"ok": false, "error": str}, ...]
 Exit status 3 when jinja2 cannot be imported (the test skips).
 """
@@ -38,9 +39,10 @@ def main():
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    tmpl = env.from_string(req["template"])
+    common = env.from_string(req["template"]) if req.get("template") else None
     out = []
     for case in req["cases"]:
+        tmpl = env.from_string(case["template"]) if "template" in case else common
         try:
             text = tmpl.render(messages=case["messages"], tools=None, documents=None,
                                add_generation_prompt=case["add_generation_prompt"],

@@ -28,6 +28,7 @@ namespace {
 struct Case {
   std::vector<ChatMessage> messages;
   bool add_generation_prompt;
+  std::string tmpl;  // empty: the template under test
 };
 
 std::vector<Case> cases() {
@@ -47,7 +48,7 @@ std::vector<Case> cases() {
   };
   std::vector<Case> out;
   for (const auto& c : convs)
-    for (bool agp : {true, false}) out.push_back({c, agp});
+    for (bool agp : {true, false}) out.push_back({c, agp, ""});
   return out;
 }
 
@@ -61,12 +62,14 @@ std::string slurp(const fs::path& p) {
 // Python's renderings of every case, or a reason to skip in *skip.
 json render_with_jinja2(const std::string& tmpl, const std::vector<Case>& cs, const std::string& bos,
                         const std::string& eos, std::string* skip) {
-  json req{{"template", tmpl}, {"cases", json::array()}};
+  // Ordered: each message is {"role", "content"} in that order, as clients send it.
+  nlohmann::ordered_json req{{"template", tmpl}, {"cases", nlohmann::ordered_json::array()}};
   for (const Case& c : cs) {
-    json msgs = json::array();
+    nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
     for (const ChatMessage& m : c.messages) msgs.push_back({{"role", m.role}, {"content", m.content}});
-    req["cases"].push_back(
-        {{"messages", msgs}, {"add_generation_prompt", c.add_generation_prompt}, {"bos_token", bos}, {"eos_token", eos}});
+    nlohmann::ordered_json jc{{"messages", msgs}, {"add_generation_prompt", c.add_generation_prompt}, {"bos_token", bos}, {"eos_token", eos}};
+    if (!c.tmpl.empty()) jc["template"] = c.tmpl;
+    req["cases"].push_back(jc);
   }
   const fs::path in = fs::temp_directory_path() / ("spear_jinja2_in_" + std::to_string(getpid()));
   std::ofstream(in, std::ios::binary) << req.dump();
@@ -149,3 +152,58 @@ INSTANTIATE_TEST_SUITE_P(
         if (!isalnum(static_cast<unsigned char>(c))) c = '_';
       return n;
     });
+
+// The constructs real templates use, one at a time, on text that needs escaping:
+// printing lists and dicts (Python's repr), tojson (transformers' json.dumps), the
+// select/reject/map filters, loop variables, namespaces, string methods.
+TEST(ChatTemplateJinja2Constructs, RenderLikeJinja2) {
+  const std::vector<ChatMessage> conv = {
+      {"system", "Line1\nHe said \"hi\" & 'bye' \\ <tag> \u00e9\u4f60 \x01 end"},
+      {"user", "Hi there"},
+      {"assistant", "it's"}};
+  const std::vector<std::string> snippets = {
+      "{{ messages | tojson }}",
+      "{{ messages[0] | tojson(indent=2) }}",
+      "{{ messages | tojson(indent=4) }}",
+      "{{ {'a': [1, {'b': none}], 'c': 'x', 'd': true} | tojson }}|{{ {} | tojson }}|{{ [] | tojson }}",
+      "{{ messages[1] }}|{{ messages[2] }}|{{ messages[0] }}",
+      "{{ [1, 'a', none, true, \"it's\", [], {}] }}",
+      "{{ messages | map(attribute='role') | join(',') }}",
+      "{{ messages | map(attribute='missing', default='d') | join(',') }}",
+      "{{ messages | selectattr('role', 'equalto', 'user') | list | length }}",
+      "{{ messages | rejectattr('role', 'equalto', 'system') | map(attribute='content') | list }}",
+      "{{ messages | selectattr('role', 'ne', 'user') | map(attribute='role') | join }}",
+      "{{ messages[1:] | map(attribute='content') | map('upper') | join('|') }}",
+      "{{ ['a', '', 'b'] | select | join('-') }}|{{ [1, 2, 3] | reject('equalto', 2) | list }}",
+      "{% for m in messages %}{{ loop.index }}/{{ loop.length }}:{{ loop.revindex }}{{ ',' if not loop.last }}{% endfor %}",
+      "{{ 'x' ~ 1 ~ none ~ true }}",
+      "{{ messages[0].content.split('\\n') }}",
+      "{{ (messages | last).role }}{{ (messages | first)['role'] }}",
+      "{% set ns = namespace(found=false) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.found = "
+      "true %}{% endif %}{% endfor %}{{ ns.found }}",
+      "{% for k, v in messages[1] | items %}{{ k }}={{ v }};{% endfor %}",
+      "{{ messages[1] == {'content': 'Hi there', 'role': 'user'} }}{{ messages[1] != messages[2] }}",
+      "{{ messages[-1].content | length }}|{{ messages[-1].content[1:] }}|{{ messages[-1].content.title() }}",
+      "{{ messages[0].content | length }}|{{ messages[0].content[-6:] }}|{{ messages[0].content[::-1] }}",
+      "{{ messages[0].content | list | length }}|{{ messages[0].content | first }}{{ messages[0].content | last }}",
+      "{% for c in messages[0].content[-8:] %}[{{ c }}]{% endfor %}{{ messages[0].content[-9] }}",
+      "{{ tools is none }}{{ tools is defined }}{{ documents is defined }}{{ foo is defined }}",
+  };
+  std::vector<Case> cs;
+  for (const std::string& s : snippets) cs.push_back({conv, true, s});
+  std::string skip;
+  const json want = render_with_jinja2("", cs, "<s>", "</s>", &skip);
+  if (!skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_TRUE(want.is_array() && want.size() == cs.size()) << want.dump();
+  for (size_t i = 0; i < cs.size(); ++i) {
+    SCOPED_TRACE(cs[i].tmpl);
+    ASSERT_TRUE(want[i]["ok"].get<bool>()) << want[i].dump();
+    std::string got;
+    try {
+      got = ChatTemplate::from_jinja(cs[i].tmpl, "<s>", "</s>").render(cs[i].messages, true);
+    } catch (const std::exception& e) {
+      got = std::string("spear error: ") + e.what();
+    }
+    EXPECT_EQ(got, want[i]["text"].get<std::string>());
+  }
+}

@@ -65,6 +65,7 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages,
       {"bos_token", jinja::Value::str(bos_)},
       {"eos_token", jinja::Value::str(eos_)},
       {"tools", jinja::Value::none()},
+      {"documents", jinja::Value::none()},  // transformers defines both, as None
   };
   return tmpl_->render(vars);
 }

@@ -15,8 +15,14 @@
 //    `a if cond else b`, is [not] defined/none/string/number/mapping/iterable/
 //    sequence/boolean/true/false
 //  * subscripts x[i], x['k'], slices x[a:b], x[::-1]; attributes x.k
-//  * filters: trim, length/count, upper, lower, string, tojson, first, last, join,
-//    default/d, capitalize, title, replace, reverse, list, int, items
+//  * filters: trim, length/count, upper, lower, string, tojson[(indent)], first, last,
+//    join, default/d, capitalize, title, replace, reverse, list, int, items,
+//    select/reject([test[, arg]]), selectattr/rejectattr(attr[, test[, arg]]),
+//    map(attribute=..[, default=..]) or map(filter, args...); tests in select*/reject*
+//    also take equalto/eq/==, ne/!= with an argument
+//  * printing: lists and dicts print as Python's repr ({'k': 'v'}, [1, None]); tojson
+//    writes as transformers' tojson (json.dumps, ensure_ascii=False: ", " and ": ",
+//    keys in insertion order)
 //  * methods: strip, lstrip, rstrip, upper, lower, startswith, endswith, split,
 //    replace, title, capitalize, items, keys, values, get
 //  * functions: raise_exception(msg) (rendering throws jinja::Raised with that message),
