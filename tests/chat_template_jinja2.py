@@ -2,7 +2,7 @@
 """Renders chat templates with Python's jinja2 set up as transformers'
 apply_chat_template sets it up (ImmutableSandboxedEnvironment, trim_blocks,
 lstrip_blocks, loopcontrols, tojson without HTML escaping or key sorting,
-raise_exception), for tests/test_server_chat_template_jinja2.cpp.
+raise_exception, strftime_now), for tests/test_server_chat_template_jinja2.cpp.
 
 stdin:  {"template": str, "cases": [{"messages": [...], "add_generation_prompt": bool,
          "bos_token": str, "eos_token": str[, "template": str]}, ...]}
@@ -12,6 +12,7 @@ Exit status 3 when jinja2 cannot be imported (the test skips).
 """
 import json
 import sys
+from datetime import datetime
 
 try:
     import jinja2
@@ -39,6 +40,7 @@ def main():
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     common = env.from_string(req["template"]) if req.get("template") else None
     out = []
     for case in req["cases"]:

@@ -1,4 +1,4 @@
-// Real chat templates (tests/data/chat_templates: Llama 3.1, Mistral, Qwen2.5, Phi-3,
+// Real chat templates (tests/data/chat_templates: Llama 3.1 and 3.2, Mistral, Qwen2.5, Phi-3,
 // Gemma) rendered by spear's Jinja subset and by Python's jinja2 set up as transformers'
 // apply_chat_template sets it up (tests/chat_template_jinja2.py): the texts must be
 // identical, and a conversation one refuses (raise_exception) the other refuses with the
@@ -141,6 +141,7 @@ TEST_P(ChatTemplateJinja2, RendersLikeJinja2) {
 INSTANTIATE_TEST_SUITE_P(
     RealTemplates, ChatTemplateJinja2,
     ::testing::Values(Model{"llama-3.1-instruct.jinja", "<|begin_of_text|>", "<|eot_id|>"},
+                      Model{"llama-3.2-instruct.jinja", "<|begin_of_text|>", "<|eot_id|>"},
                       Model{"mistral-7b-instruct-v0.2.jinja", "<s>", "</s>"},
                       Model{"qwen2.5-instruct.jinja", "", "<|im_end|>"},
                       Model{"phi-3-mini-instruct.jinja", "<s>", "<|endoftext|>"},
@@ -187,6 +188,7 @@ TEST(ChatTemplateJinja2Constructs, RenderLikeJinja2) {
       "{{ messages[0].content | length }}|{{ messages[0].content[-6:] }}|{{ messages[0].content[::-1] }}",
       "{{ messages[0].content | list | length }}|{{ messages[0].content | first }}{{ messages[0].content | last }}",
       "{% for c in messages[0].content[-8:] %}[{{ c }}]{% endfor %}{{ messages[0].content[-9] }}",
+      "{{ strftime_now is defined }}{{ raise_exception is defined }}{{ strftime_now('%d %b %Y') }}",
       "{{ tools is none }}{{ tools is defined }}{{ documents is defined }}{{ foo is defined }}",
   };
   std::vector<Case> cs;

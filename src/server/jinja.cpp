@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <ctime>
+#include <iomanip>
+#include <locale>
+#include <sstream>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -880,6 +884,9 @@ class Eval {
     }
     return nullptr;
   }
+  static bool is_global_function(const std::string& name) {
+    return name == "raise_exception" || name == "namespace" || name == "range" || name == "strftime_now";
+  }
   static bool equal(const Value& a, const Value& b) {
     auto num = [](const Value& v) { return v.t == Value::T::Int || v.t == Value::T::Bool; };
     if (num(a) && num(b)) return (a.t == Value::T::Int ? a.i : a.b) == (b.t == Value::T::Int ? b.i : b.b);
@@ -1241,6 +1248,19 @@ class Eval {
             std::vector<Value> a = args(n, 1);
             throw Raised(a.empty() ? "template error" : a[0].to_string());
           }
+          if (callee.s == "strftime_now") {
+            // transformers' global: datetime.now().strftime(format), local time, C locale.
+            std::vector<Value> a = args(n, 1);
+            if (a.size() != 1 || a[0].t != Value::T::Str) fail("strftime_now needs one format string");
+            if (a[0].s.size() > 256) fail("strftime_now: format too long");
+            const std::time_t now = std::time(nullptr);
+            std::tm tm{};
+            localtime_r(&now, &tm);
+            std::ostringstream os;
+            os.imbue(std::locale::classic());
+            os << std::put_time(&tm, a[0].s.c_str());
+            return Value::str(os.str());
+          }
           if (callee.s == "namespace") {
             Value ns = Value::dict();
             for (size_t i = 1; i < n.kids.size(); ++i)
@@ -1263,7 +1283,14 @@ class Eval {
         std::vector<std::string> names(n.names.begin() + 1, n.names.end());
         return filter(n.s, eval(*n.kids[0]), args(n, 1), names);
       }
-      case Node::K::Test: return Value::boolean(test(n.s, eval(*n.kids[0]), nullptr) != n.flag);
+      case Node::K::Test: {
+        // The global functions are defined (templates test `strftime_now is defined`).
+        const Node& x = *n.kids[0];
+        if (x.k == Node::K::Var && (n.s == "defined" || n.s == "undefined") && is_global_function(x.s) &&
+            !lookup_mut(x.s))
+          return Value::boolean((n.s == "defined") != n.flag);
+        return Value::boolean(test(n.s, eval(x), nullptr) != n.flag);
+      }
       case Node::K::Unary: {
         Value v = eval(*n.kids[0]);
         if (n.s == "not") return Value::boolean(!v.truthy());

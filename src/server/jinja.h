@@ -26,7 +26,8 @@
 //  * methods: strip, lstrip, rstrip, upper, lower, startswith, endswith, split,
 //    replace, title, capitalize, items, keys, values, get
 //  * functions: raise_exception(msg) (rendering throws jinja::Raised with that message),
-//    namespace(k=v, ...), range(n[, m])
+//    namespace(k=v, ...), range(n[, m]), strftime_now(format) (local time, as
+//    transformers defines it; these names are `defined`)
 // Not supported (templates using them fail at load and the plain template is used):
 // macros, call blocks, include/import, filters and tests not listed, floats.
 // Limits: the output is capped at 16 MiB and loops at 1M iterations, so a template
