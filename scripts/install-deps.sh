@@ -3,7 +3,8 @@
 # Does nothing for packages already present.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config nlohmann-json3-dev libpcre2-dev libcli11-dev
-      libcpp-httplib-dev zlib1g-dev libopenblas-dev libgtest-dev libbenchmark-dev)
+      libcpp-httplib-dev zlib1g-dev libopenblas-dev libgtest-dev libbenchmark-dev
+      python3-jinja2)  # python3-jinja2: tests render chat templates with Jinja2 to compare
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -86,6 +86,14 @@ TEST(ServerChatTemplate, PlainFallbackAndUnsupported) {
   EXPECT_THROW(ChatTemplate::from_jinja("{% macro f() %}x{% endmacro %}", "", ""), std::runtime_error);
   EXPECT_THROW(ChatTemplate::from_jinja("{{ messages | frobnicate }}", "", ""), std::runtime_error);
   EXPECT_THROW(ChatTemplate::from_jinja("{% for m in messages %}", "", ""), std::runtime_error);
+  // A template may refuse some conversations (Gemma: no system role) but not all of them.
+  EXPECT_THROW(ChatTemplate::from_jinja("{{ raise_exception('never') }}", "", ""), std::runtime_error);
+  ChatTemplate no_system = ChatTemplate::from_jinja(
+      "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+      "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+      "", "");
+  EXPECT_EQ(no_system.render({{"user", "Hi"}}, true), "Hi");
+  EXPECT_THROW(no_system.render({{"system", "S"}, {"user", "Hi"}}, true), jinja::Raised);
   std::string note;
   ChatTemplate d = ChatTemplate::from_model_dir("/nonexistent", &note);
   EXPECT_FALSE(d.is_jinja());
@@ -102,7 +110,8 @@ TEST(ServerChatTemplate, JinjaExpressions) {
   EXPECT_EQ(Template("{{ 'a' if missing is not defined else 'b' }}{{ 7 // 2 }}{{ 7 % 3 }}").render(v), "a31");
   EXPECT_EQ(Template("{% set ns = namespace(n=0) %}{% for x in xs %}{% set ns.n = ns.n + x %}{% endfor %}{{ ns.n }}").render(v), "6");
   EXPECT_EQ(Template("{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}").render(v), "a=1");
-  EXPECT_EQ(Template("{{ 'x' in 'xyz' }} {{ 2 not in xs }} {{ xs | tojson }}").render(v), "True False [3,1,2]");
+  // tojson writes as transformers' (json.dumps: ", " between items).
+  EXPECT_EQ(Template("{{ 'x' in 'xyz' }} {{ 2 not in xs }} {{ xs | tojson }}").render(v), "True False [3, 1, 2]");
   EXPECT_EQ(Template("{# c #}{%- if true -%}  yes  {%- endif -%}").render(v), "yes");
 }
 

@@ -24,12 +24,26 @@ ChatTemplate ChatTemplate::from_jinja(const std::string& source, std::string bos
   t.bos_ = std::move(bos_token);
   t.eos_ = std::move(eos_token);
   t.desc_ = "jinja (tokenizer_config.json)";
-  // Fail now rather than on the first request: a conversation every chat template
-  // must handle.
-  t.render({{"system", "You are a helpful assistant."}, {"user", "Hello"},
-            {"assistant", "Hi."}, {"user", "How are you?"}},
-           true);
-  t.render({{"user", "Hello"}}, true);
+  // Fail now rather than on the first request: render sample conversations. A template
+  // may refuse a shape it does not take (raise_exception: Gemma refuses the system role,
+  // Mistral v0.1 anything but user/assistant), but it must render at least one, and any
+  // other error (an unsupported feature) fails the load.
+  const std::vector<std::vector<ChatMessage>> probes = {
+      {{"system", "You are a helpful assistant."}, {"user", "Hello"}, {"assistant", "Hi."}, {"user", "How are you?"}},
+      {{"user", "Hello"}, {"assistant", "Hi."}, {"user", "How are you?"}},
+      {{"user", "Hello"}}};
+  std::string refused;
+  bool rendered = false;
+  for (const auto& conv : probes) {
+    try {
+      t.render(conv, true);
+      t.render(conv, false);
+      rendered = true;
+    } catch (const jinja::Raised& e) {
+      refused = e.what();
+    }
+  }
+  if (!rendered) throw std::runtime_error("the chat template refuses every sample conversation: " + refused);
   return t;
 }
 
@@ -51,6 +65,7 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages,
       {"bos_token", jinja::Value::str(bos_)},
       {"eos_token", jinja::Value::str(eos_)},
       {"tools", jinja::Value::none()},
+      {"documents", jinja::Value::none()},  // transformers defines both, as None
   };
   return tmpl_->render(vars);
 }

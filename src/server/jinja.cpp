@@ -2,6 +2,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
+#include <ctime>
+#include <iomanip>
+#include <locale>
+#include <sstream>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -46,26 +51,149 @@ bool Value::truthy() const {
 }
 
 namespace {
-nlohmann::json to_json(const Value& v) {
-  switch (v.t) {
-    case Value::T::Undefined:
-    case Value::T::None: return nullptr;
-    case Value::T::Bool: return v.b;
-    case Value::T::Int: return v.i;
-    case Value::T::Str: return v.s;
-    case Value::T::List: {
-      nlohmann::json a = nlohmann::json::array();
-      for (const Value& x : *v.l) a.push_back(to_json(x));
-      return a;
-    }
-    case Value::T::Dict: {
-      nlohmann::json o = nlohmann::json::object();
-      for (const auto& [k, x] : *v.d) o[k] = to_json(x);
-      return o;
+
+// A string as Python's json.dumps(ensure_ascii=False) writes it.
+void py_json_str(const std::string& x, std::string& out) {
+  out += '"';
+  for (unsigned char c : x) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
     }
   }
-  return nullptr;
+  out += '"';
 }
+
+// json.dumps(v, ensure_ascii=False, indent=indent) as transformers' tojson filter
+// writes it: keys in insertion order, ", " / ": " separators without indent, "," and
+// newlines with it.
+void py_json(const Value& v, int64_t indent, int64_t level, std::string& out) {
+  auto newline = [&](int64_t lv) {
+    out += '\n';
+    out.append(static_cast<size_t>(indent * lv), ' ');
+  };
+  switch (v.t) {
+    case Value::T::Undefined:
+    case Value::T::None: out += "null"; return;
+    case Value::T::Bool: out += v.b ? "true" : "false"; return;
+    case Value::T::Int: out += std::to_string(v.i); return;
+    case Value::T::Str: py_json_str(v.s, out); return;
+    case Value::T::List: {
+      if (v.l->empty()) {
+        out += "[]";
+        return;
+      }
+      out += '[';
+      for (size_t i = 0; i < v.l->size(); ++i) {
+        if (i) out += indent >= 0 ? "," : ", ";
+        if (indent >= 0) newline(level + 1);
+        py_json((*v.l)[i], indent, level + 1, out);
+      }
+      if (indent >= 0) newline(level);
+      out += ']';
+      return;
+    }
+    case Value::T::Dict: {
+      if (v.d->empty()) {
+        out += "{}";
+        return;
+      }
+      out += '{';
+      for (size_t i = 0; i < v.d->size(); ++i) {
+        if (i) out += indent >= 0 ? "," : ", ";
+        if (indent >= 0) newline(level + 1);
+        py_json_str((*v.d)[i].first, out);
+        out += ": ";
+        py_json((*v.d)[i].second, indent, level + 1, out);
+      }
+      if (indent >= 0) newline(level);
+      out += '}';
+      return;
+    }
+  }
+}
+
+// A string as Python's repr() writes it: single quotes unless the text holds a single
+// quote and no double quote; backslash, the quote, \n \r \t and other ASCII control
+// characters escaped (non-ASCII text is kept as is, as Python keeps printable text).
+void py_repr_str(const std::string& x, std::string& out) {
+  const bool dq = x.find('\'') != std::string::npos && x.find('"') == std::string::npos;
+  const char q = dq ? '"' : '\'';
+  out += q;
+  for (unsigned char c : x) {
+    if (c == '\\') out += "\\\\";
+    else if (c == static_cast<unsigned char>(q)) (out += '\\') += q;
+    else if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  out += q;
+}
+
+// How Jinja prints a list or dict: Python's repr of it.
+void py_repr(const Value& v, std::string& out) {
+  switch (v.t) {
+    case Value::T::Str: py_repr_str(v.s, out); return;
+    case Value::T::List:
+      out += '[';
+      for (size_t i = 0; i < v.l->size(); ++i) {
+        if (i) out += ", ";
+        py_repr((*v.l)[i], out);
+      }
+      out += ']';
+      return;
+    case Value::T::Dict:
+      out += '{';
+      for (size_t i = 0; i < v.d->size(); ++i) {
+        if (i) out += ", ";
+        py_repr_str((*v.d)[i].first, out);
+        out += ": ";
+        py_repr((*v.d)[i].second, out);
+      }
+      out += '}';
+      return;
+    case Value::T::Undefined: out += "Undefined"; return;
+    default: out += v.to_string(); return;
+  }
+}
+
+// A string's characters as Python sees them: UTF-8 code points (a byte that does not
+// start a valid sequence counts as one character).
+std::vector<std::string> code_points(const std::string& x) {
+  std::vector<std::string> out;
+  out.reserve(x.size());
+  for (size_t i = 0; i < x.size();) {
+    const unsigned char c = static_cast<unsigned char>(x[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+    if (i + n > x.size()) n = 1;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(x[i + k]) & 0xC0) != 0x80) n = 1;
+    out.push_back(x.substr(i, n));
+    i += n;
+  }
+  return out;
+}
+
 }  // namespace
 
 std::string Value::to_string() const {
@@ -76,7 +204,11 @@ std::string Value::to_string() const {
     case T::Int: return std::to_string(i);
     case T::Str: return s;
     case T::List:
-    case T::Dict: return to_json(*this).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    case T::Dict: {
+      std::string out;
+      py_repr(*this, out);
+      return out;
+    }
   }
   return "";
 }
@@ -689,7 +821,7 @@ class Eval {
         else if (it.t == Value::T::Dict)
           for (const auto& kv : *it.d) items.push_back(Value::str(kv.first));
         else if (it.t == Value::T::Str)
-          for (char c : it.s) items.push_back(Value::str(std::string(1, c)));
+          for (std::string& c : code_points(it.s)) items.push_back(Value::str(std::move(c)));
         else if (it.t != Value::T::Undefined && it.t != Value::T::None) fail("cannot iterate over this value");
         if (items.empty()) {
           if (n.flag) exec(*n.kids[2]);
@@ -752,6 +884,9 @@ class Eval {
     }
     return nullptr;
   }
+  static bool is_global_function(const std::string& name) {
+    return name == "raise_exception" || name == "namespace" || name == "range" || name == "strftime_now";
+  }
   static bool equal(const Value& a, const Value& b) {
     auto num = [](const Value& v) { return v.t == Value::T::Int || v.t == Value::T::Bool; };
     if (num(a) && num(b)) return (a.t == Value::T::Int ? a.i : a.b) == (b.t == Value::T::Int ? b.i : b.b);
@@ -765,7 +900,14 @@ class Eval {
         for (size_t i = 0; i < a.l->size(); ++i)
           if (!equal((*a.l)[i], (*b.l)[i])) return false;
         return true;
-      case Value::T::Dict: return to_json(a) == to_json(b);
+      case Value::T::Dict: {  // as Python: the same keys with equal values, in any order
+        if (a.d->size() != b.d->size()) return false;
+        for (const auto& [k, x] : *a.d) {
+          const Value* y = b.get(k);
+          if (!y || !equal(x, *y)) return false;
+        }
+        return true;
+      }
       default: return false;
     }
   }
@@ -782,10 +924,11 @@ class Eval {
     }
     if (obj.t == Value::T::List || obj.t == Value::T::Str) {
       if (key.t != Value::T::Int) return Value();
-      int64_t n = obj.t == Value::T::List ? static_cast<int64_t>(obj.l->size()) : static_cast<int64_t>(obj.s.size());
+      const std::vector<std::string> cps = obj.t == Value::T::Str ? code_points(obj.s) : std::vector<std::string>{};
+      int64_t n = obj.t == Value::T::List ? static_cast<int64_t>(obj.l->size()) : static_cast<int64_t>(cps.size());
       int64_t i = key.i < 0 ? key.i + n : key.i;
       if (i < 0 || i >= n) return Value();
-      return obj.t == Value::T::List ? (*obj.l)[i] : Value::str(std::string(1, obj.s[i]));
+      return obj.t == Value::T::List ? (*obj.l)[i] : Value::str(cps[i]);
     }
     return Value();
   }
@@ -890,22 +1033,103 @@ class Eval {
     fail("unsupported method '" + m + "'");
   }
 
-  Value filter(const std::string& f, const Value& v, const std::vector<Value>& a) {
+  // The items a select/reject/selectattr/rejectattr/map filter walks (a dict: its keys).
+  static List iterated(const Value& v) {
+    if (v.t == Value::T::List) return *v.l;
+    List r;
+    if (v.t == Value::T::Dict)
+      for (const auto& kv : *v.d) r.push_back(Value::str(kv.first));
+    if (v.t == Value::T::Str)
+      for (std::string& c : code_points(v.s)) r.push_back(Value::str(std::move(c)));
+    return r;
+  }
+
+  Value filter(const std::string& f, const Value& v, const std::vector<Value>& a,
+               const std::vector<std::string>& names) {
+    auto kw = [&](const std::string& k) -> const Value* {
+      for (size_t i = 0; i < a.size(); ++i)
+        if (names[i] == k) return &a[i];
+      return nullptr;
+    };
+    auto positional = [&] {
+      std::vector<Value> p;
+      for (size_t i = 0; i < a.size(); ++i)
+        if (names[i].empty()) p.push_back(a[i]);
+      return p;
+    };
+    if (f == "tojson") {
+      int64_t indent = -1;
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (names[i].empty() || names[i] == "indent") {
+          if (a[i].t == Value::T::None) continue;
+          indent = as_int(a[i], "tojson indent");
+          if (indent < 0 || indent > 64) fail("tojson: indent out of range");
+        } else {
+          fail("tojson: unsupported argument '" + names[i] + "'");
+        }
+      }
+      std::string out;
+      py_json(v, indent, 0, out);
+      return Value::str(std::move(out));
+    }
+    if (f == "selectattr" || f == "rejectattr" || f == "select" || f == "reject") {
+      // select(test, arg) / selectattr(attr, test, arg): Jinja's test on each item (its
+      // truth without a test); reject* keep the items the test fails.
+      const bool attr = f == "selectattr" || f == "rejectattr";
+      const bool keep = f == "selectattr" || f == "select";
+      const std::vector<Value> p = positional();
+      if (p.size() != a.size()) fail("'" + f + "' takes positional arguments only");
+      if (attr && (p.empty() || p[0].t != Value::T::Str)) fail("'" + f + "' needs an attribute name");
+      const size_t ti = attr ? 1 : 0;
+      if (p.size() > ti && p[ti].t != Value::T::Str) fail("'" + f + "' needs a test name");
+      if (p.size() > ti + 2) fail("'" + f + "': too many arguments");
+      List out;
+      for (const Value& item : iterated(v)) {
+        Value x = item;
+        if (attr) {
+          const Value* y = item.t == Value::T::Dict ? item.get(p[0].s) : nullptr;
+          x = y ? *y : Value();
+        }
+        const bool r = p.size() > ti ? test(p[ti].s, x, p.size() > ti + 1 ? &p[ti + 1] : nullptr) : x.truthy();
+        if (r == keep) out.push_back(item);
+      }
+      return Value::list(std::move(out));
+    }
+    if (f == "map") {
+      List out;
+      if (const Value* at = kw("attribute")) {
+        if (at->t != Value::T::Str) fail("map: attribute must be a string");
+        const Value* dflt = kw("default");
+        for (const Value& item : iterated(v)) {
+          const Value* y = item.t == Value::T::Dict ? item.get(at->s) : nullptr;
+          out.push_back(y ? *y : dflt ? *dflt : Value());
+        }
+        return Value::list(std::move(out));
+      }
+      const std::vector<Value> p = positional();
+      if (p.empty() || p[0].t != Value::T::Str || p.size() != a.size()) fail("map needs a filter name or attribute=");
+      const std::vector<Value> rest(p.begin() + 1, p.end());
+      const std::vector<std::string> rest_names(rest.size());
+      for (const Value& item : iterated(v)) out.push_back(filter(p[0].s, item, rest, rest_names));
+      return Value::list(std::move(out));
+    }
     if (f == "trim") return Value::str(strip(v.to_string(), true, true));
     if (f == "length" || f == "count") {
       if (v.t == Value::T::List) return Value::integer(static_cast<int64_t>(v.l->size()));
       if (v.t == Value::T::Dict) return Value::integer(static_cast<int64_t>(v.d->size()));
-      if (v.t == Value::T::Str) return Value::integer(static_cast<int64_t>(v.s.size()));
+      if (v.t == Value::T::Str) return Value::integer(static_cast<int64_t>(code_points(v.s).size()));
       return Value::integer(0);
     }
     if (f == "upper" || f == "lower" || f == "title" || f == "capitalize")
       return method(Value::str(v.to_string()), f, {});
     if (f == "string") return Value::str(v.to_string());
     if (f == "safe") return v;
-    if (f == "tojson") return Value::str(to_json(v).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     if (f == "first" || f == "last") {
       if (v.t == Value::T::List) return v.l->empty() ? Value() : (f == "first" ? v.l->front() : v.l->back());
-      if (v.t == Value::T::Str) return v.s.empty() ? Value() : Value::str(std::string(1, f == "first" ? v.s.front() : v.s.back()));
+      if (v.t == Value::T::Str) {
+        const std::vector<std::string> cps = code_points(v.s);
+        return cps.empty() ? Value() : Value::str(f == "first" ? cps.front() : cps.back());
+      }
       return Value();
     }
     if (f == "join") {
@@ -927,13 +1151,15 @@ class Eval {
         List r(v.l->rbegin(), v.l->rend());
         return Value::list(std::move(r));
       }
-      std::string s = v.to_string();
-      return Value::str(std::string(s.rbegin(), s.rend()));
+      const std::vector<std::string> cps = code_points(v.to_string());
+      std::string r;
+      for (auto it = cps.rbegin(); it != cps.rend(); ++it) r += *it;
+      return Value::str(std::move(r));
     }
     if (f == "list") {
       if (v.t == Value::T::List) return v;
       List r;
-      if (v.t == Value::T::Str) for (char c : v.s) r.push_back(Value::str(std::string(1, c)));
+      if (v.t == Value::T::Str) for (std::string& c : code_points(v.s)) r.push_back(Value::str(std::move(c)));
       if (v.t == Value::T::Dict) for (const auto& kv : *v.d) r.push_back(Value::str(kv.first));
       return Value::list(std::move(r));
     }
@@ -953,7 +1179,12 @@ class Eval {
     fail("unsupported filter '" + f + "'");
   }
 
-  bool test(const std::string& t, const Value& v) {
+  // A Jinja test; arg: its argument (equalto/eq/==, ne/!=), nullptr if none.
+  bool test(const std::string& t, const Value& v, const Value* arg) {
+    if (t == "equalto" || t == "eq" || t == "==" || t == "ne" || t == "!=") {
+      if (!arg) fail("test '" + t + "' needs an argument");
+      return equal(v, *arg) != (t == "ne" || t == "!=");
+    }
     if (t == "defined") return v.t != Value::T::Undefined;
     if (t == "undefined") return v.t == Value::T::Undefined;
     if (t == "none") return v.t == Value::T::None;
@@ -988,8 +1219,9 @@ class Eval {
       case Node::K::Index: return index(eval(*n.kids[0]), eval(*n.kids[1]));
       case Node::K::Slice: {
         Value o = eval(*n.kids[0]);
+        const std::vector<std::string> cps = o.t == Value::T::Str ? code_points(o.s) : std::vector<std::string>{};
         const int64_t len = o.t == Value::T::List ? static_cast<int64_t>(o.l->size())
-                            : o.t == Value::T::Str ? static_cast<int64_t>(o.s.size()) : -1;
+                            : o.t == Value::T::Str ? static_cast<int64_t>(cps.size()) : -1;
         if (len < 0) fail("cannot slice this value");
         int64_t step = n.kids[3] ? as_int(eval(*n.kids[3]), "slice") : 1;
         if (step == 0) fail("slice step cannot be zero");
@@ -1004,7 +1236,7 @@ class Eval {
         std::string rs;
         for (int64_t i = a; step > 0 ? i < b : i > b; i += step) {
           if (o.t == Value::T::List) r.push_back((*o.l)[i]);
-          else rs += o.s[i];
+          else rs += cps[i];
         }
         return o.t == Value::T::List ? Value::list(std::move(r)) : Value::str(rs);
       }
@@ -1014,7 +1246,20 @@ class Eval {
         if (callee.k == Node::K::Var) {
           if (callee.s == "raise_exception") {
             std::vector<Value> a = args(n, 1);
-            throw std::runtime_error(a.empty() ? "template error" : a[0].to_string());
+            throw Raised(a.empty() ? "template error" : a[0].to_string());
+          }
+          if (callee.s == "strftime_now") {
+            // transformers' global: datetime.now().strftime(format), local time, C locale.
+            std::vector<Value> a = args(n, 1);
+            if (a.size() != 1 || a[0].t != Value::T::Str) fail("strftime_now needs one format string");
+            if (a[0].s.size() > 256) fail("strftime_now: format too long");
+            const std::time_t now = std::time(nullptr);
+            std::tm tm{};
+            localtime_r(&now, &tm);
+            std::ostringstream os;
+            os.imbue(std::locale::classic());
+            os << std::put_time(&tm, a[0].s.c_str());
+            return Value::str(os.str());
           }
           if (callee.s == "namespace") {
             Value ns = Value::dict();
@@ -1034,8 +1279,18 @@ class Eval {
         }
         fail("unsupported function call");
       }
-      case Node::K::Filter: return filter(n.s, eval(*n.kids[0]), args(n, 1));
-      case Node::K::Test: return Value::boolean(test(n.s, eval(*n.kids[0])) != n.flag);
+      case Node::K::Filter: {
+        std::vector<std::string> names(n.names.begin() + 1, n.names.end());
+        return filter(n.s, eval(*n.kids[0]), args(n, 1), names);
+      }
+      case Node::K::Test: {
+        // The global functions are defined (templates test `strftime_now is defined`).
+        const Node& x = *n.kids[0];
+        if (x.k == Node::K::Var && (n.s == "defined" || n.s == "undefined") && is_global_function(x.s) &&
+            !lookup_mut(x.s))
+          return Value::boolean((n.s == "defined") != n.flag);
+        return Value::boolean(test(n.s, eval(x), nullptr) != n.flag);
+      }
       case Node::K::Unary: {
         Value v = eval(*n.kids[0]);
         if (n.s == "not") return Value::boolean(!v.truthy());

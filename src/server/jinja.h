@@ -15,18 +15,26 @@
 //    `a if cond else b`, is [not] defined/none/string/number/mapping/iterable/
 //    sequence/boolean/true/false
 //  * subscripts x[i], x['k'], slices x[a:b], x[::-1]; attributes x.k
-//  * filters: trim, length/count, upper, lower, string, tojson, first, last, join,
-//    default/d, capitalize, title, replace, reverse, list, int, items
+//  * filters: trim, length/count, upper, lower, string, tojson[(indent)], first, last,
+//    join, default/d, capitalize, title, replace, reverse, list, int, items,
+//    select/reject([test[, arg]]), selectattr/rejectattr(attr[, test[, arg]]),
+//    map(attribute=..[, default=..]) or map(filter, args...); tests in select*/reject*
+//    also take equalto/eq/==, ne/!= with an argument
+//  * printing: lists and dicts print as Python's repr ({'k': 'v'}, [1, None]); tojson
+//    writes as transformers' tojson (json.dumps, ensure_ascii=False: ", " and ": ",
+//    keys in insertion order)
 //  * methods: strip, lstrip, rstrip, upper, lower, startswith, endswith, split,
 //    replace, title, capitalize, items, keys, values, get
-//  * functions: raise_exception(msg) (rendering fails with that message),
-//    namespace(k=v, ...), range(n[, m])
+//  * functions: raise_exception(msg) (rendering throws jinja::Raised with that message),
+//    namespace(k=v, ...), range(n[, m]), strftime_now(format) (local time, as
+//    transformers defines it; these names are `defined`)
 // Not supported (templates using them fail at load and the plain template is used):
 // macros, call blocks, include/import, filters and tests not listed, floats.
 // Limits: the output is capped at 16 MiB and loops at 1M iterations, so a template
 // cannot be made to run away by a request.
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -62,6 +70,12 @@ struct Value {
 };
 
 struct Node;
+
+// What raise_exception(msg) throws: the template refusing its input (e.g. roles that do
+// not alternate), as opposed to an error of spear's renderer or an unsupported feature.
+struct Raised : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 class Template {
  public:
