@@ -56,6 +56,17 @@ floor)
   timeout 120 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1 --contexts 512 \
     --prefill 512,2048 --autotune --dequant-mb 0 --md "$OUT/floor-nodq.md" >"$OUT/floor-nodq.log" 2>&1
   echo "bench-latency --dequant-mb 0 rc=$?"; cat "$OUT/floor-nodq.md" ;;
+heuristic)  # the dispatcher without a table (what ppl/generate/serve get untuned), and --autotune's saved table
+  timeout 200 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8 --contexts 512 \
+    --prefill 512 --md "$OUT/heuristic.md" >"$OUT/heuristic.log" 2>&1
+  echo "bench-latency (heuristic) rc=$?"; sed -n 1,14p "$OUT/heuristic.md"
+  export SPEAR_W4A16_CACHE=$OUT/w4a16-table.txt; rm -f "$SPEAR_W4A16_CACHE"
+  for i in 1 2; do
+    /usr/bin/time -f "%e s" $B/spear ppl --device cuda --autotune --model $D/mixlm-w4.spear --data $D/wiki.test.tokens \
+      --ctx 512 --max-windows 4 --json 2>&1 | grep -E "ppl|s$"
+    echo "tuning table: $(grep -c '|' "$SPEAR_W4A16_CACHE") entries"
+  done
+  unset SPEAR_W4A16_CACHE ;;
 kernels)
   [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;

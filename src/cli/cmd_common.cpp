@@ -45,6 +45,12 @@ void Progress::finish() {
   open_line_ = false;
 }
 
+void add_autotune_flag(CLI::App* cmd, bool& autotune) {
+  cmd->add_flag("--autotune", autotune,
+                "--device cuda: time the W4 kernel configs of each shape on first use and save the table "
+                "(~/.cache/spear/, or $SPEAR_W4A16_CACHE) so later runs start tuned");
+}
+
 }  // namespace spear::cli
 
 namespace spear::cli {

@@ -20,7 +20,7 @@ void register_generate(CLI::App& app) {
     std::string model, prompt, device = "cpu";
     int64_t max_tokens = 64;
     SamplingParams s;
-    bool json = false, ignore_eos = false;
+    bool json = false, ignore_eos = false, autotune = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear file")->required();
@@ -33,6 +33,7 @@ void register_generate(CLI::App& app) {
   cmd->add_flag("--ignore-eos", o->ignore_eos, "Keep going past end-of-sequence tokens");
   cmd->add_flag("--json", o->json, "Print {\"prompt_ids\", \"ids\", \"text\"} at the end");
   add_device_option(cmd, o->device);
+  add_autotune_flag(cmd, o->autotune);
   cmd->callback([o] {
     SPEAR_CHECK(o->max_tokens >= 0 && o->max_tokens <= 1 << 20, "generate: bad --max-tokens");
     const Device device = parse_device(o->device);
@@ -43,6 +44,7 @@ void register_generate(CLI::App& app) {
     SequenceOptions so;
     so.max_len = static_cast<int64_t>(prompt.size()) + o->max_tokens;
     so.max_tokens = std::max<int64_t>(static_cast<int64_t>(prompt.size()), 1);
+    so.autotune = o->autotune;
     std::unique_ptr<SequenceRunner> runner = make_sequence_runner(loaded.weights, device, so);
     loaded.weights = LlamaWeights{};
     GenerateOptions g;

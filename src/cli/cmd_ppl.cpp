@@ -22,7 +22,7 @@ void register_ppl(CLI::App& app) {
   struct Opts {
     std::string model, data, ref_model, ref_logits, save_logits, device = "cpu";
     int64_t ctx = 512, max_windows = -1, save_top_k = 0;
-    bool json = false;
+    bool json = false, autotune = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear file")->required();
@@ -43,6 +43,7 @@ void register_ppl(CLI::App& app) {
                   "Compare with log-probabilities saved by --save-logits instead of running a reference model");
   cmd->add_flag("--json", o->json, "Print one JSON object");
   add_device_option(cmd, o->device);
+  add_autotune_flag(cmd, o->autotune);
   cmd->callback([o] {
     const Device device = parse_device(o->device);
     SPEAR_CHECK(o->ref_model.empty() || o->ref_logits.empty(), "ppl: give --ref-model or --ref-logits, not both");
@@ -62,6 +63,7 @@ void register_ppl(CLI::App& app) {
     SequenceOptions so;
     so.max_len = o->ctx;
     so.graphs = false;
+    so.autotune = o->autotune;
     std::unique_ptr<SequenceRunner> runner = make_sequence_runner(loaded.weights, device, so);
     if (const std::string mem = runner->memory_report(); !mem.empty())
       std::fprintf(stderr, "spear: on the GPU: %s\n", mem.c_str());

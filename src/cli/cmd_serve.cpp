@@ -80,7 +80,7 @@ void register_serve(CLI::App& app) {
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
     int64_t kv_cache_mb = 0, max_body_mb = 8;
     double shutdown_timeout_s = 30;
-    bool no_profile = false;
+    bool no_profile = false, autotune = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear artifact")->required();
@@ -126,6 +126,7 @@ void register_serve(CLI::App& app) {
                   "On SIGTERM/SIGINT: seconds in-flight requests may finish before they are cancelled")
       ->check(CLI::Range(0.0, 86400.0))->capture_default_str();
   add_device_option(cmd, o->device);
+  add_autotune_flag(cmd, o->autotune);
   cmd->add_option("--gpu-memory-fraction", o->gpu_memory_fraction,
                   "--device cuda: the share of GPU memory to use; the KV cache takes what the weights leave")
       ->check(CLI::Range(0.05, 0.99))
@@ -199,6 +200,7 @@ void register_serve(CLI::App& app) {
     dev.max_len = static_cast<int>(o->eng.max_model_len > 0 ? o->eng.max_model_len : mc.max_position_embeddings);
     dev.block_size = static_cast<int>(o->eng.block_size);
     dev.gpu_memory_fraction = o->gpu_memory_fraction;
+    dev.autotune = o->autotune;
     std::unique_ptr<StepModel> backend = make_step_model(lm.weights, device, dev);
     lm.weights = LlamaWeights{};  // the backend holds what it needs
     Engine engine(*backend, o->eng, &http.metrics());

@@ -28,6 +28,9 @@ void register_eval(CLI::App& app);
 void register_bench_latency(CLI::App& app);
 // --device cpu|cuda (cuda needs a build with nvcc and a GPU; the command says so otherwise).
 void add_device_option(CLI::App* cmd, std::string& device);
+// --autotune: with --device cuda, time the W4 kernel configs of each shape on first use and
+// save the table for later runs (W4A16Dispatcher's cache file).
+void add_autotune_flag(CLI::App* cmd, bool& autotune);
 // --calib, --calib-windows, --calib-ctx, --calib-offset (compensate/calib_data.h).
 void add_calib_options(CLI::App* cmd, CalibOptions& c);
 

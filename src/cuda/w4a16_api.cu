@@ -432,21 +432,17 @@ KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num
     c.ec = EcMode::kSplit;
     return c;
   }
+  // Decode: what autotuning chose on the H200 for the Llama shapes at M = 1 (bench_w4a16,
+  // BENCHMARKS.md), as a rule: the register weight stream, two 16-row blocks per warp at
+  // M <= 8 (one beyond), and split-K until the grid holds about three blocks per SM.
   c.kernel = Kernel::kDecode;
   c.tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
-  c.nt = 1;
+  c.nt = c.tg == 1 ? 2 : 1;
   const int NB = std::max(1, w.N_pad / 16);
-  c.splits = std::clamp((3 * num_sms + NB - 1) / NB, 1, std::max(1, KU / 4));
+  const int NG = (NB + c.nt - 1) / c.nt;
+  c.splits = std::clamp((3 * num_sms + NG / 2) / NG, 1, std::max(1, KU / 4));
   c.warps = std::clamp(KU / c.splits, 1, 8);
   c.ec = EcMode::kFused;
-  if (M <= 16) {  // bulk (TMA) weight stream: at least one block per SM, slices <= 64 KB
-    KernelConfig b = c;
-    b.bulk = 1;
-    b.warps = 8;
-    b.splits = 1;
-    while (b.splits < KU && (NB * b.splits < num_sms || max_units_of(b, w) > 64)) ++b.splits;
-    if (decode_smem(b, M, w, ec) <= kBulkSmemLimit) c = b;
-  }
   if (ec && !fused_fits<__half>(c, M, w, ec)) c.ec = EcMode::kSplit;
   return c;
 }

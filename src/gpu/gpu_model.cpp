@@ -162,6 +162,7 @@ struct GpuModel::Impl {
   W4A16Dispatcher disp;
   std::map<void*, std::pair<int64_t, int64_t*>> allocations;  // bytes and the counter charged
   std::set<std::string> tuned;
+  bool save_warned = false;
   bool ec_enabled = true;
 
   // weights
@@ -448,6 +449,11 @@ struct GpuModel::Impl {
       if (!tuned.count(key)) {
         CUDA_OK(disp.autotune(Act::kF16, xin, L.K, M, L.q, ec, y, ldy, w4_ws, w4_ws_bytes, stream));
         tuned.insert(key);
+        if (opt.save_tuning && !disp.save() && !save_warned) {
+          std::fprintf(stderr, "spear: could not write the W4 tuning table %s (kept in memory)\n",
+                       disp.cache_path().c_str());
+          save_warned = true;
+        }
       }
     }
     cudaError_t e = disp.run(Act::kF16, xin, L.K, M, L.q, ec, y, ldy, w4_ws, w4_ws_bytes, stream);

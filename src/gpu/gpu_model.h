@@ -48,7 +48,10 @@ struct GpuOptions {
   // Q|K|V and Gate|Up as one GEMM each over their stacked weights (and stacked ECs); off:
   // one GEMM per module (the comparison in tests and bench-latency --no-fuse).
   bool fuse_projections = true;
-  bool autotune = false;    // autotune the W4 kernels for each shape on first use
+  bool autotune = false;    // autotune the W4 kernels for each shape (and M bucket) on first use
+  bool save_tuning = true;  // with autotune: write the dispatcher's table to its cache file
+                            // ($SPEAR_W4A16_CACHE or ~/.cache/spear/w4a16-<GPU>.txt) after
+                            // each new shape, so later runs start tuned
   // Scratch for the W4 GEMMs' dequantize + cuBLAS path (prefill-sized M): the largest
   // module's expanded rows up to this cap (then in chunks); 0 = that path off.
   int dequant_scratch_mb = 256;

@@ -17,6 +17,7 @@ GpuStepModel::GpuStepModel(const LlamaWeights& w, const GpuServeOptions& so) : i
   o.block_size = so.block_size;
   o.gpu_memory_fraction = so.gpu_memory_fraction;
   o.ec_path = so.ec_path;
+  o.autotune = so.autotune;
   gpu_ = GpuModel::create(w, o);
   cudaDeviceProp p{};
   cudaGetDeviceProperties(&p, o.device);

@@ -21,6 +21,7 @@ struct GpuServeOptions {
   int block_size = 16;            // the engine's block size
   double gpu_memory_fraction = 0.9;
   EcPath ec_path = EcPath::kDispatch;
+  bool autotune = false;          // GpuOptions::autotune (the table is saved for later runs)
 };
 
 class GpuStepModel final : public StepModel {

@@ -48,6 +48,7 @@ class GpuRunner final : public SequenceRunner {
     go.max_len = static_cast<int>(len);
     go.max_tokens = static_cast<int>(std::max<int64_t>(so.max_tokens > 0 ? std::min(so.max_tokens, len) : len, 1));
     go.graphs = so.graphs;
+    go.autotune = so.autotune;
     gm_ = cuda::GpuModel::create(w, go);
   }
   const ModelConfig& config() const override { return cfg_; }
@@ -103,6 +104,7 @@ std::unique_ptr<StepModel> make_step_model(const LlamaWeights& w, Device d, cons
   g.max_len = opt.max_len;
   g.block_size = opt.block_size;
   g.gpu_memory_fraction = opt.gpu_memory_fraction;
+  g.autotune = opt.autotune;
   return std::make_unique<cuda::GpuStepModel>(w, g);
 #else
   return nullptr;

@@ -31,6 +31,7 @@ struct SequenceOptions {
   int64_t max_len = 0;     // positions per sequence; 0 = the model's context
   int64_t max_tokens = 0;  // tokens per forward call; 0 = max_len
   bool graphs = true;      // CUDA graphs for decode steps
+  bool autotune = false;   // GPU: time the W4 kernel configs of each shape on first use (saved)
 };
 std::unique_ptr<SequenceRunner> make_sequence_runner(const LlamaWeights& w, Device d,
                                                      const SequenceOptions& opt);
@@ -42,6 +43,7 @@ struct ServeDeviceOptions {
   int max_len = 2048;
   int block_size = 16;
   double gpu_memory_fraction = 0.9;
+  bool autotune = false;   // as SequenceOptions::autotune
 };
 std::unique_ptr<StepModel> make_step_model(const LlamaWeights& w, Device d, const ServeDeviceOptions& opt);
 
