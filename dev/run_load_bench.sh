@@ -56,6 +56,10 @@ floor)
   timeout 120 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1 --contexts 512 \
     --prefill 512,2048 --autotune --dequant-mb 0 --md "$OUT/floor-nodq.md" >"$OUT/floor-nodq.log" 2>&1
   echo "bench-latency --dequant-mb 0 rc=$?"; cat "$OUT/floor-nodq.md" ;;
+floor-w4)  # the W4 decode step only (no FP16 models), with the breakdown
+  timeout 300 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8,32 \
+    --contexts 512 --prefill 512 --autotune --breakdown --md "$OUT/floor-w4.md" >"$OUT/floor-w4.log" 2>&1
+  echo "bench-latency floor-w4 rc=$?"; sed -n 1,14p "$OUT/floor-w4.md" ;;
 heuristic)  # the dispatcher without a table (what ppl/generate/serve get untuned), and --autotune's saved table
   timeout 200 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8 --contexts 512 \
     --prefill 512 --md "$OUT/heuristic.md" >"$OUT/heuristic.log" 2>&1

@@ -439,6 +439,17 @@ __device__ __forceinline__ void reduce_key_groups(AttnSmem<HD, ROWS>& sm, float 
   }
 }
 
+// Where the decode splits go: partial results (acc unnormalized relative to the split's max,
+// ml = (max in log2 units, sum)), one arrival counter per (sequence, KV head) (zero between
+// calls), and the merged output.
+struct DecodeOut {
+  float* acc;     // (B, n_heads, max_splits, head_dim)
+  float* ml;      // (B, n_heads, max_splits, 2)
+  unsigned* cnt;  // (B, n_kv_heads)
+  __half* out;    // (B, n_heads * head_dim), row stride ldo
+  int64_t ldo;
+};
+
 // Key positions per split of a sequence of len positions: split_len when given (> 0);
 // else (0) the length spread over the launch's max_splits splits, in whole tiles of kKT, so
 // that a short context still fills the GPU with blocks (the grid is fixed; CUDA graphs).
@@ -453,14 +464,20 @@ __global__ void __launch_bounds__(kAttnThreads, 4)
     k_decode_attn(const __half* __restrict__ q, int64_t ldq, const __half* __restrict__ kc,
                   const __half* __restrict__ vc, const int32_t* __restrict__ bts, int max_blocks, int bs, int n_kv,
                   const int32_t* __restrict__ seq_lens, int G, int n_heads, float qscale, int max_len, int split_len,
-                  int max_splits, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
+                  int max_splits, DecodeOut o) {
   pdl_enter();
   using C = AttnCfg<HD, ROWS>;
   __shared__ AttnSmem<HD, ROWS> sm;
+  __shared__ int s_last;
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int len = min(max(seq_lens[b], 0), max_len);
   const int slen = split_length(len, split_len, max_splits);
   const long long kbeg_l = static_cast<long long>(split) * slen;
+  if (len == 0 && split == 0) {  // nothing to attend to: an output of 0
+    for (int i = threadIdx.x; i < G * HD; i += kAttnThreads)
+      o.out[static_cast<int64_t>(b) * o.ldo + static_cast<int64_t>(kvh) * G * HD + i] = __float2half_rn(0.f);
+    return;
+  }
   if (kbeg_l >= len) return;  // uniform over the block
   const int kbeg = static_cast<int>(kbeg_l);
   const int kend = static_cast<int>(min(static_cast<long long>(len), kbeg_l + slen));
@@ -491,40 +508,73 @@ __global__ void __launch_bounds__(kAttnThreads, 4)
       const int r = gsel * C::GT + j;
       if (r < G) {
         const int64_t idx = base + static_cast<int64_t>(r) * max_splits;
-        *reinterpret_cast<float4*>(ws_acc + idx * HD + d4 * 4) = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+        *reinterpret_cast<float4*>(o.acc + idx * HD + d4 * 4) = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
       }
     }
   }
   if (tid < G) {
     const int64_t idx = base + static_cast<int64_t>(tid) * max_splits;
-    ws_ml[idx * 2] = sm.m[tid];
-    ws_ml[idx * 2 + 1] = sm.l[tid];
+    o.ml[idx * 2] = sm.m[tid];
+    o.ml[idx * 2 + 1] = sm.l[tid];
   }
-}
-
-// Merges the splits of (sequence b = blockIdx.y, head h = blockIdx.x); one thread per dim.
-__global__ void k_decode_combine(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                                 const int32_t* __restrict__ seq_lens, int n_heads, int head_dim, int max_len,
-                                 int split_len, int max_splits, __half* __restrict__ out, int64_t ldo) {
-  pdl_enter();
-  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
-  const int len = min(max(seq_lens[b], 0), max_len);
-  const int slen = split_length(len, split_len, max_splits);
+  // The last split of this (sequence, KV head) to finish merges all of them (no second
+  // kernel): partials made visible device-wide, then one arrival count per block.
   const int ns = static_cast<int>((static_cast<long long>(len) + slen - 1) / slen);
-  const int64_t base = (static_cast<int64_t>(b) * n_heads + h) * max_splits;
-  float o = 0.f;
-  if (ns > 0) {
-    float M = -INFINITY;
-    for (int s = 0; s < ns; ++s) M = fmaxf(M, ws_ml[(base + s) * 2]);
-    float L = 0.f, A = 0.f;
-    for (int s = 0; s < ns; ++s) {
-      const float wgt = exp2f(ws_ml[(base + s) * 2] - M);
-      L = fmaf(wgt, ws_ml[(base + s) * 2 + 1], L);
-      A = fmaf(wgt, ws_acc[(base + s) * head_dim + d], A);
+  unsigned* cnt = o.cnt + static_cast<int64_t>(b) * n_kv + kvh;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(cnt, 1u) == static_cast<unsigned>(ns - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int64_t hb0 = (static_cast<int64_t>(b) * n_heads + static_cast<int64_t>(kvh) * G) * max_splits;
+  __half* ob = o.out + static_cast<int64_t>(b) * o.ldo + static_cast<int64_t>(kvh) * G * HD;
+  // Each split's weight exp2(m_s - M) / L per head, staged in shared memory (the (max, sum)
+  // pairs of all splits loaded at once); then each output is one pass of independent loads.
+  float* wsm = reinterpret_cast<float*>(&sm.ps[0][0]);
+  if (static_cast<size_t>(G) * ns * sizeof(float) <= sizeof(sm.ps)) {
+    __syncthreads();  // nobody reads ps any more
+    for (int i = tid; i < G * ns; i += kAttnThreads) {
+      const int r = i / ns, sp = i % ns;
+      wsm[i] = __ldcg(o.ml + (hb0 + static_cast<int64_t>(r) * max_splits + sp) * 2);
     }
-    o = L > 0.f ? A / L : 0.f;
+    __syncthreads();
+    if (tid < G) {
+      float* w = wsm + tid * ns;
+      float M = -INFINITY, L = 0.f;
+      for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, w[sp]);
+      for (int sp = 0; sp < ns; ++sp) {
+        w[sp] = exp2f(w[sp] - M);
+        L = fmaf(w[sp], __ldcg(o.ml + (hb0 + static_cast<int64_t>(tid) * max_splits + sp) * 2 + 1), L);
+      }
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      for (int sp = 0; sp < ns; ++sp) w[sp] *= inv;
+    }
+    __syncthreads();
+    for (int i = tid; i < G * HD; i += kAttnThreads) {
+      const int r = i / HD, d = i % HD;
+      const float* acc_r = o.acc + (hb0 + static_cast<int64_t>(r) * max_splits) * HD + d;
+      float A = 0.f;
+#pragma unroll 8
+      for (int sp = 0; sp < ns; ++sp) A = fmaf(wsm[r * ns + sp], __ldcg(acc_r + static_cast<int64_t>(sp) * HD), A);
+      ob[static_cast<int64_t>(r) * HD + d] = __float2half_rn(A);
+    }
+  } else {  // more splits than fit (fixed split_len over a long max_len): straight from global memory
+    for (int i = tid; i < G * HD; i += kAttnThreads) {
+      const int r = i / HD, d = i % HD;
+      const int64_t hb = hb0 + static_cast<int64_t>(r) * max_splits;
+      float M = -INFINITY;
+      for (int sp = 0; sp < ns; ++sp) M = fmaxf(M, __ldcg(o.ml + (hb + sp) * 2));
+      float L = 0.f, A = 0.f;
+      for (int sp = 0; sp < ns; ++sp) {
+        const float wgt = exp2f(__ldcg(o.ml + (hb + sp) * 2) - M);
+        L = fmaf(wgt, __ldcg(o.ml + (hb + sp) * 2 + 1), L);
+        A = fmaf(wgt, __ldcg(o.acc + (hb + sp) * HD + d), A);
+      }
+      ob[static_cast<int64_t>(r) * HD + d] = __float2half_rn(L > 0.f ? A / L : 0.f);
+    }
   }
-  out[static_cast<int64_t>(b) * ldo + static_cast<int64_t>(h) * head_dim + d] = __float2half_rn(o);
+  if (tid == 0) *cnt = 0u;  // for the next call
 }
 
 // Prefill: block (tile of 16 query tokens, q head). The tile's tokens are processed one run of
@@ -676,6 +726,31 @@ int64_t decode_dynamic_splits(int max_len, int B, int n_kv) {
   return std::max<int64_t>(1, std::min(want, decode_max_splits(max_len, 0)));
 }
 
+// Decode workspace: the arrival counters at the start (slot b * n_kv + kvh at a fixed address,
+// whatever B and the split count of a call), the partial results at the end, growing down:
+// for any call the buffer admits, the results (sized with the most splits max_len allows)
+// never reach a counter slot that some call may use, so the counters stay zero between calls.
+size_t decode_counter_bytes(int B, int n_heads) { return (static_cast<size_t>(B) * n_heads * 4 + 255) / 256 * 256; }
+size_t decode_partial_bytes(int B, int n_heads, int head_dim, int64_t splits) {
+  const size_t rows = static_cast<size_t>(B) * static_cast<size_t>(n_heads) * static_cast<size_t>(splits);
+  return rows * static_cast<size_t>(head_dim) * sizeof(float) + (rows * 2 * sizeof(float) + 15) / 16 * 16;
+}
+
+// The partial results of a call with `splits` splits end at the end of ws (16-byte aligned).
+DecodeOut decode_ws_layout(void* ws, size_t ws_bytes, int B, int n_heads, int hd, int splits, __half* out,
+                           int64_t ldo) {
+  const size_t rows = static_cast<size_t>(B) * n_heads * splits;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ws) + ws_bytes) / 16 * 16;
+  const uintptr_t start = (end - decode_partial_bytes(B, n_heads, hd, splits)) / 16 * 16;
+  DecodeOut o;
+  o.acc = reinterpret_cast<float*>(start);
+  o.ml = o.acc + rows * hd;
+  o.cnt = static_cast<unsigned*>(ws);
+  o.out = out;
+  o.ldo = ldo;
+  return o;
+}
+
 bool paged_kv_ok(const PagedKV& kv) {
   return kv.k_cache && kv.v_cache && kv.block_tables && kv.max_blocks > 0 && kv.block_size > 0 &&
          kv.n_kv_heads > 0 && generic_head_dim(kv.head_dim) && aligned(kv.k_cache, 16) &&
@@ -685,37 +760,36 @@ bool paged_kv_ok(const PagedKV& kv) {
 template <int HD, int ROWS>
 void launch_decode(dim3 grid, cudaStream_t stream, const __half* q, int64_t ldq, const PagedKV& kv,
                    const int32_t* seq_lens, int G, int n_heads, float qscale, int max_len, int split_len,
-                   int max_splits, float* ws_acc, float* ws_ml) {
+                   int max_splits, const DecodeOut& o) {
   launch_pdl(k_decode_attn<HD, ROWS>, grid, kAttnThreads, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
                                                              kv.max_blocks, kv.block_size, kv.n_kv_heads, seq_lens, G,
-                                                             n_heads, qscale, max_len, split_len, max_splits, ws_acc,
-                                                             ws_ml);
+                                                             n_heads, qscale, max_len, split_len, max_splits, o);
 }
 
 template <int HD>
 void launch_decode_rows(int rows, dim3 grid, cudaStream_t stream, const __half* q, int64_t ldq, const PagedKV& kv,
                         const int32_t* seq_lens, int G, int n_heads, float qscale, int max_len, int split_len,
-                        int max_splits, float* ws_acc, float* ws_ml) {
+                        int max_splits, const DecodeOut& o) {
   switch (rows) {
     case 1:
       launch_decode<HD, 1>(grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len, max_splits,
-                           ws_acc, ws_ml);
+                           o);
       break;
     case 2:
       launch_decode<HD, 2>(grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len, max_splits,
-                           ws_acc, ws_ml);
+                           o);
       break;
     case 4:
       launch_decode<HD, 4>(grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len, max_splits,
-                           ws_acc, ws_ml);
+                           o);
       break;
     case 8:
       launch_decode<HD, 8>(grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len, max_splits,
-                           ws_acc, ws_ml);
+                           o);
       break;
     default:
       launch_decode<HD, 16>(grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len, max_splits,
-                            ws_acc, ws_ml);
+                            o);
       break;
   }
 }
@@ -1037,9 +1111,12 @@ cudaError_t rope_store_kv(__half* q, int64_t ldq, __half* k, int64_t ldk, const 
 
 size_t decode_attention_ws_bytes(int B, int n_heads, int head_dim, int max_len, int split_len) {
   if (B < 0 || n_heads <= 0 || head_dim <= 0 || max_len < 0 || split_len < 0) return 0;
-  const int64_t ms = decode_max_splits(max_len, split_len);
-  return static_cast<size_t>(B) * static_cast<size_t>(n_heads) * static_cast<size_t>(ms) *
-         (static_cast<size_t>(head_dim) + 2) * sizeof(float);
+  return decode_counter_bytes(B, n_heads) + decode_partial_bytes(B, n_heads, head_dim, decode_max_splits(max_len, split_len));
+}
+
+cudaError_t decode_attention_ws_init(void* ws, size_t ws_bytes, cudaStream_t stream) {
+  SPEAR_REQUIRE(ws || ws_bytes == 0);
+  return ws_bytes ? cudaMemsetAsync(ws, 0, ws_bytes, stream) : cudaSuccess;
 }
 
 cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, const int32_t* seq_lens, int B,
@@ -1061,8 +1138,7 @@ cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, co
                                      : decode_dynamic_splits(max_len, B, kv.n_kv_heads);
   SPEAR_REQUIRE(ms64 <= INT_MAX);
   const int max_splits = static_cast<int>(ms64);
-  float* ws_acc = static_cast<float*>(ws);
-  float* ws_ml = ws_acc + static_cast<size_t>(B) * n_heads * max_splits * hd;
+  const DecodeOut o = decode_ws_layout(ws, ws_bytes, B, n_heads, hd, max_splits, out, ldo);
   const int G = n_heads / kv.n_kv_heads;
   if (!tiled_head_dim(hd)) {
     launch_pdl(k_attn_generic, dim3(B, n_heads), 32, 0, stream, q, ldq, kv.k_cache, kv.v_cache, kv.block_tables,
@@ -1075,14 +1151,10 @@ cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, co
   const dim3 grid(max_splits, kv.n_kv_heads, B);
   if (hd == 64)
     launch_decode_rows<64>(rows, grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len,
-                           max_splits, ws_acc, ws_ml);
+                           max_splits, o);
   else
     launch_decode_rows<128>(rows, grid, stream, q, ldq, kv, seq_lens, G, n_heads, qscale, max_len, split_len,
-                            max_splits, ws_acc, ws_ml);
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  launch_pdl(k_decode_combine, dim3(n_heads, B), hd, 0, stream, ws_acc, ws_ml, seq_lens, n_heads, hd, max_len, split_len,
-                                                        max_splits, out, ldo);
+                            max_splits, o);
   return cudaGetLastError();
 }
 

@@ -73,8 +73,13 @@ struct PagedKV {
 // - split_len > 0 (a multiple of block_size): fixed chunks of split_len positions, S =
 //   ceil(max_len / split_len); splits past a sequence's length exit at once.
 // Each block handles all n_heads / n_kv_heads query heads of its KV head, reading each K/V
-// row once. ws: decode_attention_ws_bytes(B, n_heads, head_dim, max_len, split_len) bytes.
+// row once. The last split of a (sequence, KV head) to finish merges them all (no second
+// kernel), counted on arrival counters in ws.
+// ws: decode_attention_ws_bytes(B, n_heads, head_dim, max_len, split_len) bytes for the largest
+// B it will serve, zeroed once by decode_attention_ws_init; every call leaves its counters zero
+// again (it may then serve any B and split_len the size admits).
 size_t decode_attention_ws_bytes(int B, int n_heads, int head_dim, int max_len, int split_len = 0);
+cudaError_t decode_attention_ws_init(void* ws, size_t ws_bytes, cudaStream_t stream);
 cudaError_t decode_attention(const __half* q, int64_t ldq, const PagedKV& kv, const int32_t* seq_lens, int B,
                              int n_heads, float scale, int max_len, __half* out, int64_t ldo, void* ws,
                              size_t ws_bytes, cudaStream_t stream, int split_len = 0);

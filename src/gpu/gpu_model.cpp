@@ -376,6 +376,7 @@ struct GpuModel::Impl {
     }
     att_ws_bytes = decode_attention_ws_bytes(opt.max_batch, static_cast<int>(cfg.num_heads), HD(), opt.max_len);
     att_ws = alloc<uint8_t>(static_cast<int64_t>(att_ws_bytes), a);
+    CUDA_OK(decode_attention_ws_init(att_ws, att_ws_bytes, stream));
     // cuBLAS gets its own workspace so that graph capture never allocates.
     const size_t blas_bytes = 32u << 20;
     blas_ws = alloc<uint8_t>(static_cast<int64_t>(blas_bytes), a);

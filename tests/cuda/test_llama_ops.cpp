@@ -412,12 +412,22 @@ void run_decode(const DecodeCase& c, uint32_t seed) {
   ASSERT_GT(wsb, 0u);
   Dev<uint8_t> ws(wsb);
   CK(ws.poison());
+  CK(decode_attention_ws_init(ws.p, wsb, nullptr));
   CK(dout.poison());
   CK(decode_attention(dq.h(), ldq, dp.kv, dlens.p, B, nh, static_cast<float>(scale), max_len, dout.h(), ldo, ws.p, wsb,
                       nullptr, c.split_len));
   CK(cudaDeviceSynchronize());
   std::vector<uint16_t> out;
   CK(dout.down(out));
+  {  // the call left its arrival counters zero: a second call on the same workspace agrees
+    CK(dout2.poison());
+    CK(decode_attention(dq.h(), ldq, dp.kv, dlens.p, B, nh, static_cast<float>(scale), max_len, dout2.h(), ldo, ws.p,
+                        wsb, nullptr, c.split_len));
+    CK(cudaDeviceSynchronize());
+    std::vector<uint16_t> again;
+    CK(dout2.down(again));
+    EXPECT_EQ(again, out) << "a second call on the same workspace differs";
+  }
   double worst = 0;
   for (int b = 0; b < B; ++b) {
     for (int h = 0; h < nh; ++h) {
@@ -481,6 +491,7 @@ TEST(LlamaOps, DecodeAttentionManySplits) {
   // run-time splits: one sequence (many splits of few tiles each) and a long context (few
   // splits of many tiles)
   run_decode({32, 8, 128, {1000}}, 39);
+  run_decode({8, 8, 64, {1500, 3}, 16}, 41);  // 94 splits of one head: merged from global memory
   DecodeCase longc{8, 8, 64, {4000, 64, 65}};
   longc.extra_max_len = 3000;
   run_decode(longc, 40);
@@ -607,6 +618,7 @@ TEST(LlamaOps, PrefillLastTokenMatchesDecode) {
   CK(prefill_attention(dq.h(), nh * hd, dp.kv, dseq.p, dpos.p, L, nh, scale, L - 1, dpo.h(), nh * hd, nullptr));
   const size_t wsb = decode_attention_ws_bytes(1, nh, hd, L);
   Dev<uint8_t> ws(wsb);
+  CK(decode_attention_ws_init(ws.p, wsb, nullptr));
   CK(decode_attention(dq.h() + static_cast<size_t>(L - 1) * nh * hd, nh * hd, dp.kv, dlen.p, 1, nh, scale, L, ddo.h(),
                       nh * hd, ws.p, wsb, nullptr));
   CK(cudaDeviceSynchronize());
@@ -938,8 +950,9 @@ TEST(LlamaOps, RejectsBadArguments) {
   EXPECT_EQ(decode_attention(h, 512, kv, i32, 0, 8, 0.1f, 100, h, 512, nullptr, 0, nullptr), cudaSuccess);
   EXPECT_EQ(prefill_attention(h, 512, kv, i32, i32, 0, 8, 0.1f, 100, h, 512, nullptr), cudaSuccess);
   EXPECT_EQ(f32_to_f16(nullptr, 0, nullptr, nullptr), cudaSuccess);
-  EXPECT_EQ(decode_attention_ws_bytes(3, 8, 64, 0), size_t{3} * 8 * 1 * 66 * 4);  // one split even for max_len 0
-  EXPECT_EQ(decode_attention_ws_bytes(3, 8, 64, 513, 256), size_t{3} * 8 * 3 * 66 * 4);
+  // 256 bytes of arrival counters, then (B, n_heads, splits) rows of head_dim + 2 floats
+  EXPECT_EQ(decode_attention_ws_bytes(3, 8, 64, 0), 256 + size_t{3} * 8 * 1 * 66 * 4);  // one split even for max_len 0
+  EXPECT_EQ(decode_attention_ws_bytes(3, 8, 64, 513, 256), 256 + size_t{3} * 8 * 3 * 66 * 4);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // nothing was launched
 }
 
