@@ -443,7 +443,20 @@ KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num
   c.splits = std::clamp((3 * num_sms + NG / 2) / NG, 1, std::max(1, KU / 4));
   c.warps = std::clamp(KU / c.splits, 1, 8);
   c.ec = EcMode::kFused;
-  if (ec && !fused_fits<__half>(c, M, w, ec)) c.ec = EcMode::kSplit;
+  if (ec && !fused_fits<__half>(c, M, w, ec)) {
+    // The fused EC needs the whole grid resident: fewer, taller blocks first (nt = 4, as
+    // autotuning picked for 7B down), then fewer K splits; split EC (two launches) last.
+    KernelConfig f = c;
+    if (f.tg * 4 <= 8) f.nt = 4;
+    while (!fused_fits<__half>(f, M, w, ec) && f.splits > 1) {
+      --f.splits;
+      f.warps = std::clamp(KU / f.splits, 1, 8);
+    }
+    if (fused_fits<__half>(f, M, w, ec))
+      c = f;
+    else
+      c.ec = EcMode::kSplit;
+  }
   return c;
 }
 

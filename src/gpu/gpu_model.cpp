@@ -1054,6 +1054,7 @@ void GpuModel::decode_step_bench(int B, int32_t tok) {
 StepProfile GpuModel::profile_decode_step(int B, int32_t tok, int reps) {
   SPEAR_CHECK(reps >= 1 && reps <= 1000, "GPU: profile repetitions out of range");
   Impl& im = *impl_;
+  SPEAR_CHECK(im.opt.graphs, "GPU: profile_decode_step compares against the decode graph; graphs are off");
   for (int i = 0; i < 3; ++i) decode_step_bench(B, tok);  // the graph captured, kernels tuned
   std::vector<GpuChunk> ch(B);
   std::vector<int32_t> toks(B, tok);
