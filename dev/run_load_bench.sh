@@ -60,6 +60,21 @@ floor-w4)  # the W4 decode step only (no FP16 models), with the breakdown
   timeout 300 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8,32 \
     --contexts 512 --prefill 512 --autotune --breakdown --md "$OUT/floor-w4.md" >"$OUT/floor-w4.log" 2>&1
   echo "bench-latency floor-w4 rc=$?"; sed -n 1,14p "$OUT/floor-w4.md" ;;
+serve-profile)  # the serving loop's profile (bench-serve --profile) on the GPU: mixlm W4 and a 1B-shaped bf16 checkpoint
+  serve_bench() {  # MODEL LABEL ARGS...
+    local m=$1 label=$2; shift 2
+    $B/spear serve --model "$m" --device cuda --port 8090 --max-batch 64 >"$OUT/serve-$label.log" 2>&1 &
+    local pid=$!
+    for i in $(seq 1 120); do curl -sf http://127.0.0.1:8090/health >/dev/null 2>&1 && break; sleep 1; done
+    timeout 200 $B/spear bench-serve --url http://127.0.0.1:8090 --profile --json "$OUT/bench-serve-$label.json" "$@" \
+      >"$OUT/bench-serve-$label.txt" 2>&1
+    echo "bench-serve $label rc=$?"; sed -n '/Successful/,/Output token/p;/Median TPOT/p;/Median TTFT/p;/Engine loop/,/engine steps/p' "$OUT/bench-serve-$label.txt"
+    kill -TERM $pid; wait $pid 2>/dev/null
+  }
+  serve_bench $D/mixlm-w4.spear mixlm-w4 --requests 200 --input-len 128 --output-len 64 --rate inf
+  CK1=/tmp/llama-3.2-1b-bf16
+  [ -d $CK1 ] || python3 dev/make_random_llama.py llama-3.2-1b $CK1 $M/tokenizer.json >"$OUT/make1b.log" 2>&1
+  serve_bench $CK1 1b-bf16 --requests 200 --input-len 512 --output-len 128 --rate inf ;;
 heuristic)  # the dispatcher without a table (what ppl/generate/serve get untuned), and --autotune's saved table
   timeout 200 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8 --contexts 512 \
     --prefill 512 --md "$OUT/heuristic.md" >"$OUT/heuristic.log" 2>&1

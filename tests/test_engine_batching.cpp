@@ -8,6 +8,8 @@
 
 #include "engine/engine_loop.h"
 #include "engine/generate.h"
+#include "engine/sampler.h"
+#include "engine/step_model.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
 
@@ -203,4 +205,103 @@ TEST(EngineBatching, RejectsRequestsThatCanNeverRun) {
   EXPECT_EQ(e2.submit(req({1, 5}, 1)), Engine::Submit::Ok);
   EXPECT_EQ(e2.submit(req({1, 5}, 1)), Engine::Submit::Ok);
   EXPECT_EQ(e2.submit(req({1, 5}, 1)), Engine::Submit::QueueFull);
+}
+
+namespace {
+// A backend that picks greedy tokens itself (as the GPU backend does on the device): the
+// CPU engine's logits, then the argmax of each chunk's last row. Counts its use.
+class ArgmaxStepModel final : public StepModel {
+ public:
+  explicit ArgmaxStepModel(const LlamaModel& m) : cpu_(m) {}
+  const ModelConfig& config() const override { return cpu_.config(); }
+  void forward(std::span<const SeqChunk> chunks, float* logits) override {
+    ++logit_steps;
+    cpu_.forward(chunks, logits);
+  }
+  bool has_forward_argmax() const override { return true; }
+  void forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) override {
+    ++argmax_steps;
+    const int64_t V = config().vocab_size;
+    std::vector<float> rows(chunks.size() * V);
+    for (const SeqChunk& c : chunks) EXPECT_FALSE(c.all_logits);
+    cpu_.forward(chunks, rows.data());
+    for (size_t i = 0; i < chunks.size(); ++i) ids[i] = argmax(rows.data() + i * V, V);
+  }
+  EcInventory ec_inventory() const override { return cpu_.ec_inventory(); }
+  bool host_kv() const override { return cpu_.host_kv(); }
+  void profile_ec(const EcInventory& inv, CostModel& cm) override { cpu_.profile_ec(inv, cm); }
+  std::string device() const override { return "cpu (argmax backend)"; }
+  std::vector<std::pair<std::string, int64_t>> memory_by_use() const override { return cpu_.memory_by_use(); }
+  int argmax_steps = 0, logit_steps = 0;
+
+ private:
+  CpuStepModel cpu_;
+};
+}  // namespace
+
+// Greedy steps through the backend's own argmax give the same tokens as sampling from the
+// logits; a request with logprobs in the batch sends its steps through the logits path.
+TEST(EngineBatching, BackendArgmaxForGreedySteps) {
+  auto ps = prompts(6);
+  auto ref = reference(ps, 12);
+  ArgmaxStepModel model(*tiny());
+  Engine engine(model, base_config());
+  engine.start();
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  std::vector<EngineRequest> reqs;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    EngineRequest r;
+    r.prompt = ps[i];
+    r.max_tokens = 12;
+    r.ignore_eos = true;
+    if (i == 5) r.logprobs = 0;  // its steps need the logits
+    r.stream = std::make_shared<RequestStream>();
+    streams.push_back(r.stream);
+    reqs.push_back(std::move(r));
+  }
+  ASSERT_EQ(engine.submit(std::move(reqs)), Engine::Submit::Ok);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    ASSERT_TRUE(streams[i]->wait_finished(std::chrono::seconds(60)));
+    std::vector<TokenEvent> evs;
+    {
+      std::lock_guard<std::mutex> lk(streams[i]->notifier().mu);
+      streams[i]->drain(evs);
+    }
+    std::vector<int32_t> ids;
+    for (const TokenEvent& e : evs) ids.push_back(e.id);
+    EXPECT_EQ(ids, ref[i]) << "prompt " << i;
+    if (i == 5) {
+      ASSERT_FALSE(evs.empty());
+      EXPECT_TRUE(evs[0].has_logprob);
+    }
+  }
+  engine.stop();
+  EXPECT_GT(model.logit_steps, 0);  // the steps with the logprobs request in the batch
+  // Without the logprobs request every decode step goes through the backend's argmax.
+  ArgmaxStepModel greedy_model(*tiny());
+  {
+    Engine e2(greedy_model, base_config());
+    e2.start();
+    EngineRequest r;
+    r.prompt = ps[0];
+    r.max_tokens = 12;
+    r.ignore_eos = true;
+    r.stream = std::make_shared<RequestStream>();
+    auto st = r.stream;
+    std::vector<EngineRequest> one;
+    one.push_back(std::move(r));
+    ASSERT_EQ(e2.submit(std::move(one)), Engine::Submit::Ok);
+    ASSERT_TRUE(st->wait_finished(std::chrono::seconds(60)));
+    std::vector<TokenEvent> evs;
+    {
+      std::lock_guard<std::mutex> lk(st->notifier().mu);
+      st->drain(evs);
+    }
+    std::vector<int32_t> ids;
+    for (const TokenEvent& e : evs) ids.push_back(e.id);
+    EXPECT_EQ(ids, ref[0]);
+    e2.stop();
+  }
+  EXPECT_EQ(greedy_model.logit_steps, 0);  // the prefill wants its last row only: argmax too
+  EXPECT_EQ(greedy_model.argmax_steps, 12);
 }

@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "engine/generate.h"
+#include "server/load_generator.h"
 #include "test_server_fixture.h"
 
 using namespace spear;
@@ -543,4 +544,36 @@ TEST(ServerHttp, TokenizeDetokenizeAndVersion) {
   r = s.get("/version");
   ASSERT_EQ(r.status, 200);
   EXPECT_EQ(parse(r.body)["version"], SPEAR_VERSION);
+}
+
+// bench-serve --profile: the engine loop's phases, read from /metrics before and after a run.
+TEST(ServerHttp, BenchServeProfileReportsEnginePhases) {
+  TestServer s;
+  server::LoadConfig cfg;
+  cfg.url = "http://127.0.0.1:" + std::to_string(s.url.port);
+  cfg.requests = 4;
+  cfg.input_len = 8;
+  cfg.output_len = 4;
+  cfg.rate = 0;  // all at once
+  cfg.profile = true;
+  const server::LoadReport rep = server::run_load(cfg);
+  ASSERT_EQ(rep.completed, 4);
+  ASSERT_EQ(rep.phases.size(), 7u);
+  EXPECT_GT(rep.steps, 0);
+  double busy = 0, forward_host = 0;
+  for (const auto& [name, sec] : rep.phases) {
+    EXPECT_GE(sec, 0) << name;
+    busy += sec;
+    if (name == "forward_host") forward_host = sec;
+  }
+  EXPECT_GT(forward_host, 0);  // the CPU engine: the whole forward is host work
+  EXPECT_LE(busy, rep.duration_s * 1.05 + 0.05);  // one engine thread cannot be busy longer than the run
+  EXPECT_NE(rep.table().find("Engine loop profile"), std::string::npos);
+  EXPECT_TRUE(rep.to_json().contains("engine_profile"));
+  // Every phase is exported with the model label.
+  const std::string m = s.get("/metrics").body;
+  for (const char* ph : {"schedule", "prepare", "forward_device", "forward_copy", "forward_host", "sample", "other"})
+    EXPECT_NE(m.find(std::string("spear:engine_phase_seconds_total{model_name=\"tiny\",phase=\"") + ph + "\"}"),
+              std::string::npos)
+        << ph;
 }

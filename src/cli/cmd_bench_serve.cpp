@@ -34,6 +34,9 @@ void register_bench_serve(CLI::App& app) {
   cmd->add_option("--timeout", o->cfg.timeout_s, "Per-request timeout, seconds")->capture_default_str();
   cmd->add_option("--json", o->json_out, "Also write the results as JSON here");
   cmd->add_flag("--per-request", o->per_request, "Include every request in the JSON");
+  cmd->add_flag("--profile", o->cfg.profile,
+                "Also report where the server's engine thread spent the run (schedule, prepare, forward on the "
+                "device / copying logits / host, sampling, other), from its /metrics");
   cmd->callback([o] {
     if (o->rate == "inf") {
       o->cfg.rate = std::numeric_limits<double>::infinity();

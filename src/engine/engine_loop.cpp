@@ -148,12 +148,15 @@ CostModel Engine::cost_model() const {
 }
 
 void Engine::loop() {
+  double t_loop = steady_now();  // when the loop's own work (not idling) began
   while (true) {
     std::vector<EngineRequest> fresh;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      if (inbox_.empty() && sched_->num_running() == 0 && sched_->num_waiting() == 0 && !stop_)
+      if (inbox_.empty() && sched_->num_running() == 0 && sched_->num_waiting() == 0 && !stop_) {
         cv_.wait_for(lk, std::chrono::milliseconds(50));
+        t_loop = steady_now();
+      }
       if (stop_) break;
       fresh.swap(inbox_);
       // Counted as waiting until the scheduler has them (submit's queue bound).
@@ -166,7 +169,7 @@ void Engine::loop() {
     sweep_cancelled();
     if (sched_->num_running() + sched_->num_waiting() > 0) {
       try {
-        step();
+        step(t_loop);
       } catch (const std::exception& e) {
         // A failure inside a step must not take the server down: fail what was in
         // flight, keep serving.
@@ -176,6 +179,7 @@ void Engine::loop() {
     }
     n_running_ = sched_->num_running();
     n_waiting_ = sched_->num_waiting();
+    t_loop = steady_now();
     if ((n_steps_.load() & 7) == 0) {
       std::lock_guard<std::mutex> lk(mu_);
       cost_summary_ = cost_.describe();
@@ -265,8 +269,10 @@ void Engine::emit_prompt_logprobs(Sequence& s, const float* rows, int64_t start,
   }
 }
 
-void Engine::step() {
+void Engine::step(double t_loop) {
+  const double t_sched = steady_now();
   StepPlan plan = sched_->schedule();
+  const double t_planned = steady_now();
   for (size_t i = 0; i < plan.preempted.size(); ++i) {
     ++n_preempt_;
     if (observer_) observer_->on_preemption();
@@ -288,10 +294,24 @@ void Engine::step() {
     all_rows.push_back(all);
     rows += all ? c.n_tokens : 1;
   }
-  logits_.resize(static_cast<size_t>(rows * V));
+  // Every sequence greedy, without logprobs or penalties, and only last rows wanted: the
+  // backend may pick the tokens where the logits are (no logits copied to the host).
+  bool argmax_only = model_.has_forward_argmax();
+  for (size_t ci = 0; ci < plan.chunks.size() && argmax_only; ++ci) {
+    const Sequence* s = plan.chunks[ci].seq;
+    const SamplingParams& sp = s->sampler.params();
+    argmax_only = !all_rows[ci] && sp.temperature == 0.0f && !sp.has_penalties() && s->req.logprobs < 0;
+  }
+  if (argmax_only)
+    greedy_ids_.resize(plan.chunks.size());
+  else
+    logits_.resize(static_cast<size_t>(rows * V));
   const double t0 = steady_now();
   try {
-    model_.forward(chunks, logits_.data());
+    if (argmax_only)
+      model_.forward_argmax(chunks, greedy_ids_.data());
+    else
+      model_.forward(chunks, logits_.data());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "spear: forward failed: %s\n", e.what());
     for (const ScheduledChunk& c : plan.chunks) finish(c.seq, FinishReason::Error, e.what());
@@ -301,8 +321,8 @@ void Engine::step() {
   const double dt = t1 - t0;
   cost_.observe(plan.shape, dt);
   ++n_steps_;
+  StepRecord rec;
   if (observer_) {
-    StepRecord rec;
     rec.kind = plan.kind();
     rec.tokens = plan.shape.tokens;
     rec.seqs = plan.shape.seqs;
@@ -310,7 +330,12 @@ void Engine::step() {
     rec.prefill_tokens = plan.n_prefill_tokens;
     rec.seconds = dt;
     rec.predicted_s = plan.predicted_s;
-    observer_->on_step(rec);
+    rec.other_s = std::max(0.0, t_sched - t_loop);
+    rec.schedule_s = t_planned - t_sched;
+    rec.prepare_s = t0 - t_planned;
+    const StepModel::ForwardTimes ft = model_.last_forward_times();
+    rec.device_s = ft.device_s;
+    rec.copy_s = ft.copy_s;
   }
 
   const auto& eos = model_.config().eos_token_ids;
@@ -318,8 +343,10 @@ void Engine::step() {
   for (size_t ci = 0; ci < plan.chunks.size(); ++ci) {
     Sequence* s = plan.chunks[ci].seq;
     const int64_t n = plan.chunks[ci].n_tokens;
-    const float* last;
-    if (all_rows[ci]) {
+    const float* last = nullptr;
+    if (argmax_only) {
+      r += 1;
+    } else if (all_rows[ci]) {
       emit_prompt_logprobs(*s, &logits_[r * V], s->n_computed, n);
       last = &logits_[(r + n - 1) * V];
       r += n;
@@ -335,7 +362,8 @@ void Engine::step() {
       continue;
     }
     const std::span<const int32_t> toks(s->tokens);
-    const int32_t id = s->sampler.sample(last, V, {toks.first(s->n_prompt), toks.subspan(s->n_prompt)});
+    const int32_t id = argmax_only ? greedy_ids_[ci]
+                                   : s->sampler.sample(last, V, {toks.first(s->n_prompt), toks.subspan(s->n_prompt)});
     TokenEvent ev;
     ev.id = id;
     if (s->req.logprobs >= 0) {
@@ -355,6 +383,10 @@ void Engine::step() {
     else if (s->n_generated >= s->req.max_tokens ||
              static_cast<int64_t>(s->tokens.size()) >= cfg_.max_model_len)
       finish(s, FinishReason::Length);
+  }
+  if (observer_) {
+    rec.sample_s = steady_now() - t1;
+    observer_->on_step(rec);
   }
 }
 

@@ -48,7 +48,13 @@ struct RequestRecord {
 struct StepRecord {
   const char* kind = "decode";
   int64_t tokens = 0, seqs = 0, decodes = 0, prefill_tokens = 0;
-  double seconds = 0, predicted_s = 0;
+  double seconds = 0, predicted_s = 0;  // the forward pass, and what the cost model predicted
+  // The engine thread's time around it (wall seconds): scheduling, building the chunks,
+  // the forward (= seconds; on a device backend split into device_s and copy_s when known,
+  // the rest is host work inside the backend), sampling and streaming the new tokens, and
+  // the loop's own work since the previous step (new requests, cancellations; not idling).
+  double schedule_s = 0, prepare_s = 0, sample_s = 0, other_s = 0;
+  double device_s = -1, copy_s = -1;
 };
 
 // Observer hooks called on the engine thread (keep them cheap).
@@ -99,7 +105,7 @@ class Engine {
  private:
   Engine(std::unique_ptr<StepModel> owned, StepModel* borrowed, EngineConfig cfg, EngineObserver* observer);
   void loop();
-  void step();
+  void step(double t_loop);  // t_loop: when the loop's own work before this step began
   void sweep_cancelled();
   void finish(Sequence* s, FinishReason r, const std::string& err = {});
   void emit_prompt_logprobs(Sequence& s, const float* rows, int64_t start, int64_t n);
@@ -126,6 +132,7 @@ class Engine {
   std::string cost_summary_;       // guarded by mu_
   CostModel cost_snapshot_;        // guarded by mu_
   std::vector<float> logits_;      // scratch (rows, vocab)
+  std::vector<int32_t> greedy_ids_;  // per chunk, from forward_argmax
 };
 
 double steady_now();  // seconds on the steady clock

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/error.h"
 #include "engine/cost_model.h"
 #include "model/llama.h"
 
@@ -25,6 +26,16 @@ class StepModel {
   // Logits rows (host memory): per chunk n_tokens rows (all_logits) or one row.
   // Every chunk's kv is a PagedSequence of the engine's pool.
   virtual void forward(std::span<const SeqChunk> chunks, float* logits) = 0;
+  // Greedy decoding without logits on the host: the forward, then per chunk the argmax of
+  // its last row (first maximum wins, as argmax() in sampler.h) into ids. A backend that
+  // can do this where the logits are (the GPU) says so; the engine then uses it for steps
+  // whose sequences all decode greedily without logprobs or penalties.
+  virtual bool has_forward_argmax() const { return false; }
+  virtual void forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) {
+    (void)chunks;
+    (void)ids;
+    throw Error("this backend has no forward_argmax");
+  }
   // The model's Error Compensators (what the cost model charges for).
   virtual EcInventory ec_inventory() const = 0;
   // true: the BlockPool must hold K/V floats (the CPU engine reads them from it).
@@ -37,6 +48,12 @@ class StepModel {
   // Bytes the backend holds, by use ("weights", "ec", "kv_cache", "activations"); a
   // backend with host_kv() leaves the KV cache to the engine's pool.
   virtual std::vector<std::pair<std::string, int64_t>> memory_by_use() const = 0;
+  // Where the last forward's time went on a device backend: seconds the device ran it, and
+  // seconds copying its logits to the host (-1: not measured, e.g. on the CPU).
+  struct ForwardTimes {
+    double device_s = -1, copy_s = -1;
+  };
+  virtual ForwardTimes last_forward_times() const { return {}; }
 };
 
 // The CPU engine (LlamaModel) as a StepModel.

@@ -207,6 +207,9 @@ struct GpuModel::Impl {
   int last_rows = 0;
   // decode graphs by batch size
   std::map<int, cudaGraphExec_t> graphs;
+  // the last forward's GPU time: events around the graph launch or the body
+  cudaEvent_t fwd0 = nullptr, fwd1 = nullptr;
+  bool fwd_timed = false;
   // dequantize + cuBLAS path of the W4 GEMMs (prefill-sized M): expanded weight rows
   void* dq_scratch = nullptr;
   size_t dq_scratch_bytes = 0;
@@ -233,6 +236,8 @@ struct GpuModel::Impl {
 
   ~Impl() {
     for (cudaEvent_t e : marks.events) cudaEventDestroy(e);
+    if (fwd0) cudaEventDestroy(fwd0);
+    if (fwd1) cudaEventDestroy(fwd1);
     for (auto& [b, g] : graphs) cudaGraphExecDestroy(g);
     if (stream) cudaStreamSynchronize(stream);
     for (auto& [p, sz] : allocations) cudaFree(p);
@@ -593,6 +598,11 @@ struct GpuModel::Impl {
                                          std::to_string(opt.max_tokens));
     CUDA_OK(cudaStreamSynchronize(stream));  // h_in may still be in flight from the last call
     const std::vector<int> rows = upload_inputs(chunks);
+    if (!fwd0) {
+      CUDA_OK(cudaEventCreate(&fwd0));
+      CUDA_OK(cudaEventCreate(&fwd1));
+    }
+    bool timed = false;  // the event pair brackets this call (not a first-use capture)
     if (decode && opt.graphs) {
       auto it = graphs.find(n_chunks);
       if (it == graphs.end()) {
@@ -614,11 +624,18 @@ struct GpuModel::Impl {
         CUDA_OK(e);
         it = graphs.emplace(n_chunks, ex).first;
       }
+      CUDA_OK(cudaEventRecord(fwd0, stream));
       CUDA_OK(cudaGraphLaunch(it->second, stream));
+      CUDA_OK(cudaEventRecord(fwd1, stream));
+      timed = true;
       last_rows = T;
     } else {
+      CUDA_OK(cudaEventRecord(fwd0, stream));
       body(T, n_chunks, decode, rows, false);
+      CUDA_OK(cudaEventRecord(fwd1, stream));
+      timed = !opt.autotune;  // autotuning on first use would be counted as GPU time
     }
+    fwd_timed = timed;
     CUDA_OK(cudaGetLastError());
     for (const GpuChunk& c : chunks)
       if (!c.blocks) slots[c.slot].len = std::max(slots[c.slot].len, c.start_pos + c.n_tokens);
@@ -955,6 +972,13 @@ const GpuMemory& GpuModel::memory() const { return impl_->mem; }
 const GpuOptions& GpuModel::options() const { return impl_->opt; }
 int64_t GpuModel::kv_blocks_free() const { return static_cast<int64_t>(impl_->free_blocks.size()); }
 int GpuModel::last_rows() const { return impl_->last_rows; }
+double GpuModel::last_forward_device_seconds() const {
+  if (!impl_->fwd_timed) return -1;
+  CUDA_OK(cudaEventSynchronize(impl_->fwd1));
+  float ms = 0;
+  CUDA_OK(cudaEventElapsedTime(&ms, impl_->fwd0, impl_->fwd1));
+  return ms * 1e-3;
+}
 int64_t GpuModel::kv_blocks_total() const { return impl_->num_blocks; }
 void GpuModel::set_ec_enabled(bool on) {
   if (on == impl_->ec_enabled) return;

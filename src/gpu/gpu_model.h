@@ -143,6 +143,9 @@ class GpuModel {
   // next call.
   const float* forward(std::span<const GpuChunk> chunks);
   int last_rows() const;
+  // GPU time of the last forward() (inputs uploaded to logits ready), in seconds; waits for
+  // it to finish. -1 before the first.
+  double last_forward_device_seconds() const;
   // Copies the last logits to the host (rows * vocab floats).
   void logits_to_host(float* dst) const;
   // Greedy ids for the last logits rows (argmax on the device).

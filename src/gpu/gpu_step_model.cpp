@@ -31,7 +31,9 @@ std::vector<std::pair<std::string, int64_t>> GpuStepModel::memory_by_use() const
   return {{"weights", m.weights}, {"ec", m.ec}, {"kv_cache", m.kv_cache}, {"activations", m.activations}};
 }
 
-void GpuStepModel::forward(std::span<const SeqChunk> chunks, float* logits) {
+namespace {
+// The engine's chunks as the GPU model's (the engine's block tables, its pool's ids).
+std::vector<GpuChunk> gpu_chunks(std::span<const SeqChunk> chunks) {
   std::vector<GpuChunk> gc;
   gc.reserve(chunks.size());
   for (size_t i = 0; i < chunks.size(); ++i) {
@@ -48,8 +50,32 @@ void GpuStepModel::forward(std::span<const SeqChunk> chunks, float* logits) {
     g.n_blocks = static_cast<int>(ps->blocks().size());
     gc.push_back(g);
   }
+  return gc;
+}
+}  // namespace
+
+void GpuStepModel::forward(std::span<const SeqChunk> chunks, float* logits) {
+  const std::vector<GpuChunk> gc = gpu_chunks(chunks);
   gpu_->forward(gc);
+  gpu_->synchronize();  // the forward done: what follows is the logits' copy alone
+  const auto t0 = std::chrono::steady_clock::now();
   gpu_->logits_to_host(logits);
+  times_.copy_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  times_.device_s = gpu_->last_forward_device_seconds();
+}
+
+void GpuStepModel::forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) {
+  for (const SeqChunk& c : chunks)
+    SPEAR_CHECK(!c.all_logits, "GPU backend: forward_argmax takes chunks that want their last row only");
+  const std::vector<GpuChunk> gc = gpu_chunks(chunks);
+  gpu_->forward(gc);
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<int32_t> best = gpu_->argmax_last();  // one row per chunk; waits for the forward
+  times_.device_s = gpu_->last_forward_device_seconds();
+  times_.copy_s = std::max(0.0, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() -
+                                    times_.device_s);
+  SPEAR_CHECK(best.size() == chunks.size(), "GPU backend: argmax rows do not match the chunks");
+  std::copy(best.begin(), best.end(), ids);
 }
 
 void GpuStepModel::profile_ec(const EcInventory& inv, CostModel& cm) {

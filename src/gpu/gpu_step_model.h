@@ -30,6 +30,10 @@ class GpuStepModel final : public StepModel {
   GpuStepModel(const LlamaWeights& w, const GpuServeOptions& opt);
   const ModelConfig& config() const override { return gpu_->config(); }
   void forward(std::span<const SeqChunk> chunks, float* logits) override;
+  ForwardTimes last_forward_times() const override { return times_; }
+  // Greedy steps: argmax on the GPU, only the ids cross to the host.
+  bool has_forward_argmax() const override { return true; }
+  void forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) override;
   EcInventory ec_inventory() const override { return inv_; }
   bool host_kv() const override { return false; }
   int64_t kv_blocks() const override { return gpu_->kv_blocks_total(); }
@@ -43,6 +47,7 @@ class GpuStepModel final : public StepModel {
  private:
   EcInventory inv_;
   std::unique_ptr<GpuModel> gpu_;
+  ForwardTimes times_;
   std::string name_;
 };
 

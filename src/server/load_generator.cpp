@@ -5,6 +5,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
+#include <map>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -93,6 +95,33 @@ RequestStats one_request(const Url& url, const LoadConfig& cfg, const std::strin
 }
 }  // namespace
 
+namespace {
+// Sums of the samples of `metric` in Prometheus text, by the value of `label` ("" = all in one).
+std::map<std::string, double> scrape(const std::string& text, const std::string& metric, const std::string& label) {
+  std::map<std::string, double> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t eol = text.find('\n', pos);
+    if (eol == std::string::npos) eol = text.size();
+    const std::string line = text.substr(pos, eol - pos);
+    pos = eol + 1;
+    if (line.rfind(metric + "{", 0) != 0 && line.rfind(metric + " ", 0) != 0) continue;
+    std::string key;
+    if (!label.empty()) {
+      const size_t l = line.find(label + "=\"");
+      if (l == std::string::npos) continue;
+      const size_t v0 = l + label.size() + 2, v1 = line.find('"', v0);
+      if (v1 == std::string::npos) continue;
+      key = line.substr(v0, v1 - v0);
+    }
+    const size_t sp = line.rfind(' ');
+    if (sp == std::string::npos) continue;
+    out[key] += std::strtod(line.c_str() + sp + 1, nullptr);
+  }
+  return out;
+}
+}  // namespace
+
 LoadReport run_load(const LoadConfig& cfg) {
   SPEAR_CHECK(cfg.requests >= 1 && cfg.requests <= 1000000, "--requests must be in [1, 1e6]");
   SPEAR_CHECK(cfg.input_len >= 1 && cfg.output_len >= 1, "lengths must be >= 1");
@@ -110,6 +139,20 @@ LoadReport run_load(const LoadConfig& cfg) {
   const std::string model = cfg.model.empty() ? mj["data"][0].value("id", "") : cfg.model;
   const int64_t vocab = mj["data"][0].value("vocab_size", int64_t{32000});
   const int64_t ctx = mj["data"][0].value("max_model_len", int64_t{1} << 30);
+
+  auto metrics_now = [&](std::map<std::string, double>* phases, double* steps) {
+    HttpResult m = http_get(url, "/metrics", 30, hdr);
+    if (m.status != 200) return false;
+    *phases = scrape(m.body, "spear:engine_phase_seconds_total", "phase");
+    const auto st = scrape(m.body, "spear:engine_steps_total", "");
+    *steps = st.count("") ? st.at("") : 0;
+    return !phases->empty();
+  };
+  std::map<std::string, double> phases0;
+  double steps0 = 0;
+  const bool profiling = cfg.profile && metrics_now(&phases0, &steps0);
+  if (cfg.profile && !profiling)
+    std::fprintf(stderr, "spear: --profile: the server exports no spear:engine_phase_seconds_total; no profile\n");
 
   // Workload, fixed by the seed: lengths, prompt ids, arrival times.
   std::mt19937_64 rng(cfg.seed);
@@ -166,6 +209,15 @@ LoadReport run_load(const LoadConfig& cfg) {
   }
   for (std::thread& th : threads) th.join();
   rep.duration_s = std::chrono::duration<double>(clk::now() - t0).count();
+  if (profiling) {
+    std::map<std::string, double> phases1;
+    double steps1 = 0;
+    if (metrics_now(&phases1, &steps1)) {
+      for (const char* ph : {"schedule", "prepare", "forward_device", "forward_copy", "forward_host", "sample", "other"})
+        rep.phases.push_back({ph, phases1[ph] - phases0[ph]});
+      rep.steps = steps1 - steps0;
+    }
+  }
 
   std::vector<double> ttft, tpot, itl, e2e;
   for (const RequestStats& r : rep.requests) {
@@ -217,6 +269,11 @@ nlohmann::json LoadReport::to_json(bool per_request) const {
          {"tpot_ms", s(tpot_ms)},
          {"itl_ms", s(itl_ms)},
          {"e2e_ms", s(e2e_ms)}};
+  if (!phases.empty()) {
+    json p = json::object();
+    for (const auto& [name, sec] : phases) p[name] = sec;
+    j["engine_profile"] = {{"seconds_by_phase", p}, {"steps", steps}};
+  }
   if (per_request) {
     json rs = json::array();
     for (const RequestStats& r : requests)
@@ -258,7 +315,28 @@ std::string LoadReport::table() const {
       "Mean TPOT (ms):", tpot_ms.mean, "Median TPOT (ms):", tpot_ms.median, "P99 TPOT (ms):", tpot_ms.p99,
       "Mean ITL (ms):", itl_ms.mean, "Median ITL (ms):", itl_ms.median, "P99 ITL (ms):", itl_ms.p99,
       "Mean E2EL (ms):", e2e_ms.mean, "Median E2EL (ms):", e2e_ms.median, "P99 E2EL (ms):", e2e_ms.p99);
-  return b;
+  std::string out = b;
+  if (!phases.empty()) {
+    // Where the engine thread's time went during the run, against the run's wall time.
+    double busy = 0;
+    for (const auto& [name, sec] : phases) busy += sec;
+    out += "--------Engine loop profile (server side)---------\n";
+    char row[160];
+    std::snprintf(row, sizeof row, "%-28s %10s %9s %10s\n", "phase", "seconds", "% wall", "ms/step");
+    out += row;
+    for (const auto& [name, sec] : phases) {
+      std::snprintf(row, sizeof row, "%-28s %10.3f %8.1f%% %10.3f\n", name.c_str(), sec, 100.0 * sec / duration_s,
+                    steps > 0 ? 1e3 * sec / steps : 0.0);
+      out += row;
+    }
+    std::snprintf(row, sizeof row, "%-28s %10.3f %8.1f%% %10.3f\n", "engine busy (sum)", busy, 100.0 * busy / duration_s,
+                  steps > 0 ? 1e3 * busy / steps : 0.0);
+    out += row;
+    std::snprintf(row, sizeof row, "%-28s %10.0f\n", "engine steps", steps);
+    out += row;
+    out += "==================================================\n";
+  }
+  return out;
 }
 
 }  // namespace spear::server

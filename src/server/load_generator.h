@@ -28,6 +28,9 @@ struct LoadConfig {
   uint64_t seed = 0;
   double slo_ttft_ms = 1000, slo_tpot_ms = 50;
   double timeout_s = 600;        // per request
+  // Read the server's engine-loop profile (spear:engine_phase_seconds_total, from
+  // /metrics) before and after the run, and report where the engine thread's time went.
+  bool profile = false;
 };
 
 struct RequestStats {
@@ -54,6 +57,11 @@ struct LoadReport {
   int64_t input_tokens = 0, output_tokens = 0;
   Summary ttft_ms, tpot_ms, itl_ms, e2e_ms;
   double request_throughput = 0, output_throughput = 0, goodput = 0;
+  // --profile: engine seconds by phase during the run (schedule, prepare, forward_device,
+  // forward_copy, forward_host, sample, other) and engine steps; empty when not asked or
+  // when the server does not export them.
+  std::vector<std::pair<std::string, double>> phases;
+  double steps = 0;
   nlohmann::json to_json(bool per_request = false) const;
   std::string table() const;
 };

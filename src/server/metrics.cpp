@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -79,6 +80,18 @@ void Metrics::on_step(const StepRecord& s) {
   step_tokens_.observe(static_cast<double>(s.tokens));
   std::lock_guard<std::mutex> lk(mu_);
   steps_by_kind_[s.kind]++;
+  phase_s_["schedule"] += s.schedule_s;
+  phase_s_["prepare"] += s.prepare_s;
+  phase_s_["sample"] += s.sample_s;
+  phase_s_["other"] += s.other_s;
+  if (s.device_s >= 0) {
+    const double copy = std::max(0.0, s.copy_s);
+    phase_s_["forward_device"] += s.device_s;
+    phase_s_["forward_copy"] += copy;
+    phase_s_["forward_host"] += std::max(0.0, s.seconds - s.device_s - copy);
+  } else {
+    phase_s_["forward_host"] += s.seconds;  // the CPU engine: the forward is host work
+  }
   if (s.seconds > 0 && s.predicted_s > 0) {
     step_abs_rel_err_sum_ += std::fabs(s.predicted_s - s.seconds) / s.seconds;
     step_err_n_++;
@@ -167,6 +180,15 @@ std::string Metrics::render(const Engine* engine, bool ready) const {
       head("spear:memory_bytes", "Memory held by use", "gauge");
       for (const auto& [kind, b] : mem_bytes_)
         series("spear:memory_bytes", "device=\"" + mem_device_ + "\",kind=\"" + kind + "\"", std::to_string(b));
+    }
+    head("spear:engine_phase_seconds_total",
+         "Engine thread seconds by phase of a step (forward_device: the GPU running it; forward_host: the "
+         "backend's host work, or the whole forward on the CPU)",
+         "counter");
+    for (const char* ph : {"schedule", "prepare", "forward_device", "forward_copy", "forward_host", "sample", "other"}) {
+      auto it = phase_s_.find(ph);
+      series("spear:engine_phase_seconds_total", std::string("phase=\"") + ph + "\"",
+             num(it == phase_s_.end() ? 0.0 : it->second));
     }
     gauge("spear:cost_model_mean_abs_rel_error",
           "Mean |predicted - measured| / measured step time of the scheduler's cost model",

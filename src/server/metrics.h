@@ -14,7 +14,9 @@
 // spear's own: spear:ready, spear:kv_cache_blocks_used / _total,
 // spear:engine_steps_total{kind}, spear:engine_step_seconds,
 // spear:http_responses_total{endpoint,status}, spear:memory_bytes{device,kind},
-// spear:cost_model_mean_abs_rel_error.
+// spear:cost_model_mean_abs_rel_error, and the engine loop's profile
+// spear:engine_phase_seconds_total{phase} (schedule, prepare, forward_device, forward_copy,
+// forward_host, sample, other: where the engine thread's time goes; bench-serve --profile).
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -67,6 +69,9 @@ class Metrics final : public EngineObserver {
   Histogram ttft_, tpot_, e2e_, step_, step_tokens_, req_prompt_tokens_, req_gen_tokens_;
   mutable std::mutex mu_;
   std::map<std::string, uint64_t> steps_by_kind_;
+  // Engine-thread seconds by phase (StepRecord): schedule, prepare, forward (device, copy,
+  // host inside the backend), sample, other.
+  std::map<std::string, double> phase_s_;
   std::map<std::string, uint64_t> finished_by_reason_;
   std::map<std::pair<std::string, int>, uint64_t> responses_;
   std::string mem_device_, model_label_;  // model_label_: model_name="..." (escaped)
