@@ -74,7 +74,11 @@ serve-profile)  # the serving loop's profile (bench-serve --profile) on the GPU:
   serve_bench $D/mixlm-w4.spear mixlm-w4 --requests 200 --input-len 128 --output-len 64 --rate inf
   CK1=/tmp/llama-3.2-1b-bf16
   [ -d $CK1 ] || python3 dev/make_random_llama.py llama-3.2-1b $CK1 $M/tokenizer.json >"$OUT/make1b.log" 2>&1
-  serve_bench $CK1 1b-bf16 --requests 200 --input-len 512 --output-len 128 --rate inf ;;
+  serve_bench $CK1 1b-bf16 --requests 200 --input-len 512 --output-len 128 --rate inf
+  if [ -n "$SERVE_W4" ]; then  # the same checkpoint quantized (RTN, W4 per channel)
+    [ -f /tmp/1b-w4.spear ] || $B/spear quantize --model $CK1 --out /tmp/1b-w4.spear >"$OUT/quantize1b.log" 2>&1
+    serve_bench /tmp/1b-w4.spear 1b-w4 --requests 200 --input-len 512 --output-len 128 --rate inf
+  fi ;;
 heuristic)  # the dispatcher without a table (what ppl/generate/serve get untuned), and --autotune's saved table
   timeout 200 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8 --contexts 512 \
     --prefill 512 --md "$OUT/heuristic.md" >"$OUT/heuristic.log" 2>&1
