@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -209,4 +211,71 @@ TEST(Cli, DumpDiffsAgainstReferenceHiddenStates) {
   EXPECT_GT(j["tensors"].get<int>(), 6 * 5);  // hidden states plus per-layer intermediates
   EXPECT_TRUE(fs::exists(out));
   fs::remove(out);
+}
+
+// make-checkpoint: a random HF directory of a named architecture that the rest of spear
+// takes as it takes a downloaded one (info, quantize, ppl, generate).
+TEST(Cli, MakeCheckpointFeedsThePipeline) {
+  const fs::path d = fs::temp_directory_path() / ("spear_cli_mkck_" + std::to_string(getpid()));
+  fs::remove_all(d);
+  const std::string data = spear::test::data_dir() + "/tinystories/tinystories_val.txt";
+  CliRun m = run_cli("make-checkpoint --config tiny --random --seed 5 --shard-mb 0.3 --out " + d.string());
+  ASSERT_EQ(m.status, 0) << m.err;
+  EXPECT_NE(m.out.find("in 4 shards"), std::string::npos) << m.out;
+  for (const char* f : {"config.json", "model.safetensors.index.json", "model-00001-of-00004.safetensors",
+                        "model-00004-of-00004.safetensors", "tokenizer.json", "tokenizer_config.json"})
+    EXPECT_TRUE(fs::exists(d / f)) << f;
+  // The tokenizer is the one compiled in: the shipped stories260K tokenizer, byte for byte.
+  EXPECT_EQ(slurp(d / "tokenizer.json"),
+            slurp(fs::path(spear::test::tiny_model_dir()) / "tokenizer.json"));
+
+  CliRun i = run_cli("info " + d.string() + " --json");
+  ASSERT_EQ(i.status, 0) << i.err;
+  json ij = json::parse(i.out);
+  EXPECT_EQ(ij["config"]["hidden_size"], 128);
+  EXPECT_EQ(ij["config"]["num_key_value_heads"], 2);
+  EXPECT_EQ(ij["config"]["tie_word_embeddings"], false);
+  EXPECT_EQ(ij["config"]["dtype"], "bfloat16");
+  EXPECT_EQ(ij["shards"], 4);
+  EXPECT_EQ(ij["parameters"].get<int64_t>(), ij["parameters_by_config"].get<int64_t>());
+  EXPECT_EQ(ij["dtypes"]["BF16"]["bytes"].get<int64_t>(), 2 * ij["parameters"].get<int64_t>());
+
+  const std::string w4 = (d.string() + "-w4.spear");
+  CliRun q = run_cli("quantize --model " + d.string() + " --out " + w4);
+  ASSERT_EQ(q.status, 0) << q.err;
+  for (const std::string& model : {d.string(), w4}) {
+    CliRun p = run_cli("ppl --model " + model + " --data " + data + " --ctx 64 --max-windows 2 --json");
+    ASSERT_EQ(p.status, 0) << model << "\n" << p.err;
+    const double ppl = json::parse(p.out)["ppl"].get<double>();
+    EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << ppl;  // random weights: near the vocabulary size
+  }
+  CliRun g = run_cli("generate --model " + d.string() + " --prompt 'Once upon a time' -n 4 --json");
+  ASSERT_EQ(g.status, 0) << g.err;
+  const json gj = json::parse(g.out);
+  EXPECT_EQ(gj["ids"].size(), gj["prompt_ids"].size() + 4);
+
+  // Again into the same directory: refused without --force, and nothing there changes.
+  const std::string cfg = slurp(d / "config.json");
+  expect_clean_error(run_cli("make-checkpoint --config tiny --out " + d.string()), "is not empty (--force");
+  EXPECT_EQ(slurp(d / "config.json"), cfg);
+  // With --force, one shard this time: the four old shards and the index are gone, no
+  // temporary is left.
+  CliRun f = run_cli("make-checkpoint --config tiny --force --out " + d.string());
+  ASSERT_EQ(f.status, 0) << f.err;
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(d)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"config.json", "generation_config.json", "model.safetensors",
+                                             "tokenizer.json", "tokenizer_config.json"}));
+  EXPECT_EQ(run_cli("info " + d.string() + " --json").status, 0);
+
+  expect_clean_error(run_cli("make-checkpoint --config llama-9 --out " + d.string() + "-x"),
+                     "make-checkpoint: --config: unknown config 'llama-9' (known: llama-3.2-1b");
+  expect_clean_error(run_cli("make-checkpoint --config tiny --dtype f32 --out " + d.string() + "-x"),
+                     "--dtype must be bf16 or f16");
+  expect_clean_error(run_cli("make-checkpoint --config tiny --tokenizer /nonexistent.json --out " + d.string() + "-x"),
+                     "/nonexistent.json");
+  EXPECT_FALSE(fs::exists(d.string() + "-x"));
+  fs::remove_all(d);
+  fs::remove(w4);
 }

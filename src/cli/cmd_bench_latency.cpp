@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "io/model_config.h"
 #include "runtime/bench_latency.h"
 
 namespace spear::cli {
@@ -39,7 +40,7 @@ void register_bench_latency(CLI::App& app) {
     std::string json, md;
   };
   auto o = std::make_shared<Opts>();
-  cmd->add_option("--config", o->configs, "llama-3.2-1b, llama-3.2-3b, llama-2-7b (comma-separated)")
+  cmd->add_option("--config", o->configs, "Named architectures, comma-separated: llama-3.2-1b, llama-3.2-3b, llama-3-8b, llama-2-7b, tiny")
       ->capture_default_str();
   cmd->add_option("--variants", o->variants, "fp16, w4, w4ec-naive, w4ec (comma-separated)")->capture_default_str();
   cmd->add_option("--batches", o->batches, "Decode batch sizes")->capture_default_str();
@@ -61,6 +62,7 @@ void register_bench_latency(CLI::App& app) {
   cmd->callback([o] {
     BenchLatencyOptions b;
     b.configs = split_list(o->configs);
+    for (const std::string& c : b.configs) parse_flag("bench-latency: --config", c, named_config);
     for (const std::string& v : split_list(o->variants)) b.variants.push_back(parse_latency_variant(v));
     b.batches = int_list(o->batches, "batch");
     b.contexts = int_list(o->contexts, "context");

@@ -83,48 +83,6 @@ std::string GpuMemory::str() const {
   return b;
 }
 
-ModelConfig named_config(const std::string& name) {
-  ModelConfig c;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
-  c.dtype = "float16";
-  if (name == "llama-3.2-1b" || name == "llama-3.2-3b") {
-    const bool one = name == "llama-3.2-1b";
-    c.vocab_size = 128256;
-    c.hidden_size = one ? 2048 : 3072;
-    c.intermediate_size = one ? 8192 : 8192;
-    c.num_layers = one ? 16 : 28;
-    c.num_heads = one ? 32 : 24;
-    c.num_kv_heads = 8;
-    c.head_dim = 128;
-    c.max_position_embeddings = 131072;
-    c.rms_norm_eps = 1e-5;
-    c.rope.type = RopeConfig::Type::Llama3;
-    c.rope.theta = 500000.0;
-    c.rope.factor = 32.0;
-    c.rope.low_freq_factor = 1.0;
-    c.rope.high_freq_factor = 4.0;
-    c.rope.original_max_position_embeddings = 8192;
-    c.tie_word_embeddings = true;
-    c.bos_token_id = 128000;
-    c.eos_token_ids = {128001};
-  } else if (name == "llama-2-7b") {
-    c.vocab_size = 32000;
-    c.hidden_size = 4096;
-    c.intermediate_size = 11008;
-    c.num_layers = 32;
-    c.num_heads = 32;
-    c.num_kv_heads = 32;
-    c.head_dim = 128;
-    c.max_position_embeddings = 4096;
-    c.rms_norm_eps = 1e-5;
-    c.tie_word_embeddings = false;
-  } else {
-    throw Error("unknown --config '" + name + "' (known: llama-3.2-1b, llama-3.2-3b, llama-2-7b)");
-  }
-  return c;
-}
-
 namespace {
 
 constexpr int64_t kMaxEcRank = 128;  // the EC kernels' limit (also on a stack of ECs)

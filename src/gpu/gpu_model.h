@@ -78,8 +78,7 @@ struct SyntheticSpec {
   bool ec_full_gate = false;  // r×r gate (naive path only) instead of per-coordinate
   uint64_t seed = 1;
 };
-// Architectures by name: llama-3.2-1b, llama-3.2-3b, llama-2-7b (exact HF configs).
-ModelConfig named_config(const std::string& name);
+// Architectures by name: spear::named_config (io/model_config.h).
 
 struct GpuChunk {
   int slot = 0;             // which sequence (distinct per call, < max_batch)

@@ -224,3 +224,80 @@ json ModelConfig::to_json() const {
 }
 
 }  // namespace spear
+
+namespace spear {
+
+std::vector<std::string> named_config_names() {
+  return {"llama-3.2-1b", "llama-3.2-3b", "llama-3-8b", "llama-2-7b", "tiny"};
+}
+
+ModelConfig named_config(const std::string& name) {
+  ModelConfig c;
+  c.bos_token_id = 1;
+  c.eos_token_ids = {2};
+  c.dtype = "bfloat16";
+  c.rms_norm_eps = 1e-5;
+  if (name == "llama-3.2-1b" || name == "llama-3.2-3b") {
+    const bool one = name == "llama-3.2-1b";
+    c.vocab_size = 128256;
+    c.hidden_size = one ? 2048 : 3072;
+    c.intermediate_size = 8192;
+    c.num_layers = one ? 16 : 28;
+    c.num_heads = one ? 32 : 24;
+    c.num_kv_heads = 8;
+    c.head_dim = one ? 64 : 128;  // hidden_size / num_heads, as in the published configs
+    c.max_position_embeddings = 131072;
+    c.rope.type = RopeConfig::Type::Llama3;
+    c.rope.theta = 500000.0;
+    c.rope.factor = 32.0;
+    c.rope.low_freq_factor = 1.0;
+    c.rope.high_freq_factor = 4.0;
+    c.rope.original_max_position_embeddings = 8192;
+    c.tie_word_embeddings = true;
+    c.bos_token_id = 128000;
+    c.eos_token_ids = {128001};
+  } else if (name == "llama-3-8b") {
+    c.vocab_size = 128256;
+    c.hidden_size = 4096;
+    c.intermediate_size = 14336;
+    c.num_layers = 32;
+    c.num_heads = 32;
+    c.num_kv_heads = 8;
+    c.head_dim = 128;
+    c.max_position_embeddings = 8192;
+    c.rope.theta = 500000.0;  // plain RoPE: Llama 3 (not 3.1) has no rope_scaling
+    c.tie_word_embeddings = false;
+    c.bos_token_id = 128000;
+    c.eos_token_ids = {128001};
+  } else if (name == "llama-2-7b") {
+    c.vocab_size = 32000;
+    c.hidden_size = 4096;
+    c.intermediate_size = 11008;
+    c.num_layers = 32;
+    c.num_heads = 32;
+    c.num_kv_heads = 32;
+    c.head_dim = 128;
+    c.max_position_embeddings = 4096;
+    c.tie_word_embeddings = false;
+  } else if (name == "tiny") {
+    // For tests: every feature of the real ones (GQA, an untied head, widths that are
+    // multiples of 128 for grouped quantization) in ~0.5M parameters. The vocabulary is the
+    // shipped stories260K tokenizer's, whose <s> and </s> are 1 and 2.
+    c.vocab_size = 512;
+    c.hidden_size = 128;
+    c.intermediate_size = 384;
+    c.num_layers = 2;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 32;
+    c.max_position_embeddings = 2048;
+    c.tie_word_embeddings = false;
+  } else {
+    std::string known;
+    for (const std::string& n : named_config_names()) known += (known.empty() ? "" : ", ") + n;
+    throw Error("unknown config '" + name + "' (known: " + known + ")");
+  }
+  return c;
+}
+
+}  // namespace spear

@@ -51,4 +51,10 @@ struct ModelConfig {
   nlohmann::json to_json() const;
 };
 
+// Architectures by name, exact Hugging Face configs: llama-3.2-1b, llama-3.2-3b, llama-3-8b,
+// llama-2-7b; and "tiny" (a few MB: 2 layers, dim 128, GQA, untied head, vocab 512) for
+// tests. Throws spear::Error naming the known ones for any other name.
+ModelConfig named_config(const std::string& name);
+std::vector<std::string> named_config_names();
+
 }  // namespace spear

@@ -593,8 +593,13 @@ void write_all(int fd, const void* data, size_t n, const std::string& tmp) {
 
 }  // namespace
 
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// The header text of a file of these tensors (padded to a multiple of 8 bytes) and each
+// tensor's byte size. Throws for names given twice, the reserved name, overflowing sizes.
+std::string build_header(const std::string& path, const std::vector<TensorDecl>& tensors,
+                         const std::map<std::string, std::string>& metadata,
+                         std::vector<uint64_t>* sizes) {
   auto bad = [&](const std::string& why) -> Error {
     return Error("cannot write safetensors '" + path + "': " + why);
   };
@@ -604,8 +609,8 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     for (const auto& [k, v] : metadata) m[k] = v;
     header["__metadata__"] = std::move(m);
   }
-  std::vector<size_t> sizes;
-  sizes.reserve(tensors.size());
+  sizes->clear();
+  sizes->reserve(tensors.size());
   std::unordered_set<std::string> seen;
   uint64_t offset = 0;
   for (const auto& t : tensors) {
@@ -621,11 +626,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     if (__builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(t.dtype)), &nbytes) ||
         __builtin_add_overflow(offset, nbytes, &end))
       throw bad("tensor '" + t.name + "': byte size overflows");
-    if (nbytes > 0 && t.data == nullptr) throw bad("tensor '" + t.name + "' has no data");
     header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))},
                       {"shape", t.shape},
                       {"data_offsets", {offset, end}}};
-    sizes.push_back(static_cast<size_t>(nbytes));
+    sizes->push_back(nbytes);
     offset = end;
   }
   std::string text;
@@ -637,38 +641,88 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   // Padding keeps the data buffer 8-byte aligned in the file (and in a mapping).
   text.append((8 - text.size() % 8) % 8, ' ');
   if (text.size() > kMaxSafetensorsHeader) throw bad("header is larger than the format allows");
+  return text;
+}
 
+}  // namespace
+
+SafetensorsWriter::SafetensorsWriter(std::string path, const std::vector<TensorDecl>& tensors,
+                                     const std::map<std::string, std::string>& metadata)
+    : path_(std::move(path)) {
+  std::vector<uint64_t> sizes;
+  const std::string text = build_header(path_, tensors, metadata, &sizes);
+  for (uint64_t n : sizes) total_ += n;
+  header_bytes_ = 8 + text.size();
   static std::atomic<uint64_t> counter{0};
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
-                          std::to_string(counter.fetch_add(1));
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) throw bad("cannot create '" + tmp + "': " + errno_str());
+  tmp_ = path_ + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ < 0)
+    throw Error("cannot write safetensors '" + path_ + "': cannot create '" + tmp_ + "': " + errno_str());
   try {
     uint8_t len[8];
-    uint64_t n = text.size();
+    const uint64_t n = text.size();
     for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
-    write_all(fd, len, 8, tmp);
-    write_all(fd, text.data(), text.size(), tmp);
-    for (size_t i = 0; i < tensors.size(); ++i)
-      if (sizes[i]) write_all(fd, tensors[i].data, sizes[i], tmp);
-    if (::fsync(fd) != 0) throw bad("fsync of '" + tmp + "' failed: " + errno_str());
-    int rc = ::close(fd);
-    fd = -1;
-    if (rc != 0) throw bad("close of '" + tmp + "' failed: " + errno_str());
-    if (::rename(tmp.c_str(), path.c_str()) != 0)
-      throw bad("cannot rename '" + tmp + "' into place: " + errno_str());
+    write_all(fd_, len, 8, tmp_);
+    write_all(fd_, text.data(), text.size(), tmp_);
   } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
+    ::close(fd_);
+    ::unlink(tmp_.c_str());
     throw;
   }
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (committed_) return;
+  if (fd_ >= 0) ::close(fd_);
+  ::unlink(tmp_.c_str());
+}
+
+void SafetensorsWriter::write(const void* data, size_t n) {
+  SPEAR_CHECK(!committed_ && fd_ >= 0, "safetensors '" + path_ + "': write after commit");
+  if (n > total_ - written_)
+    throw Error("cannot write safetensors '" + path_ + "': more data than the header declares");
+  if (n) write_all(fd_, data, n, tmp_);
+  written_ += n;
+}
+
+void SafetensorsWriter::commit() {
+  auto bad = [&](const std::string& why) -> Error {
+    return Error("cannot write safetensors '" + path_ + "': " + why);
+  };
+  SPEAR_CHECK(!committed_ && fd_ >= 0, "safetensors '" + path_ + "': committed twice");
+  if (written_ != total_)
+    throw bad("the data buffer has " + std::to_string(written_) + " of the " + std::to_string(total_) +
+              " bytes the header declares");
+  if (::fsync(fd_) != 0) throw bad("fsync of '" + tmp_ + "' failed: " + errno_str());
+  const int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) throw bad("close of '" + tmp_ + "' failed: " + errno_str());
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0)
+    throw bad("cannot rename '" + tmp_ + "' into place: " + errno_str());
+  committed_ = true;
   // Persist the rename itself; failure here leaves a complete file either way.
-  fs::path dir = fs::path(path).parent_path();
+  fs::path dir = fs::path(path_).parent_path();
   int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorDecl> decls;
+  decls.reserve(tensors.size());
+  for (const auto& t : tensors) decls.push_back({t.name, t.dtype, t.shape});
+  // Checked before anything is created: every tensor with bytes has data.
+  std::vector<uint64_t> sizes;
+  build_header(path, decls, metadata, &sizes);
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (sizes[i] > 0 && tensors[i].data == nullptr)
+      throw Error("cannot write safetensors '" + path + "': tensor '" + tensors[i].name + "' has no data");
+  SafetensorsWriter w(path, decls, metadata);
+  for (size_t i = 0; i < tensors.size(); ++i) w.write(tensors[i].data, static_cast<size_t>(sizes[i]));
+  w.commit();
 }
 
 }  // namespace spear

@@ -125,4 +125,36 @@ struct TensorToWrite {
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata);
 
+// The name, dtype and shape of a tensor whose bytes come later (SafetensorsWriter).
+struct TensorDecl {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+};
+
+// A safetensors file written as a stream, for tensors that are never all in memory at once:
+// the header (every tensor declared up front) goes to "<path>.tmp.<pid>.<n>" at construction,
+// then write() appends the data buffer in order (any split of the tensors' bytes), and
+// commit() checks that exactly the declared bytes came, fsyncs and renames over `path`.
+// Destroyed without a commit (an error, an exception on the way), the temporary is removed
+// and `path` is untouched. Errors throw spear::Error naming the file.
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(std::string path, const std::vector<TensorDecl>& tensors,
+                    const std::map<std::string, std::string>& metadata);
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+  void write(const void* data, size_t n);
+  void commit();
+  uint64_t data_bytes() const { return total_; }     // the declared data buffer's size
+  uint64_t file_bytes() const { return header_bytes_ + total_; }
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+  uint64_t header_bytes_ = 0, total_ = 0, written_ = 0;
+  bool committed_ = false;
+};
+
 }  // namespace spear

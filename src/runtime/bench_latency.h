@@ -14,7 +14,7 @@ std::string_view latency_variant_name(LatencyVariant v);  // "fp16", "w4", "w4ec
 LatencyVariant parse_latency_variant(std::string_view s);  // throws for other names
 
 struct BenchLatencyOptions {
-  std::vector<std::string> configs = {"llama-3.2-1b"};  // named architectures (gpu/gpu_model.h)
+  std::vector<std::string> configs = {"llama-3.2-1b"};  // named architectures (io/model_config.h named_config)
   std::vector<LatencyVariant> variants;
   std::vector<int> batches, contexts, prefills;
   double ec_budget = 0.01;
