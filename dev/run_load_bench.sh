@@ -60,6 +60,10 @@ floor-w4)  # the W4 decode step only (no FP16 models), with the breakdown
   timeout 300 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8,32 \
     --contexts 512 --prefill 512 --autotune --breakdown --md "$OUT/floor-w4.md" >"$OUT/floor-w4.log" 2>&1
   echo "bench-latency floor-w4 rc=$?"; sed -n 1,14p "$OUT/floor-w4.md" ;;
+floor-1b)  # Llama-3.2-1B at its published shape (head_dim 64), all variants, with the breakdown at batch 1
+  timeout 240 $B/spear bench-latency --config llama-3.2-1b --variants fp16,w4,w4ec --batches 1,8,32 \
+    --contexts 512 --prefill 512,2048 --autotune --md "$OUT/floor-1b.md" >"$OUT/floor-1b.log" 2>&1
+  echo "bench-latency floor-1b rc=$?"; sed -n 1,32p "$OUT/floor-1b.md" ;;
 serve-profile)  # the serving loop's profile (bench-serve --profile) on the GPU: mixlm W4 and a 1B-shaped bf16 checkpoint
   serve_bench() {  # MODEL LABEL ARGS...
     local m=$1 label=$2; shift 2
