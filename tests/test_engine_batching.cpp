@@ -40,6 +40,19 @@ std::vector<std::vector<int32_t>> prompts(int n) {
   return out;
 }
 
+// The events a finished stream holds (taken under its lock).
+std::vector<TokenEvent> drain_all(RequestStream& st) {
+  std::vector<TokenEvent> evs;
+  std::lock_guard<std::mutex> lk(st.notifier().mu);
+  st.drain(evs);
+  return evs;
+}
+std::vector<int32_t> ids_of(const std::vector<TokenEvent>& evs) {
+  std::vector<int32_t> ids;
+  for (const TokenEvent& e : evs) ids.push_back(e.id);
+  return ids;
+}
+
 // Runs every prompt through the engine concurrently; returns generated ids.
 std::vector<std::vector<int32_t>> run_engine(EngineConfig ec, const std::vector<std::vector<int32_t>>& ps,
                                              int64_t max_tokens, Engine** out_engine = nullptr) {
@@ -60,12 +73,7 @@ std::vector<std::vector<int32_t>> run_engine(EngineConfig ec, const std::vector<
   std::vector<std::vector<int32_t>> out(ps.size());
   for (size_t i = 0; i < ps.size(); ++i) {
     EXPECT_TRUE(streams[i]->wait_finished(std::chrono::seconds(60)));
-    std::vector<TokenEvent> evs;
-    {
-      std::lock_guard<std::mutex> lk(streams[i]->notifier().mu);
-      streams[i]->drain(evs);
-    }
-    for (const TokenEvent& e : evs) out[i].push_back(e.id);
+    out[i] = ids_of(drain_all(*streams[i]));
     EXPECT_EQ(streams[i]->finish_reason(), FinishReason::Length);
   }
   EngineStats st = engine.stats();
@@ -142,14 +150,7 @@ TEST(EngineBatching, PreemptionByRecomputeKeepsResults) {
   ASSERT_EQ(engine.submit(std::move(reqs)), Engine::Submit::Ok);
   for (size_t i = 0; i < ps.size(); ++i) {
     ASSERT_TRUE(streams[i]->wait_finished(std::chrono::seconds(60)));
-    std::vector<TokenEvent> evs;
-    {
-      std::lock_guard<std::mutex> lk(streams[i]->notifier().mu);
-      streams[i]->drain(evs);
-    }
-    std::vector<int32_t> ids;
-    for (const TokenEvent& e : evs) ids.push_back(e.id);
-    EXPECT_EQ(ids, ref[i]) << "prompt " << i;
+    EXPECT_EQ(ids_of(drain_all(*streams[i])), ref[i]) << "prompt " << i;
   }
   EXPECT_GT(engine.stats().preemptions, 0);
   EXPECT_EQ(engine.stats().kv_blocks_used, 0);
@@ -262,14 +263,8 @@ TEST(EngineBatching, BackendArgmaxForGreedySteps) {
   ASSERT_EQ(engine.submit(std::move(reqs)), Engine::Submit::Ok);
   for (size_t i = 0; i < ps.size(); ++i) {
     ASSERT_TRUE(streams[i]->wait_finished(std::chrono::seconds(60)));
-    std::vector<TokenEvent> evs;
-    {
-      std::lock_guard<std::mutex> lk(streams[i]->notifier().mu);
-      streams[i]->drain(evs);
-    }
-    std::vector<int32_t> ids;
-    for (const TokenEvent& e : evs) ids.push_back(e.id);
-    EXPECT_EQ(ids, ref[i]) << "prompt " << i;
+    const std::vector<TokenEvent> evs = drain_all(*streams[i]);
+    EXPECT_EQ(ids_of(evs), ref[i]) << "prompt " << i;
     if (i == 5) {
       ASSERT_FALSE(evs.empty());
       EXPECT_TRUE(evs[0].has_logprob);
@@ -292,14 +287,7 @@ TEST(EngineBatching, BackendArgmaxForGreedySteps) {
     one.push_back(std::move(r));
     ASSERT_EQ(e2.submit(std::move(one)), Engine::Submit::Ok);
     ASSERT_TRUE(st->wait_finished(std::chrono::seconds(60)));
-    std::vector<TokenEvent> evs;
-    {
-      std::lock_guard<std::mutex> lk(st->notifier().mu);
-      st->drain(evs);
-    }
-    std::vector<int32_t> ids;
-    for (const TokenEvent& e : evs) ids.push_back(e.id);
-    EXPECT_EQ(ids, ref[0]);
+    EXPECT_EQ(ids_of(drain_all(*st)), ref[0]);
     e2.stop();
   }
   EXPECT_EQ(greedy_model.logit_steps, 0);  // the prefill wants its last row only: argmax too

@@ -18,24 +18,16 @@
 #include "io/safetensors.h"
 #include "model/load_hf.h"
 #include "model/random_checkpoint.h"
+#include "test_paths.h"
 
 namespace fs = std::filesystem;
 
 namespace spear {
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("spear_mk_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+// The checkpoint directory itself is left for make-checkpoint to create.
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("mk", /*create=*/false) {}
 };
 
 std::string slurp(const fs::path& p) {

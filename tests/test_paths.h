@@ -1,6 +1,8 @@
 #pragma once
 // Where tests find their inputs: the repository (always) and ../shared (optional,
 // for the larger model; tests needing it skip with a message when it is absent).
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <string>
@@ -23,5 +25,25 @@ inline std::string mixlm_dir() {
   if (s.empty() || !std::filesystem::exists(s + "/models/mixlm-19m/config.json")) return {};
   return s + "/models/mixlm-19m";
 }
+
+// A fresh path under the system temp dir (created as a directory unless create is false),
+// removed with everything in it at the end of the scope. tag names the test file.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& tag, bool create = true) {
+    static int counter = 0;
+    path = std::filesystem::temp_directory_path() /
+           ("spear_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path);
+    if (create) std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
 
 }  // namespace spear::test
