@@ -321,8 +321,8 @@ void Engine::step(double t_loop) {
   const double dt = t1 - t0;
   cost_.observe(plan.shape, dt);
   ++n_steps_;
-  StepRecord rec;
   if (observer_) {
+    StepRecord rec;
     rec.kind = plan.kind();
     rec.tokens = plan.shape.tokens;
     rec.seqs = plan.shape.seqs;
@@ -336,6 +336,7 @@ void Engine::step(double t_loop) {
     const StepModel::ForwardTimes ft = model_.last_forward_times();
     rec.device_s = ft.device_s;
     rec.copy_s = ft.copy_s;
+    observer_->on_step(rec);
   }
 
   const auto& eos = model_.config().eos_token_ids;
@@ -384,10 +385,7 @@ void Engine::step(double t_loop) {
              static_cast<int64_t>(s->tokens.size()) >= cfg_.max_model_len)
       finish(s, FinishReason::Length);
   }
-  if (observer_) {
-    rec.sample_s = steady_now() - t1;
-    observer_->on_step(rec);
-  }
+  if (observer_) observer_->on_step_sampled(steady_now() - t1);
 }
 
 }  // namespace spear

@@ -51,16 +51,21 @@ struct StepRecord {
   double seconds = 0, predicted_s = 0;  // the forward pass, and what the cost model predicted
   // The engine thread's time around it (wall seconds): scheduling, building the chunks,
   // the forward (= seconds; on a device backend split into device_s and copy_s when known,
-  // the rest is host work inside the backend), sampling and streaming the new tokens, and
-  // the loop's own work since the previous step (new requests, cancellations; not idling).
-  double schedule_s = 0, prepare_s = 0, sample_s = 0, other_s = 0;
+  // the rest is host work inside the backend), and the loop's own work since the previous
+  // step (new requests, cancellations; not idling). Sampling and streaming the new tokens
+  // come after (EngineObserver::on_step_sampled).
+  double schedule_s = 0, prepare_s = 0, other_s = 0;
   double device_s = -1, copy_s = -1;
 };
 
 // Observer hooks called on the engine thread (keep them cheap).
 struct EngineObserver {
   virtual ~EngineObserver() = default;
+  // After the forward, before any of the step's tokens is streamed (so a client that has
+  // its tokens sees the step counted).
   virtual void on_step(const StepRecord&) {}
+  // At the end of the step: seconds spent sampling and streaming its tokens.
+  virtual void on_step_sampled(double) {}
   virtual void on_request_done(const RequestRecord&) {}
   virtual void on_preemption() {}
 };

@@ -82,7 +82,6 @@ void Metrics::on_step(const StepRecord& s) {
   steps_by_kind_[s.kind]++;
   phase_s_["schedule"] += s.schedule_s;
   phase_s_["prepare"] += s.prepare_s;
-  phase_s_["sample"] += s.sample_s;
   phase_s_["other"] += s.other_s;
   if (s.device_s >= 0) {
     const double copy = std::max(0.0, s.copy_s);
@@ -96,6 +95,11 @@ void Metrics::on_step(const StepRecord& s) {
     step_abs_rel_err_sum_ += std::fabs(s.predicted_s - s.seconds) / s.seconds;
     step_err_n_++;
   }
+}
+
+void Metrics::on_step_sampled(double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  phase_s_["sample"] += seconds;
 }
 
 void Metrics::on_request_done(const RequestRecord& r) {

@@ -50,6 +50,7 @@ class Metrics final : public EngineObserver {
   Metrics();
   // EngineObserver (engine thread)
   void on_step(const StepRecord& s) override;
+  void on_step_sampled(double seconds) override;
   void on_request_done(const RequestRecord& r) override;
   void on_preemption() override {}
 
