@@ -12,7 +12,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
 B=$PWD/build-bin; D=$B/data
 export LD_LIBRARY_PATH=$B/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:$LD_LIBRARY_PATH
-export SPEAR_SHARED_DIR=$D OMP_WAIT_POLICY=passive
+export SPEAR_SHARED_DIR=$D OMP_WAIT_POLICY=passive SPEAR_CLI=$B/spear
 # the test binaries find models/ and data/ under the source path they were built in
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 ldd $B/spear | grep "not found"
@@ -83,6 +83,36 @@ serve-profile)  # the serving loop's profile (bench-serve --profile) on the GPU:
     [ -f /tmp/1b-w4.spear ] || $B/spear quantize --model $CK1 --out /tmp/1b-w4.spear >"$OUT/quantize1b.log" 2>&1
     serve_bench /tmp/1b-w4.spear 1b-w4 --requests 200 --input-len 512 --output-len 128 --rate inf
   fi ;;
+gate)  # issue 11: the calibrated r x r gate in the W4 kernel (w4ec-full) against the per-coordinate gate (w4ec)
+  # and separate launches (w4ec-naive), 7B and 1B, autotuned; then a calibrated mixlm artifact (calibrated
+  # here on the host's cores, few windows: speed, not quality) on CPU and GPU
+  timeout 300 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec,w4ec-full,w4ec-naive \
+    --batches 1,8,32 --contexts 512 --prefill 512 --autotune --md "$OUT/gate.md" >"$OUT/gate.log" 2>&1
+  echo "bench-latency gate rc=$?"; sed -n 1,32p "$OUT/gate.md"
+  [ -f $D/mixlm-ec.spear ] || /usr/bin/time -f "calibrate %e s, peak %M KB" $B/spear calibrate --model $MIX \
+    --quantized $D/mixlm-w4.spear --calib $D/wiki.test.tokens --calib-offset 200000 --calib-windows 16 --epochs 1 \
+    --budget 0.02 -q --out $D/mixlm-ec.spear 2>&1 | tail -2
+  for dev in cpu cuda; do
+    echo "ppl $dev mixlm-ec $($B/spear ppl --device $dev --model $D/mixlm-ec.spear --data $D/wiki.test.tokens --ctx 512 --max-windows 40 --json 2>>"$OUT/ppl.err")" | tee -a "$OUT/ppl.txt"
+  done ;;
+serve-sample)  # GPU sampling: a 1B-shaped checkpoint served greedy and sampled (temperature 1, top-p 0.9); mixlm W4 vs W4+EC
+  serve_one() {  # MODEL LABEL ARGS...
+    local m=$1 label=$2; shift 2
+    $B/spear serve --model "$m" --device cuda --port 8090 --max-batch 64 >"$OUT/serve-$label.log" 2>&1 &
+    local pid=$!
+    for i in $(seq 1 120); do curl -sf http://127.0.0.1:8090/health >/dev/null 2>&1 && break; sleep 1; done
+    timeout 150 $B/spear bench-serve --url http://127.0.0.1:8090 --profile --json "$OUT/bench-serve-$label.json" "$@" \
+      >"$OUT/bench-serve-$label.txt" 2>&1
+    echo "bench-serve $label rc=$?"; sed -n '/Successful/,/Output token/p;/Median TPOT/p;/Median TTFT/p;/Engine loop/,/engine steps/p' "$OUT/bench-serve-$label.txt"
+    kill -TERM $pid; wait $pid 2>/dev/null
+  }
+  CK1=/tmp/llama-3.2-1b-bf16
+  [ -d $CK1 ] || $B/spear make-checkpoint --config llama-3.2-1b --out $CK1 >"$OUT/make1b.log" 2>&1
+  serve_one $CK1 1b-greedy --requests 200 --input-len 512 --output-len 128 --rate inf
+  serve_one $CK1 1b-sampled --requests 200 --input-len 512 --output-len 128 --rate inf --temperature 1 --top-p 0.9
+  serve_one $D/mixlm-w4.spear mixlm-w4 --requests 200 --input-len 128 --output-len 64 --rate inf --temperature 1
+  [ -f $D/mixlm-ec.spear ] && serve_one $D/mixlm-ec.spear mixlm-ec --requests 200 --input-len 128 --output-len 64 --rate inf --temperature 1
+  ;;
 heuristic)  # the dispatcher without a table (what ppl/generate/serve get untuned), and --autotune's saved table
   timeout 200 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec --batches 1,8 --contexts 512 \
     --prefill 512 --md "$OUT/heuristic.md" >"$OUT/heuristic.log" 2>&1

@@ -209,31 +209,37 @@ TEST(EngineBatching, RejectsRequestsThatCanNeverRun) {
 }
 
 namespace {
-// A backend that picks greedy tokens itself (as the GPU backend does on the device): the
-// CPU engine's logits, then the argmax of each chunk's last row. Counts its use.
-class ArgmaxStepModel final : public StepModel {
+// A backend that draws tokens itself (as the GPU backend does on the device): the CPU
+// engine's logits, then each chunk's last row drawn by Sampler::sample_at with the draw
+// the engine asks for. Counts its use.
+class DrawingStepModel final : public StepModel {
  public:
-  explicit ArgmaxStepModel(const LlamaModel& m) : cpu_(m) {}
+  explicit DrawingStepModel(const LlamaModel& m) : cpu_(m) {}
   const ModelConfig& config() const override { return cpu_.config(); }
   void forward(std::span<const SeqChunk> chunks, float* logits) override {
     ++logit_steps;
     cpu_.forward(chunks, logits);
   }
-  bool has_forward_argmax() const override { return true; }
-  void forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) override {
-    ++argmax_steps;
+  bool has_forward_sample() const override { return true; }
+  void forward_sample(std::span<const SeqChunk> chunks, std::span<const DrawSpec> draws, int32_t* ids) override {
+    ++sample_steps;
     const int64_t V = config().vocab_size;
     std::vector<float> rows(chunks.size() * V);
     for (const SeqChunk& c : chunks) EXPECT_FALSE(c.all_logits);
+    EXPECT_EQ(draws.size(), chunks.size());
     cpu_.forward(chunks, rows.data());
-    for (size_t i = 0; i < chunks.size(); ++i) ids[i] = argmax(rows.data() + i * V, V);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      EXPECT_FALSE(draws[i].params.has_penalties());
+      Sampler s(draws[i].params);
+      ids[i] = s.sample_at(rows.data() + i * V, V, draws[i].draw);
+    }
   }
   EcInventory ec_inventory() const override { return cpu_.ec_inventory(); }
   bool host_kv() const override { return cpu_.host_kv(); }
   void profile_ec(const EcInventory& inv, CostModel& cm) override { cpu_.profile_ec(inv, cm); }
-  std::string device() const override { return "cpu (argmax backend)"; }
+  std::string device() const override { return "cpu (drawing backend)"; }
   std::vector<std::pair<std::string, int64_t>> memory_by_use() const override { return cpu_.memory_by_use(); }
-  int argmax_steps = 0, logit_steps = 0;
+  int sample_steps = 0, logit_steps = 0;
 
  private:
   CpuStepModel cpu_;
@@ -245,7 +251,7 @@ class ArgmaxStepModel final : public StepModel {
 TEST(EngineBatching, BackendArgmaxForGreedySteps) {
   auto ps = prompts(6);
   auto ref = reference(ps, 12);
-  ArgmaxStepModel model(*tiny());
+  DrawingStepModel model(*tiny());
   Engine engine(model, base_config());
   engine.start();
   std::vector<std::shared_ptr<RequestStream>> streams;
@@ -273,7 +279,7 @@ TEST(EngineBatching, BackendArgmaxForGreedySteps) {
   engine.stop();
   EXPECT_GT(model.logit_steps, 0);  // the steps with the logprobs request in the batch
   // Without the logprobs request every decode step goes through the backend's argmax.
-  ArgmaxStepModel greedy_model(*tiny());
+  DrawingStepModel greedy_model(*tiny());
   {
     Engine e2(greedy_model, base_config());
     e2.start();
@@ -291,5 +297,58 @@ TEST(EngineBatching, BackendArgmaxForGreedySteps) {
     e2.stop();
   }
   EXPECT_EQ(greedy_model.logit_steps, 0);  // the prefill wants its last row only: argmax too
-  EXPECT_EQ(greedy_model.argmax_steps, 12);
+  EXPECT_EQ(greedy_model.sample_steps, 12);
+}
+
+// Seeded sampling gives the same tokens whether the backend draws them (on the device) or
+// the engine draws from host logits, and whatever shares the batch: the draw is a function
+// of (seed, output position) alone. A penalized request in the batch sends its steps
+// through the logits path.
+TEST(EngineBatching, SeededSamplingIndependentOfPathAndBatch) {
+  auto ps = prompts(4);
+  auto run = [&](StepModel& model, bool with_penalized) {
+    Engine engine(model, base_config());
+    engine.start();
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    std::vector<EngineRequest> reqs;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      EngineRequest r;
+      r.prompt = ps[i];
+      r.max_tokens = 10;
+      r.ignore_eos = true;
+      r.sampling.temperature = 0.9f;
+      r.sampling.top_k = 20;
+      r.sampling.top_p = 0.9f;
+      r.sampling.seed = 100 + i;
+      r.stream = std::make_shared<RequestStream>();
+      streams.push_back(r.stream);
+      reqs.push_back(std::move(r));
+    }
+    if (with_penalized) {
+      EngineRequest r;
+      r.prompt = ps[0];
+      r.max_tokens = 10;
+      r.sampling.temperature = 1.0f;
+      r.sampling.repetition_penalty = 1.3f;
+      r.stream = std::make_shared<RequestStream>();
+      reqs.push_back(std::move(r));
+    }
+    EXPECT_EQ(engine.submit(std::move(reqs)), Engine::Submit::Ok);
+    std::vector<std::vector<int32_t>> out;
+    for (auto& st : streams) {
+      EXPECT_TRUE(st->wait_finished(std::chrono::seconds(60)));
+      out.push_back(ids_of(drain_all(*st)));
+    }
+    engine.stop();
+    return out;
+  };
+  CpuStepModel host(*tiny());
+  DrawingStepModel drawing(*tiny()), mixed(*tiny());
+  const auto a = run(host, false), b = run(drawing, false), c = run(mixed, true);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a, c);
+  EXPECT_GT(drawing.sample_steps, 0);
+  EXPECT_EQ(drawing.logit_steps, 0);
+  EXPECT_GT(mixed.logit_steps, 0);
+  for (const auto& ids : a) EXPECT_EQ(ids.size(), 10u);
 }

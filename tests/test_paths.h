@@ -10,7 +10,12 @@
 namespace spear::test {
 
 inline std::string source_dir() { return SPEAR_SOURCE_DIR; }
-inline std::string cli_path() { return SPEAR_CLI_PATH; }
+// The spear binary: $SPEAR_CLI (a binary carried elsewhere, e.g. to the GPU machine), else
+// the one built next to the tests.
+inline std::string cli_path() {
+  if (const char* e = std::getenv("SPEAR_CLI"); e && *e) return e;
+  return SPEAR_CLI_PATH;
+}
 inline std::string tiny_model_dir() { return source_dir() + "/models/stories260K-hf"; }
 inline std::string data_dir() { return source_dir() + "/data"; }
 

@@ -32,7 +32,7 @@ void register_bench_latency(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench-latency",
                                  "GPU decode/prefill latency at real model sizes (random weights made on the GPU)");
   struct Opts {
-    std::string configs = "llama-3.2-1b", variants = "fp16,w4,w4ec-naive,w4ec";
+    std::string configs = "llama-3.2-1b", variants = "fp16,w4,w4ec-naive,w4ec,w4ec-full";
     std::string batches = "1,8,32", contexts = "512,2048", prefill = "512,2048";
     double ec_budget = 0.01;
     int ec_rank = 32, group = 0, iters = 20, dequant_mb = 256;
@@ -42,7 +42,7 @@ void register_bench_latency(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   cmd->add_option("--config", o->configs, "Named architectures, comma-separated: llama-3.2-1b, llama-3.2-3b, llama-3-8b, llama-2-7b, tiny")
       ->capture_default_str();
-  cmd->add_option("--variants", o->variants, "fp16, w4, w4ec-naive, w4ec (comma-separated)")->capture_default_str();
+  cmd->add_option("--variants", o->variants, "fp16, w4, w4ec-naive, w4ec (per-coordinate gate), w4ec-full (r×r gate, fused) (comma-separated)")->capture_default_str();
   cmd->add_option("--batches", o->batches, "Decode batch sizes")->capture_default_str();
   cmd->add_option("--contexts", o->contexts, "Decode context lengths")->capture_default_str();
   cmd->add_option("--prefill", o->prefill, "Prefill lengths")->capture_default_str();

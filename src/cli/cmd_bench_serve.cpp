@@ -29,6 +29,10 @@ void register_bench_serve(CLI::App& app) {
   cmd->add_option("--output-len", o->cfg.output_len, "Generated tokens")->capture_default_str();
   cmd->add_option("--range-ratio", o->cfg.range_ratio, "Sample lengths uniformly in len*(1 +- r)")->capture_default_str();
   cmd->add_option("--seed", o->cfg.seed, "Workload seed")->capture_default_str();
+  cmd->add_option("--temperature", o->cfg.temperature, "Sampling temperature of every request (0: greedy)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 100.0));
+  cmd->add_option("--top-p", o->cfg.top_p, "Nucleus mass of every request")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--slo-ttft-ms", o->cfg.slo_ttft_ms, "TTFT SLO for goodput")->capture_default_str();
   cmd->add_option("--slo-tpot-ms", o->cfg.slo_tpot_ms, "TPOT SLO for goodput")->capture_default_str();
   cmd->add_option("--timeout", o->cfg.timeout_s, "Per-request timeout, seconds")->capture_default_str();

@@ -28,9 +28,13 @@ enum class Act : int { kF16 = 0, kBF16 = 1 };
 // The EC gate, applied per rank coordinate j to u = A x (per token):
 //   kIdentity: v_j = u_j                      (a static low-rank correction)
 //   kSigmoid2: v_j = 2 sigmoid(g_j u_j + c_j) u_j   (= u_j when g = c = 0)
+//   kFull:     v_j = (1 + tanh(sum_l G_jl u_l + c_j)) u_j   (calibration's gate,
+//              model/ec_params.h; kSigmoid2 is its diagonal case with g_j = 2 G_jj and c_j
+//              doubled, since 1 + tanh(s) = 2 sigmoid(2 s))
 // Pluggable: a new elementwise gate is one more enum value and one case in apply_gate
-// (w4a16_device.cuh).
-enum class Gate : int { kIdentity = 0, kSigmoid2 = 1 };
+// (w4a16_device.cuh); kFull is applied to whole rows of u (gate_full_rows) once u is
+// complete: in the fused epilogue, or by a small in-place kernel before a split GEMM.
+enum class Gate : int { kIdentity = 0, kSigmoid2 = 1, kFull = 2 };
 
 // A 4-bit weight matrix on the device, in GpuW4Layout's layout.
 struct W4Matrix {
@@ -48,8 +52,9 @@ struct W4Matrix {
 struct EcTerm {
   const void* a = nullptr;         // A (r, K) as repack_ec_a: (r_pad/16, K_pad/64, 4, 32, 8), 16-byte aligned
   const void* b = nullptr;         // B (N, r) as repack_ec_b: (N_pad, r_pad) row-major, 16-byte aligned
-  const float* gate_g = nullptr;   // (r_pad) fp32; needed for kSigmoid2 (padding: 0)
-  const float* gate_c = nullptr;   // (r_pad) fp32
+  const float* gate_g = nullptr;   // kSigmoid2: g (r_pad) fp32; kFull: G (r_pad, r_pad) row-major fp32
+                                   // (padding: 0); unused by kIdentity
+  const float* gate_c = nullptr;   // (r_pad) fp32 (padding: 0)
   int r = 0, r_pad = 0;            // r_pad = 16 ceil(r / 16) <= 128
   Gate gate = Gate::kSigmoid2;
 };
@@ -173,7 +178,8 @@ class W4A16Dispatcher {
 // ---- device copies of the CPU layouts (convenience; not needed by the kernels) --------
 cudaError_t w4_upload(const spear::GpuW4Layout& l, W4Matrix* out);  // cudaMalloc + copy
 void w4_free(W4Matrix* w);
-// a_tiled/b_padded from repack_ec_a/_b; g/c: r values (padded with 0 to r_pad).
+// a_tiled/b_padded from repack_ec_a/_b; g/c: r values (padded with 0 to r_pad); with
+// Gate::kFull, g is G (r, r) row-major (padded with 0 to (r_pad, r_pad)).
 cudaError_t ec_upload(const std::vector<uint16_t>& a_tiled, const std::vector<uint16_t>& b_padded,
                       const float* g, const float* c, int r, Gate gate, EcTerm* out);
 void ec_free(EcTerm* ec);

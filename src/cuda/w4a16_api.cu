@@ -80,7 +80,7 @@ bool ec_ok(const EcTerm* ec, const W4Matrix& w) {
   if (!ec) return true;
   if (!ec->a || !ec->b || ec->r <= 0 || ec->r_pad != round_up(ec->r, 16) || ec->r_pad > 128) return false;
   if (reinterpret_cast<uintptr_t>(ec->a) % 16 || reinterpret_cast<uintptr_t>(ec->b) % 16) return false;
-  if (ec->gate == Gate::kSigmoid2) return ec->gate_g && ec->gate_c;
+  if (ec->gate == Gate::kSigmoid2 || ec->gate == Gate::kFull) return ec->gate_g && ec->gate_c;
   return ec->gate == Gate::kIdentity;
 }
 
@@ -188,8 +188,16 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
   cudaError_t e;
   DecodeParams d = decode_params(x, ldx, M, w, ec, y, ldy, L);
 
-  if (ec && mode == EcMode::kSplit)  // u = A x for all M tokens first
+  if (ec && mode == EcMode::kSplit) {  // u = A x for all M tokens first
     if ((e = launch_split_u<T>(d, L.u_split, stream)) != cudaSuccess) return e;
+    // The full gate: the decode kernel applies it to the rows of u it reads (as fused); for
+    // the prefill kernel, u -> gamma(u) * u in place first, then it adds B u as it is.
+    if (ec->gate == Gate::kFull && cfg.kernel == Kernel::kPrefill) {
+      if ((e = detail::launch_ec_gate_full(L.u_split, M, ec->r_pad, ec->gate_g, ec->gate_c, stream)) != cudaSuccess)
+        return e;
+      d.gate = static_cast<int>(Gate::kIdentity);
+    }
+  }
 
   if (cfg.kernel == Kernel::kPrefill) {
     PrefillParams pp{};
@@ -216,6 +224,9 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
       pp.gate = d.gate;
       pp.r_pad = ec->r_pad;
     }
+    pp.splits = cfg.splits;
+    pp.ws_y = L.ws_y;
+    pp.ws_cnt = L.cnt;
     return detail::launch_prefill<T>(pp, cfg.bm, w.group != 0, stream);
   }
 
@@ -251,9 +262,14 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
   return cudaSuccess;
 }
 
-// Scratch of the dequant path: v (max_m, r_pad) in 16-bit, then `rows` expanded rows of K_pad.
+// Scratch of the dequant path: with an EC, v (max_m, r_pad) in 16-bit and A (r_pad, K_pad)
+// row-major in 16-bit (untiled from the kernel layout, for cuBLAS); then `rows` expanded rows
+// of K_pad.
 size_t dequant_v_bytes(int max_m, const EcTerm* ec) {
   return ec ? align256(2 * static_cast<size_t>(std::max(max_m, 1)) * ec->r_pad) : 0;
+}
+size_t dequant_ec_bytes(int max_m, const W4Matrix& w, const EcTerm* ec) {
+  return ec ? dequant_v_bytes(max_m, ec) + align256(2 * static_cast<size_t>(ec->r_pad) * w.K_pad) : 0;
 }
 int dequant_rows(int rows, const W4Matrix& w) {
   return rows <= 0 ? w.N_pad : static_cast<int>(std::min<int64_t>(round_up(rows, 16), w.N_pad));
@@ -264,7 +280,7 @@ cudaError_t dequant_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, 
                           int rows_req, cublasHandle_t blas, void* scratch, size_t scratch_bytes, void* ws,
                           cudaStream_t stream) {
   constexpr cudaDataType_t kType = std::is_same_v<T, __half> ? CUDA_R_16F : CUDA_R_16BF;
-  const size_t v_bytes = dequant_v_bytes(M, ec);
+  const size_t v_bytes = dequant_ec_bytes(M, w, ec);
   const size_t row_bytes = 2 * static_cast<size_t>(w.K_pad);
   // rows per chunk: as asked (0: all), then as many as the scratch holds
   int rows = dequant_rows(rows_req, w);
@@ -291,9 +307,23 @@ cudaError_t dequant_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, 
   if (!ec) return cudaSuccess;
   WsLayout L(ws, w, ec);
   DecodeParams d = decode_params(x, ldx, M, w, ec, y, ldy, L);
-  if ((e = launch_split_u<T>(d, L.u_split, stream)) != cudaSuccess) return e;
-  if ((e = detail::launch_ec_gate_cast<T>(L.u_split, M, ec->r_pad, static_cast<int>(ec->gate), ec->gate_g,
-                                          ec->gate_c, v, stream)) != cudaSuccess)
+  // u (M, r_pad) f32 = x A^T by cuBLAS over A untiled to row-major (the split u kernel's
+  // atomics cost more than the GEMM at prefill sizes); column-major view: (r_pad, M).
+  T* a_rows = reinterpret_cast<T*>(static_cast<char*>(scratch) + dequant_v_bytes(M, ec));
+  if ((e = detail::launch_ec_a_untile(static_cast<const uint16_t*>(ec->a), ec->r_pad, w.K_pad,
+                                      reinterpret_cast<uint16_t*>(a_rows), stream)) != cudaSuccess)
+    return e;
+  st = cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, ec->r_pad, M, w.K, &one, a_rows, kType, w.K_pad, x, kType,
+                    static_cast<int>(ldx), &zero, L.u_split, CUDA_R_32F, ec->r_pad, CUBLAS_COMPUTE_32F,
+                    CUBLAS_GEMM_DEFAULT);
+  if (st != CUBLAS_STATUS_SUCCESS) return cudaErrorLaunchFailure;
+  if (ec->gate == Gate::kFull) {  // gamma(u) * u in place, then a plain cast
+    if ((e = detail::launch_ec_gate_full(L.u_split, M, ec->r_pad, ec->gate_g, ec->gate_c, stream)) != cudaSuccess)
+      return e;
+    d.gate = static_cast<int>(Gate::kIdentity);
+  }
+  if ((e = detail::launch_ec_gate_cast<T>(L.u_split, M, ec->r_pad, d.gate, ec->gate_g, ec->gate_c, v, stream)) !=
+      cudaSuccess)
     return e;
   // y (column-major (N, M)) += B (N_pad, r_pad) row-major [= (r_pad, N) column-major, transposed] v^T
   st = cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, w.N, M, ec->r_pad, &one, ec->b, kType, ec->r_pad, v, kType,
@@ -308,7 +338,7 @@ std::string KernelConfig::str() const {
   if (kernel == Kernel::kDecode)
     o << "decode nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits << (bulk ? " bulk=1" : "");
   else if (kernel == Kernel::kPrefill)
-    o << "prefill bm=" << bm;
+    o << "prefill bm=" << bm << (splits > 1 ? " splits=" + std::to_string(splits) : std::string());
   else
     o << "dequant" << (rows > 0 ? " rows=" + std::to_string(rows) : std::string());
   o << " ec=" << (ec == EcMode::kFused ? "fused" : "split");
@@ -379,7 +409,9 @@ bool w4a16_config_ok(const KernelConfig& c, const void* x, int64_t ldx, int M, c
   if (M < 0 || !weights_ok(w) || !ec_ok(ec, w)) return false;
   if (ec && (ec->r_pad != 0) && false) return false;
   const int KU = w.K_pad / kGpuKUnit;
-  if (c.kernel == Kernel::kPrefill) return (c.bm == 64 || c.bm == 128) && x_vec_ok(x, ldx, w.K);
+  if (c.kernel == Kernel::kPrefill)  // split-K needs one token tile (the workspace holds kFusedMaxM rows)
+    return (c.bm == 64 || c.bm == 128) && x_vec_ok(x, ldx, w.K) && c.splits >= 1 && c.splits <= KU &&
+           (c.splits == 1 || M <= std::min(c.bm, kFusedMaxM));
   if (c.kernel == Kernel::kDequant) return c.rows >= 0 && c.rows % 16 == 0;
   if (c.kernel != Kernel::kDecode) return false;
   const bool nt_ok = c.nt == 1 || c.nt == 2 || c.nt == 4;
@@ -405,7 +437,7 @@ cudaError_t w4a16_gemm(Act act, const void* x, int64_t ldx, int M, const W4Matri
 }
 
 size_t w4a16_dequant_scratch_bytes(int rows, int max_m, const W4Matrix& w, const EcTerm* ec) {
-  return dequant_v_bytes(max_m, ec) + 2 * static_cast<size_t>(dequant_rows(rows, w)) * w.K_pad;
+  return dequant_ec_bytes(max_m, w, ec) + 2 * static_cast<size_t>(dequant_rows(rows, w)) * w.K_pad;
 }
 
 cudaError_t w4a16_gemm_dequant(Act act, const void* x, int64_t ldx, int M, const W4Matrix& w, const EcTerm* ec,
@@ -624,6 +656,11 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
       c.bm = bm;
       c.ec = EcMode::kSplit;
       cands.push_back(c);
+      if (bm == 64 && M <= 64)  // one token tile: split-K fills the GPU
+        for (int splits : {2, 3, 4, 6, 8}) {
+          c.splits = splits;
+          cands.push_back(c);
+        }
     }
   if (blas_ && M >= 32)  // dequantize + cuBLAS, whole matrix or in chunks (L2-sized at 4096 x 4096)
     for (int rows : {0, 8192, 4096, 2048}) {
@@ -741,16 +778,21 @@ cudaError_t ec_upload(const std::vector<uint16_t>& a_tiled, const std::vector<ui
   cudaError_t e;
   if ((e = cudaMalloc(&a, a_tiled.size() * 2)) != cudaSuccess) return e;
   if ((e = cudaMalloc(&b, b_padded.size() * 2)) != cudaSuccess) return e;
-  if ((e = cudaMalloc(&gg, t.r_pad * sizeof(float))) != cudaSuccess) return e;
+  const bool full = gate == Gate::kFull;
+  const size_t g_count = full ? static_cast<size_t>(t.r_pad) * t.r_pad : static_cast<size_t>(t.r_pad);
+  if ((e = cudaMalloc(&gg, g_count * sizeof(float))) != cudaSuccess) return e;
   if ((e = cudaMalloc(&gc, t.r_pad * sizeof(float))) != cudaSuccess) return e;
-  std::vector<float> hg(t.r_pad, 0.f), hc(t.r_pad, 0.f);
+  std::vector<float> hg(g_count, 0.f), hc(t.r_pad, 0.f);
   for (int j = 0; j < r; ++j) {
-    hg[j] = g ? g[j] : 0.f;
+    if (full)
+      for (int l = 0; l < r; ++l) hg[static_cast<size_t>(j) * t.r_pad + l] = g ? g[static_cast<size_t>(j) * r + l] : 0.f;
+    else
+      hg[j] = g ? g[j] : 0.f;
     hc[j] = c ? c[j] : 0.f;
   }
   cudaMemcpy(a, a_tiled.data(), a_tiled.size() * 2, cudaMemcpyHostToDevice);
   cudaMemcpy(b, b_padded.data(), b_padded.size() * 2, cudaMemcpyHostToDevice);
-  cudaMemcpy(gg, hg.data(), t.r_pad * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemcpy(gg, hg.data(), g_count * sizeof(float), cudaMemcpyHostToDevice);
   if ((e = cudaMemcpy(gc, hc.data(), t.r_pad * sizeof(float), cudaMemcpyHostToDevice)) != cudaSuccess) return e;
   t.a = a;
   t.b = b;

@@ -62,6 +62,43 @@ __global__ void ec_gate_cast_kernel(const float* __restrict__ u, int M, int r_pa
   v[i] = Traits<T>::from_f(apply_gate(gate, u[i], gg, gc, i % r_pad));
 }
 
+// A (r_pad, K_pad) row-major from the kernel's fragment-tiled layout (quant/gpu_layout.h,
+// gpu_ec_a_index: element (j, k) at (((ja KB + kb) 4 + s) 32 + lane) 8 + 2 r + h with, inside
+// the 16 x 64 tile, g = j % 8, rb0 = j / 8 % 2, q = k / 16, s = k % 16 / 4, rb1 = k % 4 / 2,
+// h = k % 2, lane = 4 g + q, r = rb0 + 2 rb1). One thread per element; padding stays 0.
+__global__ void ec_a_untile_kernel(const uint16_t* __restrict__ tiled, int r_pad, int K_pad, uint16_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(r_pad) * K_pad) return;
+  const int j = static_cast<int>(i / K_pad), k = static_cast<int>(i % K_pad);
+  const int jr = j % 16, kr = k % 64, KB = K_pad / 64;
+  const int g = jr % 8, rb0 = jr / 8, q = kr / 16, rem = kr % 16;
+  const int s = rem / 4, rb1 = (rem % 4) / 2, h = rem % 2;
+  const int lane = g * 4 + q, r = rb0 + 2 * rb1;
+  const int64_t src = ((((static_cast<int64_t>(j / 16) * KB + k / 64) * 4 + s) * 32 + lane) * 8) + 2 * r + h;
+  out[i] = tiled[src];
+}
+
+inline cudaError_t launch_ec_a_untile(const uint16_t* tiled, int r_pad, int K_pad, uint16_t* out, cudaStream_t s) {
+  const int64_t n = static_cast<int64_t>(r_pad) * K_pad;
+  if (n <= 0) return cudaSuccess;
+  ec_a_untile_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(tiled, r_pad, K_pad, out);
+  return cudaGetLastError();
+}
+
+// Split EC with the full gate: u (M, r_pad) f32 -> gamma(u) * u in place, one block per
+// 8 token rows (the consumers then apply the identity gate).
+__global__ void ec_gate_full_kernel(float* __restrict__ u, int M, int r_pad, const float* G, const float* c) {
+  constexpr int kRows = 8;
+  const int t0 = blockIdx.x * kRows;
+  gate_full_rows(u + static_cast<int64_t>(t0) * r_pad, min(kRows, M - t0), r_pad, G, c, threadIdx.x, blockDim.x);
+}
+
+inline cudaError_t launch_ec_gate_full(float* u, int M, int r_pad, const float* G, const float* c, cudaStream_t s) {
+  if (M <= 0) return cudaSuccess;
+  ec_gate_full_kernel<<<(M + 7) / 8, 256, 0, s>>>(u, M, r_pad, G, c);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_dequant(const uint4* qw, const float* scales, const uint8_t* zeros, int KB, int N_pad, int group,
                            int row0, int rows, T* out, int64_t ld, cudaStream_t s) {

@@ -175,12 +175,58 @@ __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, unsigned
 // The EC gate on one rank coordinate: v = gamma(u) * u.
 //   kind 0 (identity): gamma = 1;  kind 1 (sigmoid2): gamma = 2 sigmoid(g u + c)
 // (gamma = 1 when g = c = 0). New elementwise gates are added here and in Gate (w4a16.h).
+// kind 2 (full) mixes coordinates and is not elementwise: gate_full_rows below; callers
+// apply it before apply_gate sees the values (which then takes them as they are).
+constexpr int kGateFull = 2;  // Gate::kFull (w4a16.h)
 __device__ __forceinline__ float apply_gate(int kind, float u, const float* gg, const float* gc, int j) {
   if (kind == 1) {
     const float z = gg[j] * u + gc[j];
     return 2.0f * u / (1.0f + __expf(-z));
   }
   return u;
+}
+
+// The full gate (Gate::kFull), in place on rows of u held by one block (shared or global
+// memory): for each row t, v_j = (1 + tanh(sum_l G[j][l] u_l + c_j)) u_j, G (r_pad, r_pad)
+// row-major, c (r_pad), zero padding (so padded coordinates stay 0). Every thread of the
+// block must call it (it synchronizes). Each pass computes up to 4 values per thread into
+// registers from the unchanged rows, then, after a barrier, writes them back.
+// Cost: r_pad multiply-adds per value; with r_pad <= 128 and decode-sized M this is a few
+// thousand per block, next to nothing beside the weight stream.
+__device__ __forceinline__ void gate_full_rows(float* u, int rows, int r_pad, const float* __restrict__ G,
+                                               const float* __restrict__ c, int tid, int nthreads) {
+  constexpr int kPer = 4;
+  const int total = rows * r_pad;
+  for (int base = 0; base < total; base += kPer * nthreads) {  // same trip count in every thread
+    float out[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = base + k * nthreads + tid;
+      out[k] = 0.f;
+      if (i < total) {
+        const int j = i % r_pad;
+        const float* ut = u + (i - j);
+        const float* gj = G + static_cast<int64_t>(j) * r_pad;
+        // r_pad is a multiple of 16: four independent partial sums, loads issued ahead
+        float s0 = __ldg(c + j), s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll 4
+        for (int l = 0; l < r_pad; l += 4) {
+          s0 = fmaf(__ldg(gj + l), ut[l], s0);
+          s1 = fmaf(__ldg(gj + l + 1), ut[l + 1], s1);
+          s2 = fmaf(__ldg(gj + l + 2), ut[l + 2], s2);
+          s3 = fmaf(__ldg(gj + l + 3), ut[l + 3], s3);
+        }
+        out[k] = (1.0f + tanhf((s0 + s1) + (s2 + s3))) * ut[j];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = base + k * nthreads + tid;
+      if (i < total) u[i] = out[k];
+    }
+    __syncthreads();
+  }
 }
 
 }  // namespace spear::cuda::detail

@@ -464,9 +464,12 @@ __global__ void __launch_bounds__(256) w4_decode_kernel(const DecodeParams p) {
     }
     for (int i = tid; i < p.M * p.r_pad; i += blockDim.x) {
       const float uu = __ldcg(&p.u[i]);
-      vsm[i] = apply_gate(p.gate, uu, p.gate_g, p.gate_c, i % p.r_pad);
+      vsm[i] = apply_gate(p.gate, uu, p.gate_g, p.gate_c, i % p.r_pad);  // kFull: u as it is
     }
     __syncthreads();  // also: this block's reads of u are complete
+    // the full gate mixes the r coordinates of a token: on the whole rows, now in vsm
+    // (split mode gets u already gated: run_typed sets the identity gate then)
+    if (p.gate == kGateFull) gate_full_rows(vsm, p.M, p.r_pad, p.gate_g, p.gate_c, tid, blockDim.x);
     // Fused: count this block as a reader of u; the last reader zeroes u and the counters.
     if (p.ec == 1 && tid == 0) seen = atomicAdd(&p.ctrl[2], 1u);
   }
@@ -499,6 +502,11 @@ __global__ void __launch_bounds__(256) ec_u_kernel(const DecodeParams p) {
 // ---------------------------------------------------------------------------------------
 // Prefill: block tile 128 outputs (8 blocks of 16) x BM tokens, 128 of K per stage,
 // STAGES-deep cp.async pipeline, 8 warps as 2 (outputs, 64 each) x 4 (tokens, BM/4 each).
+// Split-K (splits > 1, one token tile: M <= 64): blockIdx.z takes 1/splits of the K units;
+// every block adds its scaled partial sums into ws_y (fp32, zero between calls), and the
+// last of a tile's splits to arrive (ws_cnt) takes the totals back, zeroes ws_y and its
+// counter, and runs the epilogue (EC, store). At M = 16..64 the plain grid holds N/128
+// blocks, fewer than the SMs for most Llama shapes; splits fill the GPU.
 struct PrefillParams {
   const void* x;
   int64_t ldx;
@@ -515,6 +523,9 @@ struct PrefillParams {
   const float* gate_g;
   const float* gate_c;
   int gate, r_pad;
+  int splits;        // K splits (blockIdx.z); 1 = none
+  float* ws_y;       // splits > 1: (M, N_pad) partial sums, zero between calls
+  unsigned* ws_cnt;  // splits > 1: arrival counter per 128-output tile, zero between calls
 };
 
 constexpr int kPrefillStages = 4;
@@ -577,23 +588,29 @@ __global__ void __launch_bounds__(256, 1) w4_prefill_kernel(const PrefillParams 
       }
     }
   };
-  load_meta(0);
+  // this block's K units: [u_begin, u_end)
+  const int ks = blockIdx.z;
+  const int u_begin = static_cast<int>(static_cast<int64_t>(p.KU) * ks / p.splits);
+  const int u_end = static_cast<int>(static_cast<int64_t>(p.KU) * (ks + 1) / p.splits);
+  const int nu = u_end - u_begin;
+  load_meta(u_begin / p.upg);
 
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < p.KU) load_stage(s, s);
+    if (s < nu) load_stage(s, u_begin + s);
     cp_async_commit();
   }
-  for (int un = 0; un < p.KU; ++un) {
+  for (int li = 0; li < nu; ++li) {
+    const int un = u_begin + li;
     cp_async_wait<S - 2>();
     __syncthreads();
     {
-      const int nx = un + S - 1;
-      if (nx < p.KU) load_stage(nx % S, nx);
+      const int nx = li + S - 1;
+      if (nx < nu) load_stage(nx % S, u_begin + nx);
       cp_async_commit();
     }
-    if (GROUPED && un > 0 && (un % p.upg) == 0) load_meta(un / p.upg);
-    const int slot = un % S;
+    if (GROUPED && li > 0 && (un % p.upg) == 0) load_meta(un / p.upg);
+    const int slot = li % S;
     const uint32_t sw = sbase + slot * (WBYTES + XBYTES), sx = sw + WBYTES;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -642,6 +659,40 @@ __global__ void __launch_bounds__(256, 1) w4_prefill_kernel(const PrefillParams 
         acc[i][tg][3] *= s1;
       }
     }
+  }
+  if (p.splits > 1) {  // split-K: partial sums into ws_y; the tile's last block continues
+    __shared__ unsigned s_last_split;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int tg = 0; tg < TGW; ++tg)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = (nb0 + wn * 4 + i) * 16 + g + (e >> 1) * 8;
+          const int t = m0 + wm * (BM / 4) + tg * 8 + 2 * q + (e & 1);
+          if (n < p.N && t < p.M) atomicAdd(&p.ws_y[static_cast<int64_t>(t) * p.N_pad + n], acc[i][tg][e]);
+        }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last_split = atomicAdd(&p.ws_cnt[blockIdx.x], 1u) == static_cast<unsigned>(p.splits - 1);
+    __syncthreads();
+    if (!s_last_split) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int tg = 0; tg < TGW; ++tg)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = (nb0 + wn * 4 + i) * 16 + g + (e >> 1) * 8;
+          const int t = m0 + wm * (BM / 4) + tg * 8 + 2 * q + (e & 1);
+          if (n < p.N && t < p.M) {
+            float* cell = &p.ws_y[static_cast<int64_t>(t) * p.N_pad + n];
+            acc[i][tg][e] = __ldcg(cell);
+            __stcg(cell, 0.f);
+          }
+        }
+    if (tid == 0) p.ws_cnt[blockIdx.x] = 0u;
   }
   if (p.ec) {  // y += B v with v = gamma(u) * u, as r_pad/16 more k16 steps of mma
     T* vs = reinterpret_cast<T*>(smem);  // (BM, r_pad + 8) in T; +8 staggers banks

@@ -97,7 +97,7 @@ static cudaError_t prefill_bm(const PrefillParams& p, cudaStream_t s) {
     if (e != cudaSuccess) return e;
     attr_set = true;
   }
-  dim3 grid((p.N_pad / 16 + 7) / 8, (p.M + BM - 1) / BM);
+  dim3 grid((p.N_pad / 16 + 7) / 8, (p.M + BM - 1) / BM, p.splits);
   w4_prefill_kernel<T, GROUPED, BM><<<grid, 256, smem, s>>>(p);
   return cudaGetLastError();
 }

@@ -294,22 +294,27 @@ void Engine::step(double t_loop) {
     all_rows.push_back(all);
     rows += all ? c.n_tokens : 1;
   }
-  // Every sequence greedy, without logprobs or penalties, and only last rows wanted: the
-  // backend may pick the tokens where the logits are (no logits copied to the host).
-  bool argmax_only = model_.has_forward_argmax();
-  for (size_t ci = 0; ci < plan.chunks.size() && argmax_only; ++ci) {
+  // Every sequence without logprobs or penalties, and only last rows wanted: the backend
+  // may draw the tokens where the logits are (no logits copied to the host). The draw
+  // index is the output length, as on the host path, so a seeded sequence's tokens do
+  // not depend on which path (or batch) computes a step.
+  bool on_backend = model_.has_forward_sample();
+  for (size_t ci = 0; ci < plan.chunks.size() && on_backend; ++ci) {
     const Sequence* s = plan.chunks[ci].seq;
-    const SamplingParams& sp = s->sampler.params();
-    argmax_only = !all_rows[ci] && sp.temperature == 0.0f && !sp.has_penalties() && s->req.logprobs < 0;
+    on_backend = !all_rows[ci] && !s->sampler.params().has_penalties() && s->req.logprobs < 0;
   }
-  if (argmax_only)
-    greedy_ids_.resize(plan.chunks.size());
-  else
+  if (on_backend) {
+    drawn_ids_.resize(plan.chunks.size());
+    draws_.clear();
+    for (const ScheduledChunk& c : plan.chunks)
+      draws_.push_back({c.seq->sampler.params(), static_cast<uint64_t>(c.seq->n_generated)});
+  } else {
     logits_.resize(static_cast<size_t>(rows * V));
+  }
   const double t0 = steady_now();
   try {
-    if (argmax_only)
-      model_.forward_argmax(chunks, greedy_ids_.data());
+    if (on_backend)
+      model_.forward_sample(chunks, draws_, drawn_ids_.data());
     else
       model_.forward(chunks, logits_.data());
   } catch (const std::exception& e) {
@@ -345,7 +350,7 @@ void Engine::step(double t_loop) {
     Sequence* s = plan.chunks[ci].seq;
     const int64_t n = plan.chunks[ci].n_tokens;
     const float* last = nullptr;
-    if (argmax_only) {
+    if (on_backend) {
       r += 1;
     } else if (all_rows[ci]) {
       emit_prompt_logprobs(*s, &logits_[r * V], s->n_computed, n);
@@ -363,8 +368,9 @@ void Engine::step(double t_loop) {
       continue;
     }
     const std::span<const int32_t> toks(s->tokens);
-    const int32_t id = argmax_only ? greedy_ids_[ci]
-                                   : s->sampler.sample(last, V, {toks.first(s->n_prompt), toks.subspan(s->n_prompt)});
+    const int32_t id = on_backend ? drawn_ids_[ci]
+                                  : s->sampler.sample_at(last, V, static_cast<uint64_t>(s->n_generated),
+                                                         {toks.first(s->n_prompt), toks.subspan(s->n_prompt)});
     TokenEvent ev;
     ev.id = id;
     if (s->req.logprobs >= 0) {

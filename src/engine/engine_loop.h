@@ -137,7 +137,8 @@ class Engine {
   std::string cost_summary_;       // guarded by mu_
   CostModel cost_snapshot_;        // guarded by mu_
   std::vector<float> logits_;      // scratch (rows, vocab)
-  std::vector<int32_t> greedy_ids_;  // per chunk, from forward_argmax
+  std::vector<int32_t> drawn_ids_;              // per chunk, from forward_sample
+  std::vector<StepModel::DrawSpec> draws_;      // per chunk: what forward_sample draws
 };
 
 double steady_now();  // seconds on the steady clock

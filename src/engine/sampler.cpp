@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/philox.h"
 
 namespace spear {
 
@@ -44,7 +45,7 @@ void apply_penalties(float* logits, int64_t n, const SamplingParams& p, const To
   }
 }
 
-Sampler::Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {
+Sampler::Sampler(const SamplingParams& p) : p_(p) {
   SPEAR_CHECK(std::isfinite(p.temperature) && p.temperature >= 0.0f && p.temperature <= 100.0f,
               "temperature must be in [0, 100]");
   SPEAR_CHECK(p.top_k >= 0, "top_k must be >= 0");
@@ -113,17 +114,22 @@ int64_t Sampler::candidates(const float* logits, int64_t n, double* sum) {
   return keep;
 }
 
-int32_t Sampler::sample(const float* logits, int64_t n, const TokenHistory& h) {
+int32_t Sampler::sample_at(const float* logits, int64_t n, uint64_t draw, const TokenHistory& h) {
   logits = penalized(logits, n, h);
   if (p_.temperature == 0.0f) return argmax(logits, n);
   double sum = 0;
   const int64_t keep = candidates(logits, n, &sum);
-  double u = std::uniform_real_distribution<double>(0.0, sum)(rng_);
-  for (int64_t i = 0; i < keep; ++i) {
-    u -= prob_[i];
-    if (u <= 0) return cand_[i].second;
+  // Inverse CDF in token-id order (as the GPU sampler walks the vocabulary).
+  order_.resize(keep);
+  for (int64_t i = 0; i < keep; ++i) order_[i] = i;
+  std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cand_[a].second < cand_[b].second; });
+  const double target = philox_uniform(p_.seed, draw) * sum;
+  double acc = 0;
+  for (int64_t i : order_) {
+    acc += prob_[i];
+    if (acc > target) return cand_[i].second;
   }
-  return cand_[keep - 1].second;
+  return cand_[order_.back()].second;  // rounding: the last candidate in id order
 }
 
 std::vector<std::pair<int32_t, double>> Sampler::distribution(const float* logits, int64_t n,

@@ -10,8 +10,12 @@
 // Then the order of vLLM's sampler: divide by the temperature; drop tokens whose
 // probability is below min_p times the most likely one's; keep the top_k; keep the
 // smallest prefix (most likely first) whose renormalized mass reaches top_p; draw.
+// The draw: u = philox_uniform(seed, n) (core/philox.h) for the n-th token of the
+// sequence, and the first candidate in token-id order whose cumulative probability
+// exceeds u. The GPU sampler (cuda/sampling.h) draws the same way, so a seeded request
+// gets the same tokens from either backend, whatever else shares its batch (up to float
+// rounding at a boundary).
 #include <cstdint>
-#include <random>
 #include <span>
 #include <utility>
 #include <vector>
@@ -46,7 +50,12 @@ void apply_penalties(float* logits, int64_t n, const SamplingParams& p, const To
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p);  // throws spear::Error on out-of-range values
-  int32_t sample(const float* logits, int64_t n, const TokenHistory& h = {});
+  // Draw number `draw` of this seed (the engine passes the sequence's output length).
+  int32_t sample_at(const float* logits, int64_t n, uint64_t draw, const TokenHistory& h = {});
+  // The next draw: 0, 1, 2, ... over this sampler's calls.
+  int32_t sample(const float* logits, int64_t n, const TokenHistory& h = {}) {
+    return sample_at(logits, n, draws_++, h);
+  }
   // The distribution sample() draws from: (id, probability) of each candidate left,
   // most likely first, probabilities summing to 1 (greedy: the argmax alone, 1).
   // Consumes no randomness.
@@ -60,9 +69,10 @@ class Sampler {
   int64_t candidates(const float* logits, int64_t n, double* sum);
 
   SamplingParams p_;
-  std::mt19937_64 rng_;
+  uint64_t draws_ = 0;
   std::vector<std::pair<float, int32_t>> cand_;  // scratch
   std::vector<double> prob_;                     // scratch
+  std::vector<int64_t> order_;                   // scratch: kept candidates in id order
   std::vector<float> work_;                      // scratch: penalized logits
 };
 

@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "engine/cost_model.h"
+#include "engine/sampler.h"
 #include "model/llama.h"
 
 namespace spear {
@@ -26,15 +27,21 @@ class StepModel {
   // Logits rows (host memory): per chunk n_tokens rows (all_logits) or one row.
   // Every chunk's kv is a PagedSequence of the engine's pool.
   virtual void forward(std::span<const SeqChunk> chunks, float* logits) = 0;
-  // Greedy decoding without logits on the host: the forward, then per chunk the argmax of
-  // its last row (first maximum wins, as argmax() in sampler.h) into ids. A backend that
-  // can do this where the logits are (the GPU) says so; the engine then uses it for steps
-  // whose sequences all decode greedily without logprobs or penalties.
-  virtual bool has_forward_argmax() const { return false; }
-  virtual void forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) {
+  // Next tokens without logits on the host: the forward, then per chunk a token drawn from
+  // its last row as Sampler::sample_at(row, V, draws[i].draw) would (greedy, temperature,
+  // min-p, top-k, top-p; no penalties) into ids. A backend that can do this where the
+  // logits are (the GPU) says so; the engine then uses it for steps whose sequences all
+  // want their last row only, without logprobs or penalties.
+  struct DrawSpec {
+    SamplingParams params;  // penalties must be off
+    uint64_t draw = 0;      // the sequence's output length (which draw of its seed)
+  };
+  virtual bool has_forward_sample() const { return false; }
+  virtual void forward_sample(std::span<const SeqChunk> chunks, std::span<const DrawSpec> draws, int32_t* ids) {
     (void)chunks;
+    (void)draws;
     (void)ids;
-    throw Error("this backend has no forward_argmax");
+    throw Error("this backend has no forward_sample");
   }
   // The model's Error Compensators (what the cost model charges for).
   virtual EcInventory ec_inventory() const = 0;

@@ -15,6 +15,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "cuda/llama_ops.h"
+#include "cuda/sampling.h"
 #include "cuda/w4a16.h"
 #include "model/rope.h"
 #include "model/weights.h"
@@ -151,6 +152,7 @@ struct GpuModel::Impl {
   float* logits = nullptr;     // (max_tokens, V)
   float* nll = nullptr;        // (max_tokens)
   int32_t* ids = nullptr;      // (max_tokens)
+  RowSampling* draw_params = nullptr;  // (max_tokens): sample_last's per-row parameters
   int max_r = 0;
   void* w4_ws = nullptr;
   size_t w4_ws_bytes = 0;
@@ -303,6 +305,7 @@ struct GpuModel::Impl {
     logits = alloc<float>(T * V(), a);
     nll = alloc<float>(T, a);
     ids = alloc<int32_t>(T, a);
+    draw_params = alloc<RowSampling>(T, a);
     // W4 workspace: the largest any module needs at max_tokens rows.
     auto ws_for = [&](const GpuLinear& L) {
       if (L.is_w4) w4_ws_bytes = std::max(w4_ws_bytes, w4a16_workspace_bytes(opt.max_tokens, L.q, L.fused ? &L.ect : nullptr));
@@ -654,35 +657,72 @@ void upload_w4(GpuModel::Impl& im, const GpuW4Layout& lay, GpuLinear& L) {
   L.kind = w4_kind(lay);
 }
 
-// EC factors from calibration: naive-path copies always; the kernel layout too when the
-// gate is one the kernel implements (an ungated, static EC).
+// The kernel's gate for a calibrated EC (model/ec_params.h: gamma = 1 + tanh(G z + c)):
+// ungated -> kIdentity; a diagonal G -> kSigmoid2 (1 + tanh(s) = 2 sigmoid(2 s), so
+// g_j = 2 G_jj and c_j doubled: elementwise, no r x r work); otherwise kFull. g: what the
+// kernel reads as gate_g (r_pad or r_pad x r_pad, zero padded); c: (r_pad).
+Gate kernel_gate(const ECParams& p, int r_pad, std::vector<float>* g, std::vector<float>* c) {
+  const int64_t r = p.rank;
+  c->assign(r_pad, 0.0f);
+  if (!p.gated) {
+    g->assign(r_pad, 0.0f);
+    return Gate::kIdentity;
+  }
+  bool diagonal = true;
+  for (int64_t j = 0; j < r && diagonal; ++j)
+    for (int64_t l = 0; l < r; ++l)
+      if (l != j && p.G[j * r + l] != 0.0f) {
+        diagonal = false;
+        break;
+      }
+  if (diagonal) {
+    g->assign(r_pad, 0.0f);
+    for (int64_t j = 0; j < r; ++j) {
+      (*g)[j] = 2.0f * p.G[j * r + j];
+      (*c)[j] = 2.0f * p.c[j];
+    }
+    return Gate::kSigmoid2;
+  }
+  g->assign(static_cast<size_t>(r_pad) * r_pad, 0.0f);
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t l = 0; l < r; ++l) (*g)[j * r_pad + l] = p.G[j * r + l];
+    (*c)[j] = p.c[j];
+  }
+  return Gate::kFull;
+}
+
+// EC factors from calibration, in the kernel's layouts (EcTerm: fused or split in the W4
+// GEMM, every gate calibration produces); row-major copies for the naive path only when
+// that path is asked for (bench-latency's comparison).
 void upload_ec(GpuModel::Impl& im, const ECParams& p, GpuLinear& L) {
   SPEAR_CHECK(p.rank <= kMaxEcRank, "GPU: EC rank " + std::to_string(p.rank) + " > " + std::to_string(kMaxEcRank) +
                                         " is not supported");
   L.r = static_cast<int>(p.rank);
-  L.A = im.upload_f16(p.A.data(), static_cast<int64_t>(p.A.size()), &im.mem.ec);
-  L.B = im.upload_f16(p.B.data(), static_cast<int64_t>(p.B.size()), &im.mem.ec);
-  if (p.gated) {
-    L.G = im.upload(p.G.data(), static_cast<int64_t>(p.G.size()), &im.mem.ec);
-    L.c = im.upload(p.c.data(), static_cast<int64_t>(p.c.size()), &im.mem.ec);
-  } else {
-    std::vector<uint16_t> a(p.A.size()), b(p.B.size());
-    for (size_t i = 0; i < a.size(); ++i) a[i] = ::spear::f32_to_f16(p.A[i]);
-    for (size_t i = 0; i < b.size(); ++i) b[i] = ::spear::f32_to_f16(p.B[i]);
-    const std::vector<uint16_t> at = repack_ec_a(a.data(), p.rank, p.in, L.q.K_pad);
-    const std::vector<uint16_t> bt = repack_ec_b(b.data(), p.out, p.rank, L.q.N_pad);
-    EcTerm& e = L.ect;
-    e.r = L.r;
-    e.r_pad = static_cast<int>(round_up(p.rank, 16));
-    e.gate = Gate::kIdentity;
-    e.a = im.upload(at.data(), static_cast<int64_t>(at.size()), &im.mem.ec);
-    e.b = im.upload(bt.data(), static_cast<int64_t>(bt.size()), &im.mem.ec);
-    std::vector<float> zeros(e.r_pad, 0.0f);
-    e.gate_g = im.upload(zeros.data(), e.r_pad, &im.mem.ec);
-    e.gate_c = im.upload(zeros.data(), e.r_pad, &im.mem.ec);
-    L.fused = true;
+  if (im.opt.ec_path == EcPath::kNaive) {
+    L.A = im.upload_f16(p.A.data(), static_cast<int64_t>(p.A.size()), &im.mem.ec);
+    L.B = im.upload_f16(p.B.data(), static_cast<int64_t>(p.B.size()), &im.mem.ec);
+    if (p.gated) {
+      L.G = im.upload(p.G.data(), static_cast<int64_t>(p.G.size()), &im.mem.ec);
+      L.c = im.upload(p.c.data(), static_cast<int64_t>(p.c.size()), &im.mem.ec);
+    }
   }
-  L.kind += "+ec(r=" + std::to_string(p.rank) + (p.gated ? ",gated)" : ")");
+  std::vector<uint16_t> a(p.A.size()), b(p.B.size());
+  for (size_t i = 0; i < a.size(); ++i) a[i] = ::spear::f32_to_f16(p.A[i]);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = ::spear::f32_to_f16(p.B[i]);
+  const std::vector<uint16_t> at = repack_ec_a(a.data(), p.rank, p.in, L.q.K_pad);
+  const std::vector<uint16_t> bt = repack_ec_b(b.data(), p.out, p.rank, L.q.N_pad);
+  EcTerm& e = L.ect;
+  e.r = L.r;
+  e.r_pad = static_cast<int>(round_up(p.rank, 16));
+  std::vector<float> g, c;
+  e.gate = kernel_gate(p, e.r_pad, &g, &c);
+  e.a = im.upload(at.data(), static_cast<int64_t>(at.size()), &im.mem.ec);
+  e.b = im.upload(bt.data(), static_cast<int64_t>(bt.size()), &im.mem.ec);
+  e.gate_g = im.upload(g.data(), static_cast<int64_t>(g.size()), &im.mem.ec);
+  e.gate_c = im.upload(c.data(), static_cast<int64_t>(c.size()), &im.mem.ec);
+  L.fused = true;
+  L.kind += "+ec(r=" + std::to_string(p.rank) +
+            (e.gate == Gate::kFull ? ",gated)" : e.gate == Gate::kSigmoid2 ? ",diag-gated)" : ")");
   im.max_r = std::max(im.max_r, L.r);
 }
 
@@ -848,7 +888,7 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
     SPEAR_CHECK(r >= 1 && r <= 128, "bench-latency: --ec-rank must be in 1..128");
     const double budget = spec.ec_budget * static_cast<double>(quant_bytes);
     double used = 0;
-    const bool naive = spec.ec_full_gate || im->opt.ec_path == EcPath::kNaive;
+    const bool naive = im->opt.ec_path == EcPath::kNaive;
     const Module order[] = {Module::Down, Module::O, Module::V, Module::Gate, Module::Up, Module::Q, Module::K};
     for (Module mod : order)
       for (int64_t l = 0; l < cfg.num_layers; ++l) {
@@ -870,7 +910,7 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
           EcTerm& e = L.ect;
           e.r = r;
           e.r_pad = static_cast<int>(round_up(r, 16));
-          e.gate = Gate::kSigmoid2;
+          e.gate = spec.ec_full_gate ? Gate::kFull : Gate::kSigmoid2;
           // the kernel's layouts (values do not matter for speed); padding must hold zeros,
           // so the buffers are filled only when there is none (the real shapes have none)
           const int64_t an = static_cast<int64_t>(e.r_pad) * L.q.K_pad, bn = static_cast<int64_t>(L.q.N_pad) * e.r_pad;
@@ -882,7 +922,15 @@ std::unique_ptr<GpuModel> GpuModel::synthetic(const ModelConfig& cfg_in, const S
           if (e.r_pad == r && L.q.N_pad == L.N) CUDA_OK(fill_uniform_f16(b, bn, next_seed(), bs, st));
           e.a = a;
           e.b = b;
-          e.gate_g = rand_f32(e.r_pad, -0.2f, 0.2f, &im->mem.ec);
+          if (spec.ec_full_gate) {  // G (r_pad, r_pad): zero padding, so filled only when there is none
+            const int64_t gn = static_cast<int64_t>(e.r_pad) * e.r_pad;
+            float* g = im->alloc<float>(gn, &im->mem.ec);
+            CUDA_OK(cudaMemsetAsync(g, 0, gn * sizeof(float), st));
+            if (e.r_pad == r) CUDA_OK(fill_uniform_f32(g, gn, next_seed(), -0.1f, 0.1f, st));
+            e.gate_g = g;
+          } else {
+            e.gate_g = rand_f32(e.r_pad, -0.2f, 0.2f, &im->mem.ec);
+          }
           e.gate_c = rand_f32(e.r_pad, -0.2f, 0.2f, &im->mem.ec);
           L.fused = true;
         }
@@ -999,6 +1047,19 @@ std::vector<int32_t> GpuModel::argmax_last() const {
   const int R = impl_->last_rows;
   CUDA_OK(argmax_rows(impl_->logits, impl_->cfg.vocab_size, R, static_cast<int>(impl_->cfg.vocab_size), impl_->ids,
                       impl_->stream));
+  std::vector<int32_t> out(R);
+  CUDA_OK(cudaMemcpyAsync(out.data(), impl_->ids, sizeof(int32_t) * R, cudaMemcpyDeviceToHost, impl_->stream));
+  CUDA_OK(cudaStreamSynchronize(impl_->stream));
+  return out;
+}
+
+std::vector<int32_t> GpuModel::sample_last(std::span<const RowSampling> rows) {
+  const int R = impl_->last_rows;
+  SPEAR_CHECK(static_cast<int>(rows.size()) == R, "GPU sampling: one parameter set per logits row expected");
+  CUDA_OK(cudaMemcpyAsync(impl_->draw_params, rows.data(), sizeof(RowSampling) * R, cudaMemcpyHostToDevice,
+                          impl_->stream));
+  CUDA_OK(sample_rows(impl_->logits, impl_->cfg.vocab_size, R, static_cast<int>(impl_->cfg.vocab_size),
+                      impl_->draw_params, impl_->ids, impl_->stream));
   std::vector<int32_t> out(R);
   CUDA_OK(cudaMemcpyAsync(out.data(), impl_->ids, sizeof(int32_t) * R, cudaMemcpyDeviceToHost, impl_->stream));
   CUDA_OK(cudaStreamSynchronize(impl_->stream));

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/sampling.h"
 #include "io/model_config.h"
 
 namespace spear {
@@ -30,9 +31,9 @@ struct LlamaWeights;
 
 namespace spear::cuda {
 
-// How EC modules run. kDispatch: the W4A16 dispatcher's fused or split kernel (needs a
-// gate the kernel implements: static or per-coordinate); kNaive: separate launches,
-// which also run the full r×r gate of calibrated artifacts.
+// How EC modules run. kDispatch: the W4A16 dispatcher's fused or split kernel (every gate
+// calibration produces: static, per-coordinate, full r×r); kNaive: separate launches
+// (z = x Aᵀ, the gate, y += s Bᵀ), kept as the comparison.
 enum class EcPath { kDispatch, kNaive };
 
 struct GpuOptions {
@@ -75,7 +76,7 @@ struct SyntheticSpec {
   int group = 0;            // W4: 0 per channel, else 128
   double ec_budget = 0.01;  // EC bytes / quantized-model bytes
   int ec_rank = 32;
-  bool ec_full_gate = false;  // r×r gate (naive path only) instead of per-coordinate
+  bool ec_full_gate = false;  // calibration's r×r gate instead of the per-coordinate one
   uint64_t seed = 1;
 };
 // Architectures by name: spear::named_config (io/model_config.h).
@@ -149,6 +150,9 @@ class GpuModel {
   void logits_to_host(float* dst) const;
   // Greedy ids for the last logits rows (argmax on the device).
   std::vector<int32_t> argmax_last() const;
+  // One token per last logits row, drawn on the device (cuda/sampling.h: greedy rows are
+  // the argmax); only the ids come back. Overwrites the sampled rows' logits.
+  std::vector<int32_t> sample_last(std::span<const RowSampling> rows);
   // Sum of -log p(target) over the last logits rows (row i scored against targets[i];
   // -1 skips), on the device. Returns nats.
   double nll_last(const std::vector<int32_t>& targets) const;

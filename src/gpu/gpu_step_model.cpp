@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <vector>
 
 #include "core/error.h"
@@ -64,18 +65,29 @@ void GpuStepModel::forward(std::span<const SeqChunk> chunks, float* logits) {
   times_.device_s = gpu_->last_forward_device_seconds();
 }
 
-void GpuStepModel::forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) {
-  for (const SeqChunk& c : chunks)
-    SPEAR_CHECK(!c.all_logits, "GPU backend: forward_argmax takes chunks that want their last row only");
+void GpuStepModel::forward_sample(std::span<const SeqChunk> chunks, std::span<const DrawSpec> draws, int32_t* ids) {
+  SPEAR_CHECK(draws.size() == chunks.size(), "GPU backend: forward_sample takes one draw per chunk");
+  std::vector<RowSampling> rows(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    SPEAR_CHECK(!chunks[i].all_logits, "GPU backend: forward_sample takes chunks that want their last row only");
+    const SamplingParams& p = draws[i].params;
+    SPEAR_CHECK(!p.has_penalties(), "GPU backend: penalties are applied on the host (logits path)");
+    rows[i].temperature = p.temperature;
+    rows[i].top_p = p.top_p;
+    rows[i].min_p = p.min_p;
+    rows[i].top_k = static_cast<int32_t>(std::min<int64_t>(p.top_k, INT32_MAX));
+    rows[i].seed = p.seed;
+    rows[i].draw = draws[i].draw;
+  }
   const std::vector<GpuChunk> gc = gpu_chunks(chunks);
   gpu_->forward(gc);
   const auto t0 = std::chrono::steady_clock::now();
-  const std::vector<int32_t> best = gpu_->argmax_last();  // one row per chunk; waits for the forward
+  const std::vector<int32_t> got = gpu_->sample_last(rows);  // one row per chunk; waits for the forward
   times_.device_s = gpu_->last_forward_device_seconds();
   times_.copy_s = std::max(0.0, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() -
                                     times_.device_s);
-  SPEAR_CHECK(best.size() == chunks.size(), "GPU backend: argmax rows do not match the chunks");
-  std::copy(best.begin(), best.end(), ids);
+  SPEAR_CHECK(got.size() == chunks.size(), "GPU backend: sampled rows do not match the chunks");
+  std::copy(got.begin(), got.end(), ids);
 }
 
 void GpuStepModel::profile_ec(const EcInventory& inv, CostModel& cm) {

@@ -31,9 +31,9 @@ class GpuStepModel final : public StepModel {
   const ModelConfig& config() const override { return gpu_->config(); }
   void forward(std::span<const SeqChunk> chunks, float* logits) override;
   ForwardTimes last_forward_times() const override { return times_; }
-  // Greedy steps: argmax on the GPU, only the ids cross to the host.
-  bool has_forward_argmax() const override { return true; }
-  void forward_argmax(std::span<const SeqChunk> chunks, int32_t* ids) override;
+  // Tokens drawn on the GPU (cuda/sampling.h), only the ids cross to the host.
+  bool has_forward_sample() const override { return true; }
+  void forward_sample(std::span<const SeqChunk> chunks, std::span<const DrawSpec> draws, int32_t* ids) override;
   EcInventory ec_inventory() const override { return inv_; }
   bool host_kv() const override { return false; }
   int64_t kv_blocks() const override { return gpu_->kv_blocks_total(); }

@@ -22,14 +22,16 @@ std::string_view latency_variant_name(LatencyVariant v) {
     case LatencyVariant::kW4: return "w4";
     case LatencyVariant::kW4EcNaive: return "w4ec-naive";
     case LatencyVariant::kW4Ec: return "w4ec";
+    case LatencyVariant::kW4EcFull: return "w4ec-full";
   }
   return "?";
 }
 
 LatencyVariant parse_latency_variant(std::string_view s) {
-  for (LatencyVariant v : {LatencyVariant::kFp16, LatencyVariant::kW4, LatencyVariant::kW4EcNaive, LatencyVariant::kW4Ec})
+  for (LatencyVariant v : {LatencyVariant::kFp16, LatencyVariant::kW4, LatencyVariant::kW4EcNaive, LatencyVariant::kW4Ec,
+                           LatencyVariant::kW4EcFull})
     if (latency_variant_name(v) == s) return v;
-  throw Error("bench-latency: unknown variant '" + std::string(s) + "' (fp16, w4, w4ec-naive, w4ec)");
+  throw Error("bench-latency: unknown variant '" + std::string(s) + "' (fp16, w4, w4ec-naive, w4ec, w4ec-full)");
 }
 
 #ifndef SPEAR_WITH_CUDA
@@ -123,7 +125,8 @@ BenchLatencyResult bench_latency(const BenchLatencyOptions& o) {
       spec.group = o.group;
       spec.ec_budget = o.ec_budget;
       spec.ec_rank = o.ec_rank;
-      spec.ec_full_gate = variant == LatencyVariant::kW4EcNaive;  // the calibrated r x r gate, as separate launches
+      // the calibrated r x r gate: fused (w4ec-full) or as separate launches (w4ec-naive)
+      spec.ec_full_gate = variant == LatencyVariant::kW4EcNaive || variant == LatencyVariant::kW4EcFull;
       GpuOptions go;
       go.max_batch = maxB;
       go.max_tokens = std::max(maxP, maxB);

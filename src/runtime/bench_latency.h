@@ -9,8 +9,10 @@
 
 namespace spear {
 
-enum class LatencyVariant { kFp16, kW4, kW4EcNaive, kW4Ec };
-std::string_view latency_variant_name(LatencyVariant v);  // "fp16", "w4", "w4ec-naive", "w4ec"
+// w4ec: per-coordinate gate, fused; w4ec-full: calibration's full r×r gate, fused;
+// w4ec-naive: the full gate as separate launches (the comparison).
+enum class LatencyVariant { kFp16, kW4, kW4EcNaive, kW4Ec, kW4EcFull };
+std::string_view latency_variant_name(LatencyVariant v);  // "fp16", "w4", "w4ec-naive", "w4ec", "w4ec-full"
 LatencyVariant parse_latency_variant(std::string_view s);  // throws for other names
 
 struct BenchLatencyOptions {

@@ -49,7 +49,8 @@ RequestStats one_request(const Url& url, const LoadConfig& cfg, const std::strin
   json body{{"model", model},
             {"prompt", prompt},
             {"max_tokens", out_len},
-            {"temperature", 0},
+            {"temperature", cfg.temperature},
+            {"top_p", cfg.top_p},
             {"ignore_eos", true},
             {"stream", true},
             {"stream_options", {{"include_usage", true}}}};
@@ -254,6 +255,8 @@ nlohmann::json LoadReport::to_json(bool per_request) const {
          {"output_len", cfg.output_len},
          {"range_ratio", cfg.range_ratio},
          {"seed", cfg.seed},
+         {"temperature", cfg.temperature},
+         {"top_p", cfg.top_p},
          {"slo_ttft_ms", cfg.slo_ttft_ms},
          {"slo_tpot_ms", cfg.slo_tpot_ms},
          {"duration_s", duration_s},

@@ -26,6 +26,8 @@ struct LoadConfig {
   int64_t input_len = 128, output_len = 64;
   double range_ratio = 0;        // lengths uniform in [len*(1-r), len*(1+r)]
   uint64_t seed = 0;
+  double temperature = 0;        // sampling of every request (0: greedy)
+  double top_p = 1;
   double slo_ttft_ms = 1000, slo_tpot_ms = 50;
   double timeout_s = 600;        // per request
   // Read the server's engine-loop profile (spear:engine_phase_seconds_total, from

@@ -1,13 +1,18 @@
 // The GPU engine (src/gpu/gpu_model.h) against the CPU engine on the same weights:
 // prefill logits, decode steps through CUDA graphs, two sequences batched in one call
-// (prefill chunks and decode), and the 4-bit paths — W4, W4 + a static EC (fused into
-// the W4 kernel), W4 + a gated EC (separate launches) — on the shipped tiny model and,
+// (prefill chunks and decode), and the 4-bit paths — W4, W4 + ECs (static, per-coordinate
+// and full r x r gates) in the W4 kernel or as separate launches, and an artifact from
+// `spear calibrate` — on the shipped tiny model and,
 // when ../shared is present, on mixlm-19m. fp16 activations: logits agree to a few 1e-3
 // relative. Skips without a GPU.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -23,6 +28,7 @@
 #include "model/kv_cache.h"
 #include "model/llama.h"
 #include "model/load_hf.h"
+#include "model/spear_artifact.h"
 #include "quant/cpu_model.h"
 #include "quant/rtn.h"
 #include "test_paths.h"
@@ -148,7 +154,8 @@ void compare_engines(const LlamaWeights& w, const GpuOptions& base_opt, double t
 }
 
 // Every module of every layer to W4 RTN per channel; ECs on a few: ungated on the
-// first layer's o_proj and down_proj (the kernel path), gated on the last layer's.
+// first layer's o_proj and down_proj, gated (full r x r G) on the last layer's down_proj
+// and gate_proj, gated with a diagonal G (the kernel's per-coordinate form) on its o_proj.
 void quantize_with_ecs(LlamaWeights& w) {
   std::mt19937 g(3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -180,6 +187,10 @@ void quantize_with_ecs(LlamaWeights& w) {
           p.c.resize(p.rank);
           for (auto& v : p.G) v = 0.3f * nd(g);
           for (auto& v : p.c) v = 0.3f * nd(g);
+          if (mod == Module::O)  // diagonal: runs as Gate::kSigmoid2
+            for (int64_t j = 0; j < p.rank; ++j)
+              for (int64_t k = 0; k < p.rank; ++k)
+                if (j != k) p.G[j * p.rank + k] = 0.0f;
         }
         p.round_to_fp16();
         slot.ec = std::move(p);
@@ -210,6 +221,45 @@ TEST(GpuModel, TinyW4WithEcsMatchesCpu) {
   o = GpuOptions{};
   o.fuse_projections = false;  // one GEMM per module, outputs into the same strided buffers
   compare_engines(m, o, 1e-2, "stories260K W4+EC unstacked");
+}
+
+// What `spear calibrate` writes (gated ECs with a full r x r gate) runs in the W4 kernel
+// (fused or split, no separate launches) and matches the CPU engine's EC row by row.
+TEST(GpuModel, CalibratedArtifactRunsInKernelAndMatchesCpu) {
+  REQUIRE_GPU();
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("spear_gpu_calib_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string model = test::tiny_model_dir(), w4 = (dir / "w4.spear").string(),
+                    ec = (dir / "ec.spear").string();
+  const std::string data = test::data_dir() + "/tinystories/tinystories_val.txt";
+  const std::string cli = test::cli_path();
+  ASSERT_EQ(std::system((cli + " quantize --model " + model + " --out " + w4 + " >/dev/null 2>&1").c_str()), 0);
+  ASSERT_EQ(std::system((cli + " calibrate -q --model " + model + " --quantized " + w4 + " --calib " + data +
+                         " --calib-offset 300000 --calib-ctx 256 --calib-windows 6 --budget 0.05 --epochs 2 --out " +
+                         ec + " >/dev/null 2>&1")
+                            .c_str()),
+            0);
+  SpearArtifact a = read_spear(ec);
+  int gated = 0, full = 0;
+  for (int64_t l = 0; l < a.weights.config.num_layers; ++l)
+    for (Module mod : kAllModules) {
+      const ModuleWeights& mw = a.weights.at(l, mod);
+      if (!mw.ec || !mw.ec->gated) continue;
+      ++gated;
+      const int64_t r = mw.ec->rank;
+      for (int64_t j = 0; j < r * r; ++j) full += j / r != j % r && mw.ec->G[j] != 0.0f;
+    }
+  ASSERT_GT(gated, 0) << "the calibrated artifact has no gated EC";
+  ASSERT_GT(full, 0) << "the calibrated gates are all diagonal";
+  GpuOptions o;
+  o.max_batch = 2;
+  o.max_tokens = 64;
+  o.max_len = 96;
+  const std::string kinds = GpuModel::create(a.weights, o)->describe();
+  EXPECT_NE(kinds.find("gated"), std::string::npos) << kinds;
+  compare_engines(a.weights, GpuOptions{}, 1e-2, "calibrated artifact, ECs in the W4 kernel");
+  fs::remove_all(dir);
 }
 
 TEST(GpuModel, MixlmMatchesCpu) {

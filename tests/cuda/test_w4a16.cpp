@@ -1,7 +1,8 @@
 // Correctness of the CUDA W4A16 GEMM (src/cuda/w4a16.h) against a float64 CPU reference
 // built from the dequantize() oracle: fp16 and bf16 activations, per-channel and grouped,
 // asymmetric and symmetric, odd M/N/K, poisoned outputs (every element written, nothing
-// past N touched), the EC with a per-token gate checked token by token, every kernel
+// past N touched), the EC with a per-token gate (per-coordinate and the full r x r one)
+// checked token by token, every kernel
 // (decode, prefill, dequantize + cuBLAS), EC mode (fused, split) and the dispatcher. Skips without a GPU.
 #include <gtest/gtest.h>
 #include <cublas_v2.h>
@@ -48,7 +49,7 @@ struct Host {
   std::vector<float> deq;           // (N, K)
   std::vector<uint16_t> a, b;       // EC A (r, K), B (N, r) bits
   std::vector<double> ad, bd;       // as double
-  std::vector<float> gg, gc;        // gate (r)
+  std::vector<float> gg, gc;        // gate: g (r), or G (r, r) for Gate::kFull; c (r)
   W4Matrix w;
   EcTerm ec;
 };
@@ -74,12 +75,11 @@ void build(const Problem& p, Host& h, uint32_t seed) {
       h.b[i] = to_bits(0.3f * nd(rng), p.bf16);
       h.bd[i] = from_bits(h.b[i], p.bf16);
     }
-    h.gg.resize(p.r);
+    const bool full = p.gate == Gate::kFull;
+    h.gg.resize(full ? static_cast<size_t>(p.r) * p.r : p.r);
     h.gc.resize(p.r);
-    for (int j = 0; j < p.r; ++j) {
-      h.gg[j] = nd(rng);
-      h.gc[j] = 0.5f * nd(rng);
-    }
+    for (auto& g : h.gg) g = full ? nd(rng) / std::sqrt(static_cast<float>(p.r)) : nd(rng);
+    for (auto& c : h.gc) c = 0.5f * nd(rng);
     const int64_t K_pad = round_up(p.K, 128), N_pad = round_up(p.N, 16);
     ASSERT_EQ(ec_upload(repack_ec_a(h.a.data(), p.r, p.K, K_pad), repack_ec_b(h.b.data(), p.N, p.r, N_pad),
                         h.gg.data(), h.gc.data(), p.r, p.gate, &h.ec),
@@ -95,12 +95,18 @@ void reference(const Problem& p, const Host& h, const std::vector<double>& x, in
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < M; ++t) {
     const double* xt = &x[static_cast<size_t>(t) * p.K];
-    std::vector<double> v(p.r, 0.0);
+    std::vector<double> u(p.r, 0.0), v(p.r, 0.0);
+    for (int j = 0; j < p.r; ++j)
+      for (int k = 0; k < p.K; ++k) u[j] += h.ad[static_cast<size_t>(j) * p.K + k] * xt[k];
     for (int j = 0; j < p.r; ++j) {
-      double u = 0;
-      for (int k = 0; k < p.K; ++k) u += h.ad[static_cast<size_t>(j) * p.K + k] * xt[k];
-      const double gam = p.gate == Gate::kSigmoid2 ? 2.0 / (1.0 + std::exp(-(h.gg[j] * u + h.gc[j]))) : 1.0;
-      v[j] = gam * u;
+      double gam = 1.0;
+      if (p.gate == Gate::kSigmoid2) gam = 2.0 / (1.0 + std::exp(-(h.gg[j] * u[j] + h.gc[j])));
+      if (p.gate == Gate::kFull) {  // 1 + tanh(G u + c): every coordinate of the token's u
+        double s = h.gc[j];
+        for (int l = 0; l < p.r; ++l) s += static_cast<double>(h.gg[static_cast<size_t>(j) * p.r + l]) * u[l];
+        gam = 1.0 + std::tanh(s);
+      }
+      v[j] = gam * u[j];
     }
     for (int n = 0; n < p.N; ++n) {
       double acc = 0;
@@ -210,6 +216,12 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
         c.bm = bm;
         c.ec = EcMode::kSplit;
         cases.push_back({c});
+        if (bm == 64 && M <= 64)  // split-K over one token tile (3 does not divide the units evenly)
+          for (int splits : {3, 8}) {
+            if (splits > (p.K + 127) / 128) continue;
+            c.splits = splits;
+            cases.push_back({c});
+          }
       }
     for (int rows : {0, 48}) {  // whole matrix, and chunks of 48 rows (the last one partial)
       KernelConfig c;
@@ -315,6 +327,22 @@ TEST(W4A16Gpu, IdentityGateBf16OddK) {
   Problem p{129, 259, -1, false, true, 7};
   p.gate = Gate::kIdentity;
   run_problem(p, {1, 6, 11}, 6);
+}
+
+// Calibration's full r x r gate (Gate::kFull) in every kernel and EC mode: fused epilogue,
+// the in-place gate kernel before split, prefill and dequant; r not a multiple of 16 (the
+// zero padding of G must keep padded coordinates at 0).
+TEST(W4A16Gpu, FullGateF16OddShapes) {
+  REQUIRE_GPU();
+  Problem p{333, 517, -1, false, false, 20};
+  p.gate = Gate::kFull;
+  run_problem(p, {1, 3, 8, 13, 64}, 11);
+}
+TEST(W4A16Gpu, FullGateBf16Group128) {
+  REQUIRE_GPU();
+  Problem p{1000, 1024, 128, true, true, 64};
+  p.gate = Gate::kFull;
+  run_problem(p, {1, 16, 37, 130, 520}, 12);
 }
 
 TEST(W4A16Gpu, RejectsBadArguments) {
