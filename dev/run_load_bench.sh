@@ -20,7 +20,15 @@ M=$PWD/models/stories260K-hf; TXT=$PWD/data/tinystories/tinystories_val.txt
 CK=/tmp/llama-2-7b-bf16
 MIX=$D/models/mixlm-19m
 [ -f $D/mixlm-w4.spear ] || $B/spear quantize --model $MIX --out $D/mixlm-w4.spear >/dev/null
+# A calibrated mixlm artifact (2% budget, 16 windows, 1 epoch: speed, not quality), also kept in $OUT.
+calib_ec() {
+  /usr/bin/time -f "calibrate %e s, peak %M KB" $B/spear calibrate --model $MIX --quantized $D/mixlm-w4.spear \
+    --calib $D/wiki.test.tokens --calib-offset 200000 --calib-windows 16 --epochs 1 --budget 0.02 -q \
+    --out $D/mixlm-ec.spear >"$OUT/calibrate.log" 2>&1 && cp $D/mixlm-ec.spear "$OUT/"
+}
 for mode in "$@"; do case $mode in
+calib-bg)  # the calibration above in the background on 8 threads, for later modes
+  OMP_NUM_THREADS=8 calib_ec & ;;
 tests)
   nvidia-smi --query-gpu=name,memory.used --format=csv | tee "$OUT/gpu.txt"
   timeout 300 $B/spear_cuda_tests >"$OUT/gpu_tests.log" 2>&1; echo "GPU tests rc=$?"
@@ -89,16 +97,15 @@ gate)  # issue 11: the calibrated r x r gate in the W4 kernel (w4ec-full) agains
   timeout 300 $B/spear bench-latency --config llama-2-7b,llama-3.2-1b --variants w4,w4ec,w4ec-full,w4ec-naive \
     --batches 1,8,32 --contexts 512 --prefill 512 --autotune --md "$OUT/gate.md" >"$OUT/gate.log" 2>&1
   echo "bench-latency gate rc=$?"; sed -n 1,32p "$OUT/gate.md"
-  [ -f $D/mixlm-ec.spear ] || /usr/bin/time -f "calibrate %e s, peak %M KB" $B/spear calibrate --model $MIX \
-    --quantized $D/mixlm-w4.spear --calib $D/wiki.test.tokens --calib-offset 200000 --calib-windows 16 --epochs 1 \
-    --budget 0.02 -q --out $D/mixlm-ec.spear 2>&1 | tail -2
+  [ -f $D/mixlm-ec.spear ] || calib_ec
+  wait
   for dev in cpu cuda; do
     echo "ppl $dev mixlm-ec $($B/spear ppl --device $dev --model $D/mixlm-ec.spear --data $D/wiki.test.tokens --ctx 512 --max-windows 40 --json 2>>"$OUT/ppl.err")" | tee -a "$OUT/ppl.txt"
   done ;;
 serve-sample)  # GPU sampling: a 1B-shaped checkpoint served greedy and sampled (temperature 1, top-p 0.9); mixlm W4 vs W4+EC
-  serve_one() {  # MODEL LABEL ARGS...
+  serve_one() {  # MODEL LABEL ARGS... ($SERVE_ARGS: more flags for spear serve)
     local m=$1 label=$2; shift 2
-    $B/spear serve --model "$m" --device cuda --port 8090 --max-batch 64 >"$OUT/serve-$label.log" 2>&1 &
+    $B/spear serve --model "$m" --device cuda --port 8090 --max-batch 64 $SERVE_ARGS >"$OUT/serve-$label.log" 2>&1 &
     local pid=$!
     for i in $(seq 1 120); do curl -sf http://127.0.0.1:8090/health >/dev/null 2>&1 && break; sleep 1; done
     timeout 150 $B/spear bench-serve --url http://127.0.0.1:8090 --profile --json "$OUT/bench-serve-$label.json" "$@" \
@@ -110,7 +117,10 @@ serve-sample)  # GPU sampling: a 1B-shaped checkpoint served greedy and sampled 
   [ -d $CK1 ] || $B/spear make-checkpoint --config llama-3.2-1b --out $CK1 >"$OUT/make1b.log" 2>&1
   serve_one $CK1 1b-greedy --requests 200 --input-len 512 --output-len 128 --rate inf
   serve_one $CK1 1b-sampled --requests 200 --input-len 512 --output-len 128 --rate inf --temperature 1 --top-p 0.9
+  SERVE_ARGS=--host-sampling serve_one $CK1 1b-sampled-host --requests 200 --input-len 512 --output-len 128 --rate inf \
+    --temperature 1 --top-p 0.9
   serve_one $D/mixlm-w4.spear mixlm-w4 --requests 200 --input-len 128 --output-len 64 --rate inf --temperature 1
+  wait  # calib-bg
   [ -f $D/mixlm-ec.spear ] && serve_one $D/mixlm-ec.spear mixlm-ec --requests 200 --input-len 128 --output-len 64 --rate inf --temperature 1
   ;;
 heuristic)  # the dispatcher without a table (what ppl/generate/serve get untuned), and --autotune's saved table

@@ -80,7 +80,7 @@ void register_serve(CLI::App& app) {
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
     int64_t kv_cache_mb = 0, max_body_mb = 8;
     double shutdown_timeout_s = 30;
-    bool no_profile = false, autotune = false;
+    bool no_profile = false, autotune = false, host_sampling = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear artifact")->required();
@@ -132,6 +132,9 @@ void register_serve(CLI::App& app) {
       ->check(CLI::Range(0.05, 0.99))
       ->capture_default_str();
   cmd->add_flag("--no-profile", o->no_profile, "Skip the start-up cost-model profile (use the online fit only)");
+  cmd->add_flag("--host-sampling", o->host_sampling,
+                "--device cuda: copy every step's logits and sample on the host (default: tokens drawn on the GPU "
+                "when no request of the step needs logprobs or penalties)");
   cmd->preparse_callback([cmd](size_t) { add_env_names(cmd); });
   cmd->callback([o] {
     namespace fs = std::filesystem;
@@ -145,6 +148,7 @@ void register_serve(CLI::App& app) {
     o->eng.sched.slo_ttft_s = o->slo_ttft_ms / 1e3;
     o->eng.kv_cache_bytes = o->kv_cache_mb << 20;
     o->eng.profile = !o->no_profile;
+    o->eng.backend_sampling = !o->host_sampling;
     o->http.max_body_bytes = static_cast<size_t>(o->max_body_mb) << 20;
     if (!o->api_key_file.empty()) {
       SPEAR_CHECK(o->http.api_key.empty(),

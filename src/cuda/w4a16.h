@@ -52,8 +52,8 @@ struct W4Matrix {
 struct EcTerm {
   const void* a = nullptr;         // A (r, K) as repack_ec_a: (r_pad/16, K_pad/64, 4, 32, 8), 16-byte aligned
   const void* b = nullptr;         // B (N, r) as repack_ec_b: (N_pad, r_pad) row-major, 16-byte aligned
-  const float* gate_g = nullptr;   // kSigmoid2: g (r_pad) fp32; kFull: G (r_pad, r_pad) row-major fp32
-                                   // (padding: 0); unused by kIdentity
+  const float* gate_g = nullptr;   // kSigmoid2: g (r_pad) fp32; kFull: G transposed, (r_pad, r_pad) fp32
+                                   // with gate_g[l * r_pad + j] = G[j][l] (padding: 0); unused by kIdentity
   const float* gate_c = nullptr;   // (r_pad) fp32 (padding: 0)
   int r = 0, r_pad = 0;            // r_pad = 16 ceil(r / 16) <= 128
   Gate gate = Gate::kSigmoid2;
@@ -179,7 +179,7 @@ class W4A16Dispatcher {
 cudaError_t w4_upload(const spear::GpuW4Layout& l, W4Matrix* out);  // cudaMalloc + copy
 void w4_free(W4Matrix* w);
 // a_tiled/b_padded from repack_ec_a/_b; g/c: r values (padded with 0 to r_pad); with
-// Gate::kFull, g is G (r, r) row-major (padded with 0 to (r_pad, r_pad)).
+// Gate::kFull, g is G (r, r) row-major (stored transposed and padded with 0 to (r_pad, r_pad)).
 cudaError_t ec_upload(const std::vector<uint16_t>& a_tiled, const std::vector<uint16_t>& b_padded,
                       const float* g, const float* c, int r, Gate gate, EcTerm* out);
 void ec_free(EcTerm* ec);

@@ -785,7 +785,7 @@ cudaError_t ec_upload(const std::vector<uint16_t>& a_tiled, const std::vector<ui
   std::vector<float> hg(g_count, 0.f), hc(t.r_pad, 0.f);
   for (int j = 0; j < r; ++j) {
     if (full)
-      for (int l = 0; l < r; ++l) hg[static_cast<size_t>(j) * t.r_pad + l] = g ? g[static_cast<size_t>(j) * r + l] : 0.f;
+      for (int l = 0; l < r; ++l) hg[static_cast<size_t>(l) * t.r_pad + j] = g ? g[static_cast<size_t>(j) * r + l] : 0.f;
     else
       hg[j] = g ? g[j] : 0.f;
     hc[j] = c ? c[j] : 0.f;

@@ -187,8 +187,10 @@ __device__ __forceinline__ float apply_gate(int kind, float u, const float* gg, 
 }
 
 // The full gate (Gate::kFull), in place on rows of u held by one block (shared or global
-// memory): for each row t, v_j = (1 + tanh(sum_l G[j][l] u_l + c_j)) u_j, G (r_pad, r_pad)
-// row-major, c (r_pad), zero padding (so padded coordinates stay 0). Every thread of the
+// memory): for each row t, v_j = (1 + tanh(sum_l G[j][l] u_l + c_j)) u_j, with G stored
+// transposed, Gt[l * r_pad + j] = G[j][l] (the threads of a warp take consecutive j, so each
+// load of the l loop is one coalesced row of Gt, not 32 lines r_pad words apart), c (r_pad),
+// zero padding (so padded coordinates stay 0). Every thread of the
 // block must call it (it synchronizes). Each pass computes up to 4 values per thread into
 // registers from the unchanged rows, then, after a barrier, writes them back.
 // Cost: r_pad multiply-adds per value; with r_pad <= 128 and decode-sized M this is a few
@@ -206,15 +208,15 @@ __device__ __forceinline__ void gate_full_rows(float* u, int rows, int r_pad, co
       if (i < total) {
         const int j = i % r_pad;
         const float* ut = u + (i - j);
-        const float* gj = G + static_cast<int64_t>(j) * r_pad;
+        const float* gj = G + j;  // column j of Gt: G[j][l] at gj[l * r_pad]
         // r_pad is a multiple of 16: four independent partial sums, loads issued ahead
         float s0 = __ldg(c + j), s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll 4
         for (int l = 0; l < r_pad; l += 4) {
-          s0 = fmaf(__ldg(gj + l), ut[l], s0);
-          s1 = fmaf(__ldg(gj + l + 1), ut[l + 1], s1);
-          s2 = fmaf(__ldg(gj + l + 2), ut[l + 2], s2);
-          s3 = fmaf(__ldg(gj + l + 3), ut[l + 3], s3);
+          s0 = fmaf(__ldg(gj + l * r_pad), ut[l], s0);
+          s1 = fmaf(__ldg(gj + (l + 1) * r_pad), ut[l + 1], s1);
+          s2 = fmaf(__ldg(gj + (l + 2) * r_pad), ut[l + 2], s2);
+          s3 = fmaf(__ldg(gj + (l + 3) * r_pad), ut[l + 3], s3);
         }
         out[k] = (1.0f + tanhf((s0 + s1) + (s2 + s3))) * ut[j];
       }

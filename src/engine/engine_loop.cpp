@@ -298,7 +298,7 @@ void Engine::step(double t_loop) {
   // may draw the tokens where the logits are (no logits copied to the host). The draw
   // index is the output length, as on the host path, so a seeded sequence's tokens do
   // not depend on which path (or batch) computes a step.
-  bool on_backend = model_.has_forward_sample();
+  bool on_backend = cfg_.backend_sampling && model_.has_forward_sample();
   for (size_t ci = 0; ci < plan.chunks.size() && on_backend; ++ci) {
     const Sequence* s = plan.chunks[ci].seq;
     on_backend = !all_rows[ci] && !s->sampler.params().has_penalties() && s->req.logprobs < 0;

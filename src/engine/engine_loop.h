@@ -36,6 +36,9 @@ struct EngineConfig {
   int64_t max_waiting = 256;     // submit() refuses beyond this (HTTP 429)
   bool profile = true;           // measure the cost model at start
   int64_t max_logprobs = 20;
+  // Let a backend that can (StepModel::has_forward_sample) draw the tokens where the logits
+  // are; false: always copy the logits and sample on the host (the comparison).
+  bool backend_sampling = true;
 };
 
 // What a finished request looked like, for latency metrics.

@@ -660,7 +660,7 @@ void upload_w4(GpuModel::Impl& im, const GpuW4Layout& lay, GpuLinear& L) {
 // The kernel's gate for a calibrated EC (model/ec_params.h: gamma = 1 + tanh(G z + c)):
 // ungated -> kIdentity; a diagonal G -> kSigmoid2 (1 + tanh(s) = 2 sigmoid(2 s), so
 // g_j = 2 G_jj and c_j doubled: elementwise, no r x r work); otherwise kFull. g: what the
-// kernel reads as gate_g (r_pad or r_pad x r_pad, zero padded); c: (r_pad).
+// kernel reads as gate_g (r_pad, or G transposed r_pad x r_pad; zero padded); c: (r_pad).
 Gate kernel_gate(const ECParams& p, int r_pad, std::vector<float>* g, std::vector<float>* c) {
   const int64_t r = p.rank;
   c->assign(r_pad, 0.0f);
@@ -683,9 +683,9 @@ Gate kernel_gate(const ECParams& p, int r_pad, std::vector<float>* g, std::vecto
     }
     return Gate::kSigmoid2;
   }
-  g->assign(static_cast<size_t>(r_pad) * r_pad, 0.0f);
+  g->assign(static_cast<size_t>(r_pad) * r_pad, 0.0f);  // transposed (w4a16.h EcTerm::gate_g)
   for (int64_t j = 0; j < r; ++j) {
-    for (int64_t l = 0; l < r; ++l) (*g)[j * r_pad + l] = p.G[j * r + l];
+    for (int64_t l = 0; l < r; ++l) (*g)[l * r_pad + j] = p.G[j * r + l];
     (*c)[j] = p.c[j];
   }
   return Gate::kFull;
