@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "compensate/calibrate.h"
 #include "core/error.h"
+#include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
 
 namespace spear::cli {
@@ -58,7 +59,7 @@ void register_calibrate(CLI::App& app) {
     SPEAR_CHECK(!is_spear_path(o->model), "calibrate: --model must be the full-precision model directory");
     SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
                 "calibrate: --out must end in .spear");
-    SpearArtifact q = read_spear(o->quantized);
+    SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);
     o->c.gated = !o->no_gate;

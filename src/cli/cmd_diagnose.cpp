@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "compensate/diagnostic.h"
 #include "core/error.h"
+#include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
 
 namespace spear::cli {
@@ -42,7 +43,7 @@ void register_diagnose(CLI::App& app) {
   cmd->add_flag("--no-validate", o->no_validate, "Skip measuring restoration gains");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o] {
-    SpearArtifact q = read_spear(o->quantized);
+    SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);
     o->d.validate = !o->no_validate;

@@ -5,6 +5,7 @@
 #include <iterator>
 
 #include "core/error.h"
+#include "model/hf_quantized.h"
 #include "model/load_hf.h"
 #include "model/spear_artifact.h"
 
@@ -26,6 +27,17 @@ LoadedModel load_model(const std::string& path) {
   }
   SPEAR_CHECK(fs::is_directory(path),
               "model not found: " + path + " (expected a model directory or a .spear file)");
+  if (hf_quantization_config(path)) {
+    // A GPTQ / AWQ / compressed-tensors checkpoint: converted into spear's W4 layout.
+    SpearArtifact a = artifact_from_hf_quantized(path);
+    r.weights = std::move(a.weights);
+    r.is_artifact = true;
+    r.meta = std::move(a.meta);
+    r.tokenizer_json = std::move(a.tokenizer_json);
+    r.tokenizer_config_json = std::move(a.tokenizer_config_json);
+    r.generation_config_json = std::move(a.generation_config_json);
+    return r;
+  }
   r.weights = load_hf_weights(path);
   r.tokenizer_json_path = (fs::path(path) / "tokenizer.json").string();
   auto text = [&](const char* name) {
