@@ -190,8 +190,11 @@ PeftExportResult export_gptq_peft(const SpearArtifact& a, const std::string& out
       const ECParams& e = *a.at(l, m).ec;
       const std::string p = module_prefix(l, m);
       targets.push_back(p);
-      rank_pattern[p] = e.rank;
-      alpha_pattern[p] = e.rank;
+      // Pattern keys without the leading "model.": PEFT matches them as `(.*\.)?KEY$` (older
+      // releases as `.*\.KEY$`, which needs a dot before the key); both find layers.L.MOD.
+      const std::string key = p.substr(std::string("model.").size());
+      rank_pattern[key] = e.rank;
+      alpha_pattern[key] = e.rank;
       store.push_back(to_f16(e.A));
       lt.push_back({kPeftPrefix + p + ".lora_A.weight", DType::F16, {e.rank, e.in}, store.back().data()});
       store.push_back(to_f16(e.B));

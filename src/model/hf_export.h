@@ -7,8 +7,9 @@
 //                        (qweight/qzeros/scales/g_idx per module, the unquantized tensors in their
 //                        dtype), the tokenizer files and generation_config.json
 //   OUT/adapter/         its ungated ECs as a PEFT LoRA adapter: adapter_config.json (LORA, r = the
-//                        largest rank, lora_alpha = r, rank_pattern / alpha_pattern per module so
-//                        that every module's scaling alpha / r is 1, target_modules = the modules'
+//                        largest rank, lora_alpha = r, rank_pattern / alpha_pattern per module
+//                        (keys layers.L.MOD) so that every module's scaling alpha / r is 1 (and 1
+//                        too for a reader that ignores the patterns), target_modules = the modules'
 //                        full names) and adapter_model.safetensors
 //                        (base_model.model.<module>.lora_A.weight (r, in), .lora_B.weight (out, r), F16)
 // A LoRA adapter computes y += B A x: an EC with γ ≡ 1 (ungated, or gated with G = 0 and c = 0)

@@ -312,8 +312,10 @@ std::optional<nlohmann::json> hf_quantization_config(const std::string& dir) {
   if (!fs::is_directory(dir, ec)) return std::nullopt;
   const fs::path cfg = fs::path(dir) / "config.json";
   if (fs::is_regular_file(cfg)) {
-    const nlohmann::json j = parse_json_file(cfg);
-    if (j.is_object() && j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    // An unreadable config.json is left to the full-precision loader's error.
+    const std::string text = read_text(cfg);
+    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_discarded() && j.is_object() && j.contains("quantization_config") && !j["quantization_config"].is_null()) {
       nlohmann::json q = j["quantization_config"];
       if (!q.is_object()) throw Error(cfg.string() + ": quantization_config is not an object");
       if (!q.contains("quant_method"))
@@ -363,6 +365,9 @@ SpearArtifact artifact_from_hf_quantized(const std::string& dir) {
       if (fmt == "gptq_v2") v1 = false;
       else if (fmt != "gptq")
         refuse("quantization_config.checkpoint_format '" + fmt + "' is not supported (gptq or gptq_v2)");
+      const std::string pack = lower(get_str(qc, "pack_dtype", "int32"));
+      if (pack != "int32" && pack != "torch.int32")
+        refuse("quantization_config.pack_dtype '" + pack + "' is not supported (int32 words only)");
       if (get_bool(qc, "lm_head", false))
         refuse("quantization_config.lm_head = true (a quantized lm_head): spear keeps the head unquantized");
       if (qc.contains("dynamic") && !qc["dynamic"].is_null() && !qc["dynamic"].empty())
