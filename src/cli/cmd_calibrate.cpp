@@ -28,7 +28,7 @@ void register_calibrate(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Full-precision model directory")->required();
-  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`")->required();
+  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`, or a GPTQ/AWQ/compressed-tensors W4 checkpoint directory")->required();
   cmd->add_option("--out,-o", o->out, "Output .spear with ECs")->required();
   add_calib_options(cmd, o->calib);
   cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")

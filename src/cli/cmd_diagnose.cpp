@@ -29,7 +29,7 @@ void register_diagnose(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   o->calib.windows = 4;
   cmd->add_option("--model", o->model, "Full-precision model directory")->required();
-  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`")->required();
+  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`, or a GPTQ/AWQ/compressed-tensors W4 checkpoint directory")->required();
   add_calib_options(cmd, o->calib);
   cmd->add_option("--out-dir", o->out_dir, "Where spear-heatmap.svg and spear-token-error.svg go")
       ->capture_default_str();
