@@ -265,6 +265,18 @@ struct Reader {
     expect_shape(t, shape);
     return to_f32(t);
   }
+  // Drops the pages of tensors whose bytes were copied out (as read_spear does), so that host
+  // memory holds the converted codes, not also the packed words.
+  void release_used_quantized() {
+    for (const std::string& n : used)
+      if (!released.count(n) && (n.find(".q") != std::string::npos || n.find(".weight_") != std::string::npos ||
+                                 n.ends_with(".scales") || n.ends_with(".g_idx"))) {
+        for (const auto& f : store->files())
+          if (const TensorView* t = f->find(n)) f->release(*t);
+        released.insert(n);
+      }
+  }
+  std::set<std::string> released;
   // A bias is accepted only when it is all zeros (Llama's linear layers have none).
   void zero_bias(const std::string& prefix) {
     const TensorView* t = find(prefix + ".bias");
@@ -552,6 +564,7 @@ SpearArtifact artifact_from_hf_quantized(const std::string& dir) {
                                       gidx.empty() ? nullptr : gidx.data(), N, K, group, sym, dir + ": " + p);
       }
       a.at(l, m).quant = std::move(q);
+      rd.release_used_quantized();
     }
   for (const std::string& n : rd.store->names())
     if (!rd.used.count(n) && n.find("rotary_emb") == std::string::npos)
