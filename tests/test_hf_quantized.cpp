@@ -540,6 +540,52 @@ TEST_F(HfQuantDir, BadCheckpointsGiveClearErrors) {
   EXPECT_NE(r.err.find("is a quantized checkpoint"), std::string::npos) << r.err;
 }
 
+// Random damage to every format's files: each load either converts or throws an error,
+// never crashes or accepts a value spear's layout cannot hold.
+TEST_F(HfQuantDir, RandomDamageIsAnErrorNeverACrash) {
+  const SpearArtifact sym = rtn(64, true), asym = rtn(64, false);
+  std::mt19937 rng(99);
+  int loaded = 0, refused = 0;
+  for (Fmt f : {Fmt::GptqV1, Fmt::GptqV2, Fmt::Awq, Fmt::Ct}) {
+    const fs::path d = dir->path / ("damage-" + std::to_string(static_cast<int>(f)));
+    write_checkpoint(f == Fmt::GptqV1 ? sym : asym, fp(), d, f);
+    const std::string st = read_all(d / "model.safetensors"), cfg = read_all(d / "config.json");
+    for (int it = 0; it < 60; ++it) {
+      std::string s2 = st, c2 = cfg;
+      if (it % 3 == 2) {
+        // A quantization_config field replaced by a value of another type or range.
+        json j = json::parse(cfg);
+        json& q = j["quantization_config"];
+        std::vector<std::string> keys;
+        for (auto k = q.begin(); k != q.end(); ++k) keys.push_back(k.key());
+        const json vals[] = {json("4"), json(-1), json(0), json(3), json(nullptr), json::array(), json::object(),
+                             json(true), json(1 << 20), json("gptq_v3")};
+        q[keys[rng() % keys.size()]] = vals[rng() % std::size(vals)];
+        c2 = j.dump();
+      } else {
+        // A few bytes anywhere in the file, header included.
+        for (int b = 0; b < 1 + static_cast<int>(rng() % 4); ++b) {
+          const size_t at = (it % 3 == 0) ? rng() % std::min<size_t>(s2.size(), 4096) : rng() % s2.size();
+          s2[at] = static_cast<char>(rng());
+        }
+      }
+      write_all(d / "model.safetensors", s2);
+      write_all(d / "config.json", c2);
+      try {
+        const SpearArtifact a = artifact_from_hf_quantized(d.string());
+        validate_artifact(a, "damaged");  // what loaded is a valid base
+        ++loaded;
+      } catch (const std::exception& e) {
+        EXPECT_GT(std::strlen(e.what()), 10u);
+        ++refused;
+      }
+    }
+  }
+  std::printf("damaged checkpoints: %d loaded, %d refused\n", loaded, refused);
+  EXPECT_GT(refused, 0);
+  EXPECT_GT(loaded, 0);  // damage to codes (any nibble is a code) still loads
+}
+
 TEST_F(HfQuantDir, CalibrateOnImportedBaseThenExportPeftAndReload) {
   const SpearArtifact a = rtn(64, true);
   const fs::path gq = dir->path / "calib-gptq";
