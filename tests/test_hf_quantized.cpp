@@ -644,8 +644,13 @@ TEST_F(HfQuantDir, CalibrateOnImportedBaseThenExportPeftAndReload) {
   const PplResult p0 = perplexity(*build_cpu_model(cal.weights), ids, po);
   const PplResult p1 = perplexity(*build_cpu_model(back.weights), ids, po);
   EXPECT_EQ(p0.ppl, p1.ppl);
-  // The CLI loads the exported base too.
+  // The CLI loads the exported base too, and with --adapter scores as the .spear it came from.
   EXPECT_GT(ppl_of(out.string()), 0);
+  EXPECT_EQ(ppl_of(out.string() + " --adapter " + (out / "adapter").string()), ppl_of(ec.string()));
+  r = run_cli("ppl --model " + fp().string() + " --adapter " + (out / "adapter").string() + " --data " + data_file() +
+              " --ctx 64 --max-windows 1");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("full-precision"), std::string::npos) << r.err;
 
   // A non-empty --out needs --force; a gated EC is refused.
   r = run_cli("export --model " + ec.string() + " --out " + out.string());

@@ -237,7 +237,7 @@ PeftExportResult export_gptq_peft(const SpearArtifact& a, const std::string& out
   return res;
 }
 
-void attach_peft_adapter(SpearArtifact& a, const std::string& adapter_dir) {
+void attach_peft_adapter(LlamaWeights& w, const std::string& adapter_dir) {
   const fs::path d(adapter_dir);
   const std::string cfg_path = (d / "adapter_config.json").string();
   auto fail = [&](const std::string& why) -> void { throw Error(adapter_dir + ": " + why); };
@@ -272,7 +272,7 @@ void attach_peft_adapter(SpearArtifact& a, const std::string& adapter_dir) {
     return dflt;
   };
   std::shared_ptr<SafetensorsFile> f = SafetensorsFile::open((d / "adapter_model.safetensors").string());
-  const ModelConfig& cfg = a.config();
+  const ModelConfig& cfg = w.config;
   static const std::regex re(R"(^(?:base_model\.model\.)?model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+)\.lora_(A|B)(?:\.[A-Za-z0-9_]+)?\.weight$)");
   std::map<std::pair<int64_t, Module>, std::pair<const TensorView*, const TensorView*>> found;
   for (const TensorView& t : f->tensors()) {
@@ -297,8 +297,8 @@ void attach_peft_adapter(SpearArtifact& a, const std::string& adapter_dir) {
     for (const TensorView* t : {&A, &B})
       if (t->dtype != DType::F16 && t->dtype != DType::BF16 && t->dtype != DType::F32)
         fail("tensor '" + t->name + "' has dtype " + std::string(dtype_name(t->dtype)));
-    ModuleWeights& mw = a.at(l, m);
-    if (!mw.quant) fail(p + " is not quantized");
+    ModuleWeights& mw = w.at(l, m);
+    if (!mw.quant) fail(p + " is not quantized (an adapter is applied to a quantized base)");
     if (mw.ec) fail(p + " already has an EC");
     const double r = pattern_value("rank_pattern", p, r0), alpha = pattern_value("alpha_pattern", p, alpha0);
     if (r != static_cast<double>(A.shape[0])) fail(p + ": lora_A has rank " + std::to_string(A.shape[0]) + ", the config says " + std::to_string(r));

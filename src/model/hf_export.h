@@ -39,8 +39,11 @@ struct PeftExportResult {
 PeftExportResult export_gptq_peft(const SpearArtifact& a, const std::string& out_dir, const PeftExportOptions& o);
 
 // Reads a PEFT LoRA adapter (as export writes it, or any LoRA on the decoder's linear modules
-// without DoRA / rsLoRA / fan_in_fan_out) into ungated ECs on `a`'s modules: A = lora_A,
+// without DoRA / rsLoRA / fan_in_fan_out) into ungated ECs on the quantized modules: A = lora_A,
 // B = lora_B * (alpha / r). Throws spear::Error naming the file and tensor on anything else.
-void attach_peft_adapter(SpearArtifact& a, const std::string& adapter_dir);
+void attach_peft_adapter(LlamaWeights& w, const std::string& adapter_dir);
+inline void attach_peft_adapter(SpearArtifact& a, const std::string& adapter_dir) {
+  attach_peft_adapter(a.weights, adapter_dir);
+}
 
 }  // namespace spear
