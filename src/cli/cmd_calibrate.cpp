@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "compensate/calibrate.h"
 #include "core/error.h"
+#include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
 
 namespace spear::cli {
@@ -27,7 +28,7 @@ void register_calibrate(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Full-precision model directory")->required();
-  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`")->required();
+  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`, or a GPTQ/AWQ/compressed-tensors W4 checkpoint directory")->required();
   cmd->add_option("--out,-o", o->out, "Output .spear with ECs")->required();
   add_calib_options(cmd, o->calib);
   cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")
@@ -58,7 +59,7 @@ void register_calibrate(CLI::App& app) {
     SPEAR_CHECK(!is_spear_path(o->model), "calibrate: --model must be the full-precision model directory");
     SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
                 "calibrate: --out must end in .spear");
-    SpearArtifact q = read_spear(o->quantized);
+    SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);
     o->c.gated = !o->no_gate;

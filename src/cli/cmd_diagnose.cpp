@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "compensate/diagnostic.h"
 #include "core/error.h"
+#include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
 
 namespace spear::cli {
@@ -28,7 +29,7 @@ void register_diagnose(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   o->calib.windows = 4;
   cmd->add_option("--model", o->model, "Full-precision model directory")->required();
-  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`")->required();
+  cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`, or a GPTQ/AWQ/compressed-tensors W4 checkpoint directory")->required();
   add_calib_options(cmd, o->calib);
   cmd->add_option("--out-dir", o->out_dir, "Where spear-heatmap.svg and spear-token-error.svg go")
       ->capture_default_str();
@@ -42,7 +43,7 @@ void register_diagnose(CLI::App& app) {
   cmd->add_flag("--no-validate", o->no_validate, "Skip measuring restoration gains");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o] {
-    SpearArtifact q = read_spear(o->quantized);
+    SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);
     o->d.validate = !o->no_validate;

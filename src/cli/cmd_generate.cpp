@@ -17,13 +17,14 @@ namespace spear::cli {
 void register_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Generate text from a prompt (streamed to stdout)");
   struct Opts {
-    std::string model, prompt, device = "cpu";
+    std::string model, adapter, prompt, device = "cpu";
     int64_t max_tokens = 64;
     SamplingParams s;
     bool json = false, ignore_eos = false, autotune = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear file")->required();
+  cmd->add_option("--adapter", o->adapter, "PEFT LoRA adapter directory (spear export) applied to a quantized base as ungated ECs");
   cmd->add_option("--prompt,-p", o->prompt, "Prompt text")->required();
   cmd->add_option("--max-tokens,-n", o->max_tokens, "Tokens to generate")->capture_default_str();
   cmd->add_option("--temperature,-t", o->s.temperature, "0 = greedy")->capture_default_str();
@@ -38,7 +39,7 @@ void register_generate(CLI::App& app) {
     SPEAR_CHECK(o->max_tokens >= 0 && o->max_tokens <= 1 << 20, "generate: bad --max-tokens");
     const Device device = parse_device(o->device);
     // A model directory or a .spear artifact (quantized, possibly with ECs).
-    LoadedModel loaded = load_model(o->model);
+    LoadedModel loaded = load_model(o->model, o->adapter);
     Tokenizer tok = load_tokenizer(loaded);
     std::vector<int32_t> prompt = tok.encode(o->prompt, true);
     SequenceOptions so;

@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
+#include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
 
 namespace spear::cli {
@@ -107,6 +108,8 @@ void register_info(CLI::App& app) {
     for (auto& [d, n] : params_by_dtype)
       j["dtypes"][d] = {{"parameters", n}, {"bytes", bytes_by_dtype[d]}};
     j["f32_resident_bytes"] = cfg.num_parameters() * 4;
+    const std::optional<nlohmann::json> qc = hf_quantization_config(*model);
+    if (qc) j["quantization_config"] = *qc;
     if (*as_json) {
       std::printf("%s\n", j.dump().c_str());
       return;
@@ -123,6 +126,9 @@ void register_info(CLI::App& app) {
       std::printf("  %-5s       %lld parameters, %lld bytes\n", d.c_str(), (long long)n,
                   (long long)bytes_by_dtype[d]);
     std::printf("files         %zu, %zu bytes mapped\n", store.files().size(), store.mapped_bytes());
+    if (qc)
+      std::printf("quantized     %s checkpoint (loads as a W4 base: ppl, generate, serve, calibrate --quantized)\n",
+                  qc->value("quant_method", std::string("?")).c_str());
   });
 }
 

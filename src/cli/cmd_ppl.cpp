@@ -20,12 +20,13 @@ namespace spear::cli {
 void register_ppl(CLI::App& app) {
   auto* cmd = app.add_subcommand("ppl", "Perplexity of a text file in non-overlapping windows");
   struct Opts {
-    std::string model, data, ref_model, ref_logits, save_logits, device = "cpu";
+    std::string model, adapter, data, ref_model, ref_logits, save_logits, device = "cpu";
     int64_t ctx = 512, max_windows = -1, save_top_k = 0;
     bool json = false, autotune = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear file")->required();
+  cmd->add_option("--adapter", o->adapter, "PEFT LoRA adapter directory (spear export) applied to a quantized base as ungated ECs");
   cmd->add_option("--data", o->data, "Text file")->required();
   cmd->add_option("--ctx", o->ctx, "Window length in tokens")->capture_default_str();
   cmd->add_option("--max-windows", o->max_windows, "Score only the first N windows");
@@ -53,7 +54,7 @@ void register_ppl(CLI::App& app) {
     SPEAR_CHECK(!has_ref || device == Device::Cpu,
                 "ppl: --ref-model and --ref-logits are computed by the CPU engine only (use --device cpu)");
     // A model directory or a .spear artifact (quantized, possibly with ECs).
-    LoadedModel loaded = load_model(o->model);
+    LoadedModel loaded = load_model(o->model, o->adapter);
     Tokenizer tok = load_tokenizer(loaded);
     std::unique_ptr<LlamaModel> ref;
     if (!o->ref_model.empty()) ref = build_cpu_model(load_model(o->ref_model).weights);

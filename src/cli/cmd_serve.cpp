@@ -72,7 +72,7 @@ void add_env_names(CLI::App* cmd) {
 void register_serve(CLI::App& app) {
   auto* cmd = app.add_subcommand("serve", "Serve a model over an OpenAI-compatible HTTP API");
   struct Opts {
-    std::string model, name, scheduler = "ec-aware", device = "cpu";
+    std::string model, adapter, name, scheduler = "ec-aware", device = "cpu";
     std::string chat_template, api_key_file, generation_config = "auto";
     double gpu_memory_fraction = 0.9;
     server::ServerOptions http;
@@ -84,6 +84,7 @@ void register_serve(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear artifact")->required();
+  cmd->add_option("--adapter", o->adapter, "PEFT LoRA adapter directory (spear export) applied to a quantized base as ungated ECs");
   cmd->add_option("--served-model-name", o->name, "Model id in the API (default: the file or directory name)");
   cmd->add_option("--host", o->http.host, "Address to bind (127.0.0.1 = this machine only)")->capture_default_str();
   cmd->add_option("--port", o->http.port, "Port (0 = any free port, printed at start)")->capture_default_str();
@@ -176,7 +177,7 @@ void register_serve(CLI::App& app) {
                  http.port(), o->model.c_str());
     std::fflush(stderr);
 
-    LoadedModel lm = load_model(o->model);
+    LoadedModel lm = load_model(o->model, o->adapter);
     Tokenizer tok = load_tokenizer(lm);
     // The chat template and sampling defaults travel in a .spear artifact as in a
     // model directory.

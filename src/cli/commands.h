@@ -27,6 +27,7 @@ void register_calibrate(CLI::App& app);
 void register_eval(CLI::App& app);
 void register_bench_latency(CLI::App& app);
 void register_make_checkpoint(CLI::App& app);
+void register_export(CLI::App& app);
 // --device cpu|cuda (cuda needs a build with nvcc and a GPU; the command says so otherwise).
 void add_device_option(CLI::App* cmd, std::string& device);
 // --autotune: with --device cuda, time the W4 kernel configs of each shape on first use and

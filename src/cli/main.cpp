@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   spear::cli::register_eval(app);
   spear::cli::register_bench_latency(app);
   spear::cli::register_make_checkpoint(app);
+  spear::cli::register_export(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -10,6 +10,7 @@
 #include "compensate/network.h"
 #include "compensate/static_control.h"
 #include "core/error.h"
+#include "model/hf_quantized.h"
 
 namespace spear {
 
@@ -103,11 +104,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   SPEAR_CHECK(opt.epochs >= 0 && opt.batch > 0, "calibrate: bad --epochs/--batch");
   SPEAR_CHECK(quantized.ec_count() == 0, "calibrate: the quantized artifact already has ECs; "
                                          "start from the output of `spear quantize`");
-  const std::string want = quantized.meta.value("source_model_sha256", std::string());
-  const std::string have = model_dir_hash(dir);
-  SPEAR_CHECK(want == have, "calibrate: " + dir + " is not the model the artifact was quantized from "
-                            "(source_model_sha256 " + want.substr(0, 12) + "..., directory " +
-                                have.substr(0, 12) + "...)");
+  check_base_matches_model(quantized, dir, "calibrate");
   Network net = Network::load_fp(dir);
   net.set_quantized(quantized.weights);
   Runner run(net);

@@ -11,6 +11,7 @@
 #include "compensate/ec_train.h"
 #include "compensate/network.h"
 #include "core/error.h"
+#include "model/hf_quantized.h"
 
 namespace spear {
 
@@ -133,8 +134,7 @@ std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
 Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const CalibData& data,
                    const DiagnoseOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
-  SPEAR_CHECK(quantized.meta.value("source_model_sha256", std::string()) == model_dir_hash(dir),
-              "diagnose: " + dir + " is not the model the artifact was quantized from");
+  check_base_matches_model(quantized, dir, "diagnose");
   Network net = Network::load_fp(dir);
   net.set_quantized(quantized.weights);
   Runner run(net);

@@ -6,12 +6,17 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/hf_quantized.h"
 
 namespace spear {
 
 LlamaWeights load_hf_weights(const std::string& dir) {
   namespace fs = std::filesystem;
   SPEAR_CHECK(fs::is_directory(dir), "model directory not found: " + dir);
+  if (auto qc = hf_quantization_config(dir))
+    throw Error(dir + " is a quantized checkpoint (quant_method " + qc->value("quant_method", std::string("?")) +
+                "), not a full-precision one: give it where a quantized base is taken (--quantized of calibrate "
+                "and diagnose, --model of ppl, generate, serve, info)");
   LlamaWeights w;
   w.config = ModelConfig::load((fs::path(dir) / "config.json").string());
   const ModelConfig& cfg = w.config;

@@ -23,7 +23,9 @@ struct LoadedModel {
   std::string generation_config_json;
 };
 
-LoadedModel load_model(const std::string& path);
+// `adapter`: a PEFT LoRA adapter directory (`spear export` writes one) applied to a quantized
+// base as ungated ECs (model/hf_export.h); "" for none. A full-precision model is refused.
+LoadedModel load_model(const std::string& path, const std::string& adapter = "");
 // The tokenizer of a loaded model (from the directory, or embedded in the .spear file).
 Tokenizer load_tokenizer(const LoadedModel& m);
 
