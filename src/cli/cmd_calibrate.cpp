@@ -23,6 +23,8 @@ void register_calibrate(CLI::App& app) {
     // The flags' spellings, parsed into c in the callback; defaults from CalibrateOptions.
     std::string objective{calib_objective_name(c.objective)};
     std::string static_mode{static_mode_name(c.static_mode)};
+    std::string static_refit{static_refit_name(c.static_refit)};
+    std::string gate{gate_kind_name(c.gate)};
     bool no_gate = false, quiet = false;
   };
   auto o = std::make_shared<Opts>();
@@ -33,9 +35,16 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")
       ->capture_default_str();
   cmd->add_option("--objective", o->objective, "static | block | e2e")->capture_default_str();
-  cmd->add_option("--static-mode", o->static_mode, "rrr (target W x_fp - Q x_q) | qera (target dW x_q)")
+  cmd->add_option("--static-mode", o->static_mode,
+                  "Static control: qera (QERA closed form, target dW x_q) | rrr (target W x_fp - Q x_q)")
       ->capture_default_str();
-  cmd->add_flag("--no-gate", o->no_gate, "Train ungated ECs (gamma = 1)");
+  cmd->add_option("--static-refit", o->static_refit,
+                  "Static refit at the placement: site (site after site in each layer) | layer")
+      ->capture_default_str();
+  cmd->add_option("--gate", o->gate,
+                  "Gate of the trained ECs: full (r x r G) | diag (diagonal G) | none (gamma = 1)")
+      ->capture_default_str();
+  cmd->add_flag("--no-gate", o->no_gate, "Same as --gate none");
   cmd->add_option("--max-rank", o->c.max_rank, "Largest rank per module")->capture_default_str();
   cmd->add_option("--epochs", o->c.epochs, "Training passes over the calibration windows")->capture_default_str();
   cmd->add_option("--batch", o->c.batch, "Windows per Adam step")->capture_default_str();
@@ -55,13 +64,17 @@ void register_calibrate(CLI::App& app) {
   cmd->callback([o] {
     o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
     o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
+    o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);
+    o->c.gate = parse_flag("calibrate: --gate", o->gate, parse_gate_kind);
+    SPEAR_CHECK(!o->no_gate || o->c.gate == GateKind::None || o->gate == gate_kind_name(GateKind::Full),
+                "calibrate: --no-gate contradicts --gate " + o->gate);
+    if (o->no_gate) o->c.gate = GateKind::None;
     SPEAR_CHECK(!is_spear_path(o->model), "calibrate: --model must be the full-precision model directory");
     SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
                 "calibrate: --out must end in .spear");
     SpearArtifact q = read_spear(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);
-    o->c.gated = !o->no_gate;
     o->c.verbose = !o->quiet;
     if (!o->placement.empty())
       o->c.fixed_placement = placement_from_json(nlohmann::json::parse(read_text_file(o->placement)));

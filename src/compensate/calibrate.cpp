@@ -28,19 +28,22 @@ int64_t site_width(const ModelConfig& c, Site s) {
 }
 
 // Statistics of one layer: runs the full-precision layer on xf and the quantized one
-// (with `ecs`) on xq, window by window, pairing their site inputs. Advances both streams.
+// (with `ecs`) on xq, window by window, pairing their site inputs. Only the sites whose
+// bit is set in `sites` are accumulated. Advances both streams.
 void layer_stats(const Runner& run, int64_t l, int64_t nw, int64_t T, std::vector<float>& xf,
                  std::vector<float>& xq, const std::vector<std::optional<ECParams>>* ecs,
-                 SiteStats stats[kNumSites]) {
+                 SiteStats stats[kNumSites], unsigned sites = (1u << kNumSites) - 1) {
   const Network& net = run.net();
   const int64_t D = net.cfg.hidden_size;
-  for (int s = 0; s < kNumSites; ++s) stats[s].reset(site_width(net.cfg, static_cast<Site>(s)));
+  for (int s = 0; s < kNumSites; ++s)
+    if (sites & (1u << s)) stats[s].reset(site_width(net.cfg, static_cast<Site>(s)));
   std::vector<float> fsite[kNumSites];  // (T, width) the FP inputs of this window
   SiteTap keep = [&](Site s, const float* x, int64_t rows, int64_t cols) {
-    fsite[static_cast<int>(s)].assign(x, x + rows * cols);
+    if (sites & (1u << static_cast<int>(s))) fsite[static_cast<int>(s)].assign(x, x + rows * cols);
   };
-  SiteTap pair = [&](Site s, const float* x, int64_t rows, int64_t cols) {
-    stats[static_cast<int>(s)].add(fsite[static_cast<int>(s)].data(), x, rows);
+  SiteTap pair = [&](Site s, const float* x, int64_t rows, int64_t) {
+    if (sites & (1u << static_cast<int>(s)))
+      stats[static_cast<int>(s)].add(fsite[static_cast<int>(s)].data(), x, rows);
   };
   for (int64_t w = 0; w < nw; ++w) {
     run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr, keep);
@@ -64,6 +67,20 @@ CalibObjective parse_calib_objective(std::string_view s) {
     if (s == calib_objective_name(o)) return o;
   throw Error("unknown calibration objective '" + std::string(s) +
               "' (accepted: static, block, e2e)");
+}
+
+std::string_view static_refit_name(StaticRefit r) {
+  switch (r) {
+    case StaticRefit::Site: return "site";
+    case StaticRefit::Layer: return "layer";
+  }
+  throw Error("calibrate: invalid StaticRefit " + std::to_string(static_cast<int>(r)));
+}
+
+StaticRefit parse_static_refit(std::string_view s) {
+  for (StaticRefit r : {StaticRefit::Site, StaticRefit::Layer})
+    if (s == static_refit_name(r)) return r;
+  throw Error("unknown static refit '" + std::string(s) + "' (accepted: site, layer)");
 }
 
 nlohmann::json placement_json(const std::vector<PlacementEntry>& p) {
@@ -108,6 +125,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   SPEAR_CHECK(want == have, "calibrate: " + dir + " is not the model the artifact was quantized from "
                             "(source_model_sha256 " + want.substr(0, 12) + "..., directory " +
                                 have.substr(0, 12) + "...)");
+  const bool gated = opt.gate != GateKind::None;
   Network net = Network::load_fp(dir);
   net.set_quantized(quantized.weights);
   Runner run(net);
@@ -161,7 +179,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       SPEAR_CHECK(e.layer >= 0 && e.layer < L, "placement: layer out of range");
       const StaticFit& f = fits[module_index(e.layer, e.module)];
       SPEAR_CHECK(e.rank > 0 && e.rank <= f.max_rank, "placement: rank out of range");
-      e.bytes = ECParams::bytes_for(f.in, f.out, e.rank, opt.gated);
+      e.bytes = ECParams::bytes_for(f.in, f.out, e.rank, gated);
       e.captured = f.captured(e.rank);
     }
   } else {
@@ -181,8 +199,8 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       for (int64_t i = 0; i < L * kNumModules; ++i) {
         const StaticFit& f = fits[i];
         if (rank[i] >= f.max_rank) continue;
-        const int64_t cost = ECParams::bytes_for(f.in, f.out, rank[i] + 1, opt.gated) -
-                             (rank[i] ? ECParams::bytes_for(f.in, f.out, rank[i], opt.gated) : 0);
+        const int64_t cost = ECParams::bytes_for(f.in, f.out, rank[i] + 1, gated) -
+                             (rank[i] ? ECParams::bytes_for(f.in, f.out, rank[i], gated) : 0);
         if (used + cost > budget_bytes) continue;
         const double g = gain[i] * (f.captured(rank[i] + 1) - f.captured(rank[i]));
         const double ratio = g / static_cast<double>(cost);
@@ -203,7 +221,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       e.layer = i / kNumModules;
       e.module = static_cast<Module>(i % kNumModules);
       e.rank = rank[i];
-      e.bytes = ECParams::bytes_for(f.in, f.out, rank[i], opt.gated);
+      e.bytes = ECParams::bytes_for(f.in, f.out, rank[i], gated);
       e.restore_gain = gain[i];
       e.captured = f.captured(rank[i]);
       placement.push_back(e);
@@ -233,30 +251,43 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     std::vector<float> xf(S * T * D), xq;
     run.embed(data.tokens.data(), S * T, xf.data());
     xq = xf;
-    for (int64_t l = 0; l < L; ++l) {
-      bool any = false;
-      for (Module m : kAllModules) any = any || rank_of[module_index(l, m)] > 0;
-      std::vector<float> xq_in = xq;
-      SiteStats st[kNumSites];
-      layer_stats(run, l, S, T, xf, xq, &res.static_ecs, st);
-      if (!any) continue;
-      for (int s = 0; s < kNumSites; ++s) {
-        bool site_used = false;
-        for (Module m : kAllModules)
-          site_used = site_used || (static_cast<int>(module_site(m)) == s && rank_of[module_index(l, m)]);
-        if (!site_used) continue;
-        Whitening wh = whiten(st[s], opt.damp);
-        for (Module m : kAllModules) {
-          if (static_cast<int>(module_site(m)) != s || !rank_of[module_index(l, m)]) continue;
-          StaticFit f = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
-                                   net.module_in(m), st[s], wh, rank_of[module_index(l, m)], opt.static_mode);
-          res.static_ecs[module_index(l, m)] = ec_from_fit(f, rank_of[module_index(l, m)], false);
-        }
+    auto fit_site = [&](int64_t l, int s, const SiteStats& st) {
+      Whitening wh = whiten(st, opt.damp);
+      for (Module m : kAllModules) {
+        if (static_cast<int>(module_site(m)) != s || !rank_of[module_index(l, m)]) continue;
+        StaticFit f = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
+                                 net.module_in(m), st, wh, rank_of[module_index(l, m)], opt.static_mode);
+        res.static_ecs[module_index(l, m)] = ec_from_fit(f, rank_of[module_index(l, m)], false);
       }
-      // The stream must leave this layer through the ECs just fitted.
-      xq = std::move(xq_in);
-      for (int64_t w = 0; w < S; ++w)
+    };
+    for (int64_t l = 0; l < L; ++l) {
+      unsigned used_sites = 0;
+      for (Module m : kAllModules)
+        if (rank_of[module_index(l, m)]) used_sites |= 1u << static_cast<int>(module_site(m));
+      if (used_sites && opt.static_refit == StaticRefit::Site) {
+        // Site after site in forward order: each site's statistics come from a pass that
+        // already carries the ECs fitted at the earlier sites of this layer, so that (for
+        // example) O is not also fitted to the attention drift that Q/K/V's ECs remove.
+        for (int s = 0; s < kNumSites; ++s) {
+          if (!(used_sites & (1u << s))) continue;
+          std::vector<float> xf_s = xf, xq_s = xq;
+          SiteStats st[kNumSites];
+          layer_stats(run, l, S, T, xf_s, xq_s, &res.static_ecs, st, 1u << s);
+          fit_site(l, s, st[s]);
+        }
+      } else if (used_sites) {
+        // One pass without this layer's ECs for all of its sites (the earlier scheme).
+        std::vector<float> xf_s = xf, xq_s = xq;
+        SiteStats st[kNumSites];
+        layer_stats(run, l, S, T, xf_s, xq_s, &res.static_ecs, st, used_sites);
+        for (int s = 0; s < kNumSites; ++s)
+          if (used_sites & (1u << s)) fit_site(l, s, st[s]);
+      }
+      // Both streams leave this layer; the quantized one through the ECs just fitted.
+      for (int64_t w = 0; w < S; ++w) {
+        run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr);
         run.layer_forward(q_view(net, l, &res.static_ecs), l, &xq[w * T * D], 1, T, nullptr);
+      }
     }
   } else {
     for (const PlacementEntry& e : placement) {
@@ -279,7 +310,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   // 5. Train from the static control.
   res.trained_ecs = res.static_ecs;
   for (auto& e : res.trained_ecs)
-    if (e && opt.gated) {
+    if (e && gated) {
       e->gated = true;
       e->G.assign(e->rank * e->rank, 0.0f);
       e->c.assign(e->rank, 0.0f);
@@ -289,6 +320,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   to.batch = opt.batch;
   to.lr = opt.lr;
   to.lr_gate = opt.lr_gate;
+  to.gate = opt.gate;
   to.verbose = opt.verbose;
   const auto t_train = std::chrono::steady_clock::now();
   if (!placement.empty() && opt.objective == CalibObjective::E2e) {
@@ -310,7 +342,10 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   rep["quant_model_bytes"] = qbytes;
   rep["settings"] = {{"objective", objective},
                      {"static_mode", std::string(static_mode_name(opt.static_mode))},
-                     {"gated", opt.gated},         {"max_rank", opt.max_rank},
+                     {"gated", gated},
+                     {"gate", std::string(gate_kind_name(opt.gate))},
+                     {"static_refit", std::string(static_refit_name(opt.static_refit))},
+                     {"max_rank", opt.max_rank},
                      {"damp", opt.damp},           {"probe_windows", P},
                      {"epochs", opt.epochs},       {"batch", opt.batch},
                      {"lr", opt.lr},               {"lr_gate", opt.lr_gate},

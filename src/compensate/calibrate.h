@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
+#include "compensate/ec_train.h"
 #include "compensate/static_control.h"
 #include "model/spear_artifact.h"
 
@@ -36,6 +37,17 @@ enum class CalibObjective { Static, Block, E2e };
 std::string_view calib_objective_name(CalibObjective o);
 // The inverse of calib_objective_name; throws spear::Error naming the accepted values.
 CalibObjective parse_calib_objective(std::string_view s);
+
+// How the static control is refitted at the placement (layer after layer, on inputs that
+// carry the earlier layers' ECs):
+//   Site   site after site inside a layer too (Q/K/V, then O, then Gate/Up, then Down),
+//          each site's statistics from a pass through the ECs already fitted in the layer
+//   Layer  all sites of a layer from one pass without the layer's own ECs (the scheme
+//          before issue 11: O and Down are then also fitted to the drift that Q/K/V and
+//          Gate/Up's ECs remove, and the corrections add up to more than the error)
+enum class StaticRefit { Site, Layer };
+std::string_view static_refit_name(StaticRefit r);
+StaticRefit parse_static_refit(std::string_view s);
 
 struct PlacementEntry {
   int64_t layer = 0;
@@ -50,7 +62,8 @@ struct CalibrateOptions {
   double budget = 0.01;           // EC bytes / quant_model_bytes
   CalibObjective objective = CalibObjective::E2e;
   StaticMode static_mode = StaticMode::Rrr;
-  bool gated = true;
+  StaticRefit static_refit = StaticRefit::Site;
+  GateKind gate = GateKind::Full;  // of the trained ECs; the static control is ungated
   int64_t max_rank = 64;          // per module
   double damp = 0.05;             // whitening damping, fraction of mean eigenvalue
   int64_t probe_windows = 2;      // windows for the restoration gains

@@ -20,6 +20,34 @@ double schedule(int64_t step, int64_t total) {
 }
 }  // namespace
 
+std::string_view gate_kind_name(GateKind g) {
+  switch (g) {
+    case GateKind::Full: return "full";
+    case GateKind::Diag: return "diag";
+    case GateKind::None: return "none";
+  }
+  throw Error("invalid GateKind " + std::to_string(static_cast<int>(g)));
+}
+
+GateKind parse_gate_kind(std::string_view s) {
+  for (GateKind g : {GateKind::Full, GateKind::Diag, GateKind::None})
+    if (s == gate_kind_name(g)) return g;
+  throw Error("unknown gate '" + std::string(s) + "' (accepted: full, diag, none)");
+}
+
+void restrict_gate_grads(std::vector<ECGrad>& grads, GateKind gate) {
+  if (gate != GateKind::Diag) return;
+  for (ECGrad& g : grads) {
+    const int64_t r2 = static_cast<int64_t>(g.G.size());
+    const int64_t r = static_cast<int64_t>(g.c.size());
+    if (!r2) continue;
+    SPEAR_CHECK(r * r == r2, "restrict_gate_grads: G is not r x r");
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        if (i != j) g.G[i * r + j] = 0.0f;
+  }
+}
+
 void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -165,6 +193,7 @@ nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::ve
           run.layer_backward(q_view(net, l, &ecs), l, caches[l], dx.data(), 1, T, g);
         }
       }
+      restrict_gate_grads(grads, opt.gate);
       adam.step(ecs, grads, schedule(step, total));
     }
     const double kl = ep_kl / static_cast<double>(nw * T);
@@ -226,6 +255,7 @@ nlohmann::json train_block(const Runner& run, const CalibData& data,
               if (sub[module_index(l, m)]) g[m] = &grads[module_index(l, m)];
             run.layer_backward(q_view(net, l, &sub), l, cache, dy.data(), 1, T, g);
           }
+          restrict_gate_grads(grads, opt.gate);
           adam.step(sub, grads, schedule(step, total));
         }
         last = loss / static_cast<double>(nw);
