@@ -17,7 +17,7 @@ void register_calibrate(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "calibrate", "Place gated Error Compensators under a memory budget and train them");
   struct Opts {
-    std::string model, quantized, out, static_out, report, placement;
+    std::string model, quantized, out, static_out, report, placement, gains, init_from;
     CalibOptions calib;
     CalibrateOptions c;
     // The flags' spellings, parsed into c in the callback; defaults from CalibrateOptions.
@@ -58,6 +58,11 @@ void register_calibrate(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--damp", o->c.damp, "Whitening damping (fraction of the mean eigenvalue)")->capture_default_str();
   cmd->add_option("--placement", o->placement, "JSON placement to use instead of searching one");
+  cmd->add_option("--gains", o->gains,
+                  "Reuse the restoration gains of an earlier --report-json (same model and probe windows)");
+  cmd->add_option("--init-from", o->init_from,
+                  "Start training from the ECs of this .spear (e.g. a --static-out of the same base) "
+                  "instead of fitting the static control");
   cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
@@ -78,6 +83,17 @@ void register_calibrate(CLI::App& app) {
     o->c.verbose = !o->quiet;
     if (!o->placement.empty())
       o->c.fixed_placement = placement_from_json(nlohmann::json::parse(read_text_file(o->placement)));
+    if (!o->gains.empty())
+      o->c.restore_gains = restore_gains_from_report(nlohmann::json::parse(read_text_file(o->gains)),
+                                                     q.config().num_layers);
+    if (!o->init_from.empty()) {
+      SpearArtifact init = read_spear(o->init_from);
+      const int64_t L = q.config().num_layers;
+      SPEAR_CHECK(init.config().num_layers == L, "calibrate: --init-from is another model");
+      o->c.init_ecs.assign(L * kNumModules, std::nullopt);
+      for (int64_t l = 0; l < L; ++l)
+        for (Module m : kAllModules) o->c.init_ecs[module_index(l, m)] = init.at(l, m).ec;
+    }
     CalibrateResult r = calibrate(o->model, q, data, o->c);
     nlohmann::json meta = r.report;
     meta.erase("module_gains");

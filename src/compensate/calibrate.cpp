@@ -112,6 +112,23 @@ std::vector<PlacementEntry> placement_from_json(const nlohmann::json& j) {
   return p;
 }
 
+std::vector<double> restore_gains_from_report(const nlohmann::json& report, int64_t layers) {
+  SPEAR_CHECK(report.contains("module_gains") && report["module_gains"].is_array(),
+              "calibration report has no module_gains (written by a run that searched its placement)");
+  std::vector<double> g(layers * kNumModules, 0.0);
+  std::vector<bool> seen(g.size(), false);
+  for (const auto& e : report["module_gains"]) {
+    Module m;
+    SPEAR_CHECK(parse_module_name(e.at("module").get<std::string>(), &m), "module_gains: unknown module");
+    const int64_t l = e.at("layer").get<int64_t>();
+    SPEAR_CHECK(l >= 0 && l < layers, "module_gains: layer out of range");
+    g[module_index(l, m)] = e.at("restore_gain_kl").get<double>();
+    seen[module_index(l, m)] = true;
+  }
+  for (bool b : seen) SPEAR_CHECK(b, "module_gains: not every module of the model is listed");
+  return g;
+}
+
 CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized,
                           const CalibData& data, const CalibrateOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -147,10 +164,39 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   rep["seconds_targets"] = seconds_since(t0);
   log("full-precision targets of %lld windows x %lld tokens", (long long)nw, (long long)T);
 
-  // 2. Statistics and static fits of every module (quantized path without ECs).
-  std::vector<StaticFit> fits(L * kNumModules);
   const int64_t P = std::max<int64_t>(1, std::min(opt.probe_windows, nw));
   const int64_t S = std::max<int64_t>(1, std::min(opt.stat_windows, nw));
+  CalibrateResult res;
+  std::vector<PlacementEntry> placement;
+  int64_t ec_bytes = 0;
+  if (!opt.init_ecs.empty()) {
+    SPEAR_CHECK(static_cast<int64_t>(opt.init_ecs.size()) == L * kNumModules,
+                "calibrate: the initial ECs do not match the model");
+    res.static_ecs.assign(L * kNumModules, std::nullopt);
+    for (int64_t i = 0; i < L * kNumModules; ++i) {
+      if (!opt.init_ecs[i]) continue;
+      ECParams p = *opt.init_ecs[i];
+      SPEAR_CHECK(p.in == net.module_in(static_cast<Module>(i % kNumModules)) &&
+                      p.out == net.module_out(static_cast<Module>(i % kNumModules)),
+                  "calibrate: an initial EC does not match its module");
+      p.gated = false;
+      p.G.clear();
+      p.c.clear();
+      PlacementEntry e;
+      e.layer = i / kNumModules;
+      e.module = static_cast<Module>(i % kNumModules);
+      e.rank = p.rank;
+      e.bytes = ECParams::bytes_for(p.in, p.out, p.rank, gated);
+      placement.push_back(e);
+      ec_bytes += e.bytes;
+      res.static_ecs[i] = std::move(p);
+    }
+    res.placement = placement;
+    rep["init_from_ecs"] = true;
+    log("starting from %zu given ECs, %lld bytes", placement.size(), (long long)ec_bytes);
+  } else {
+  // 2. Statistics and static fits of every module (quantized path without ECs).
+  std::vector<StaticFit> fits(L * kNumModules);
   {
     std::vector<float> xf(S * T * D), xq;  // (S*T, dim)
     run.embed(data.tokens.data(), S * T, xf.data());
@@ -172,7 +218,6 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   log("static fits of %lld modules", (long long)L * kNumModules);
 
   // 3. Placement.
-  std::vector<PlacementEntry> placement;
   if (!opt.fixed_placement.empty()) {
     placement = opt.fixed_placement;
     for (PlacementEntry& e : placement) {
@@ -185,8 +230,15 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   } else {
     // Restoration gains: KL drop when one module is back at full precision.
     double base_kl = 0;
-    std::vector<double> gain = restoration_gains(run, data, targets, P, &base_kl);
-    rep["probe_kl_w4"] = base_kl;
+    std::vector<double> gain = opt.restore_gains;
+    if (gain.empty()) {
+      gain = restoration_gains(run, data, targets, P, &base_kl);
+      rep["probe_kl_w4"] = base_kl;
+    } else {
+      SPEAR_CHECK(static_cast<int64_t>(gain.size()) == L * kNumModules,
+                  "calibrate: the restoration gains given do not match the model");
+      rep["restore_gains_reused"] = true;
+    }
     rep["seconds_restore_gains"] = seconds_since(t0);
     log("restoration gains measured (probe KL of the quantized model %.5f)", base_kl);
     // Greedy rank steps by gain per byte.
@@ -235,14 +287,12 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
                     {"captured_r8", fits[i].captured(8)}});
     rep["module_gains"] = gj;
   }
-  int64_t ec_bytes = 0;
   for (const PlacementEntry& e : placement) ec_bytes += e.bytes;
   log("placement: %zu ECs, %lld bytes of a %lld-byte budget", placement.size(), (long long)ec_bytes,
       (long long)budget_bytes);
 
   // 4. Static control at the placement: refit layer after layer on quantized-path inputs
   //    that already carry the earlier layers' static ECs.
-  CalibrateResult res;
   res.placement = placement;
   res.static_ecs.assign(L * kNumModules, std::nullopt);
   std::vector<int64_t> rank_of(L * kNumModules, 0);
@@ -294,6 +344,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       const int64_t i = module_index(e.layer, e.module);
       res.static_ecs[i] = ec_from_fit(fits[i], e.rank, false);
     }
+  }
   }
   for (auto& e : res.static_ecs)
     if (e) e->round_to_fp16();

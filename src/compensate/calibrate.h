@@ -75,6 +75,13 @@ struct CalibrateOptions {
   double lr_gate = 0.02;          // G and c: absolute step
   bool sequential_static = true;  // refit placed modules on inputs with earlier ECs applied
   std::vector<PlacementEntry> fixed_placement;  // non-empty: skip the placement search
+  // Non-empty (layers*7, module_index order): the restoration gains of an earlier run
+  // (they depend only on the model and the probe windows), not measured again.
+  std::vector<double> restore_gains;
+  // Non-empty (layers*7): start from these ECs (A, B; any gate dropped) as the static
+  // control at their placement, skipping the statistics, the placement search and the
+  // static fits (an ablation trains several variants from one static control).
+  std::vector<std::optional<ECParams>> init_ecs;
   bool verbose = true;
 };
 
@@ -95,5 +102,7 @@ SpearArtifact with_ecs(const SpearArtifact& base, const std::vector<std::optiona
 
 nlohmann::json placement_json(const std::vector<PlacementEntry>& p);
 std::vector<PlacementEntry> placement_from_json(const nlohmann::json& j);
+// The restoration gains of a calibration report (its "module_gains"), module_index order.
+std::vector<double> restore_gains_from_report(const nlohmann::json& report, int64_t layers);
 
 }  // namespace spear
