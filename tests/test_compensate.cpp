@@ -406,14 +406,15 @@ TEST(Compensate, QeraIsTheWeightedLowRankOptimum) {
   for (int64_t i = 0; i < in * in; ++i) R[i] = st.Rqq[i] / N;
   for (int64_t i = 0; i < out * in; ++i) dW[i] = static_cast<double>(W[i]) - Q[i];
   // f(C) = tr((ΔW − C) R (ΔW − C)ᵀ)
-  auto objective = [&](const std::vector<double>& C) {
+  auto objective_in = [&](const std::vector<double>& C, const std::vector<double>& Rm) {
     double f = 0;
     for (int64_t o = 0; o < out; ++o)
       for (int64_t i = 0; i < in; ++i)
         for (int64_t j = 0; j < in; ++j)
-          f += (dW[o * in + i] - C[o * in + i]) * R[i * in + j] * (dW[o * in + j] - C[o * in + j]);
+          f += (dW[o * in + i] - C[o * in + i]) * Rm[i * in + j] * (dW[o * in + j] - C[o * in + j]);
     return f;
   };
+  auto objective = [&](const std::vector<double>& C) { return objective_in(C, R); };
   auto product = [&](const std::vector<float>& Bm, const std::vector<float>& Am) {
     std::vector<double> C(out * in, 0.0);  // B (out, r) · A (r, in)
     for (int64_t o = 0; o < out; ++o)
@@ -421,51 +422,75 @@ TEST(Compensate, QeraIsTheWeightedLowRankOptimum) {
         for (int64_t i = 0; i < in; ++i) C[o * in + i] += static_cast<double>(Bm[o * r + k]) * Am[k * in + i];
     return C;
   };
+  // The other route for a weighting Rm: Rm = Uᵀ U, C_ref = SVD_r(ΔW Uᵀ) U^-ᵀ; `tail`
+  // receives the Eckart–Young bound Σ_{i>r} σ_i²(ΔW Uᵀ).
+  auto reference = [&](const std::vector<double>& Rm, double* tail) {
+    std::vector<double> U = Rm;
+    cholesky_upper(U, in);
+    std::vector<double> M2(out * in, 0.0);  // ΔW Uᵀ
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t k = 0; k < in; ++k) M2[o * in + i] += dW[o * in + k] * U[i * in + k];
+    std::vector<double> Gm(in * in, 0.0), ev, vecs;
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t o = 0; o < out; ++o) Gm[i * in + j] += M2[o * in + i] * M2[o * in + j];
+    sym_eig(Gm, in, ev, vecs);  // ascending
+    *tail = 0;
+    for (int64_t k = 0; k < in - r; ++k) *tail += std::max(ev[k], 0.0);
+    std::vector<double> P(in * in, 0.0);  // V_r V_rᵀ
+    for (int64_t k = in - r; k < in; ++k)
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t j = 0; j < in; ++j) P[i * in + j] += vecs[k * in + i] * vecs[k * in + j];
+    std::vector<double> CUt(out * in, 0.0);  // C_ref Uᵀ = M2 P
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t i = 0; i < in; ++i) CUt[o * in + j] += M2[o * in + i] * P[i * in + j];
+    std::vector<double> Cref(out * in, 0.0);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = in - 1; j >= 0; --j) {
+        // (c Uᵀ)_j = Σ_{k ≥ j} c_k U[j][k]: back substitution from the last column.
+        double s = CUt[o * in + j];
+        for (int64_t k = j + 1; k < in; ++k) s -= Cref[o * in + k] * U[j * in + k];
+        Cref[o * in + j] = s / U[j * in + j];
+      }
+    return Cref;
+  };
+  auto rel_dist = [&](const std::vector<double>& C, const std::vector<double>& Cref) {
+    double cn = 0, dn = 0;
+    for (int64_t i = 0; i < out * in; ++i) {
+      cn += Cref[i] * Cref[i];
+      dn += (C[i] - Cref[i]) * (C[i] - Cref[i]);
+    }
+    return std::sqrt(dn / cn);
+  };
   Whitening wh = whiten(st, 0.0);
   StaticFit f = fit_static(W.data(), Q.data(), out, in, st, wh, r, StaticMode::Qera);
   ECParams ec = ec_from_fit(f, r, false);
   const std::vector<double> C = product(ec.B, ec.A);
-  // The other route.
-  std::vector<double> U = R;  // R = Uᵀ U
-  cholesky_upper(U, in);
-  std::vector<double> M2(out * in, 0.0);  // ΔW Uᵀ
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t i = 0; i < in; ++i)
-      for (int64_t k = 0; k < in; ++k) M2[o * in + i] += dW[o * in + k] * U[i * in + k];
-  std::vector<double> Gm(in * in, 0.0), ev, vecs;
-  for (int64_t i = 0; i < in; ++i)
-    for (int64_t j = 0; j < in; ++j)
-      for (int64_t o = 0; o < out; ++o) Gm[i * in + j] += M2[o * in + i] * M2[o * in + j];
-  sym_eig(Gm, in, ev, vecs);  // ascending
   double tail = 0;
-  for (int64_t k = 0; k < in - r; ++k) tail += std::max(ev[k], 0.0);
-  std::vector<double> P(in * in, 0.0);  // V_r V_rᵀ
-  for (int64_t k = in - r; k < in; ++k)
-    for (int64_t i = 0; i < in; ++i)
-      for (int64_t j = 0; j < in; ++j) P[i * in + j] += vecs[k * in + i] * vecs[k * in + j];
-  std::vector<double> CUt(out * in, 0.0);  // C_ref Uᵀ = M2 P; then solve C_ref Uᵀ = CUt
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t j = 0; j < in; ++j)
-      for (int64_t i = 0; i < in; ++i) CUt[o * in + j] += M2[o * in + i] * P[i * in + j];
-  std::vector<double> Cref(out * in, 0.0);  // rows: c Uᵀ = y, Uᵀ lower triangular
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t j = in - 1; j >= 0; --j) {
-      // (c Uᵀ)_j = Σ_k c_k U[j][k] (k ≥ j): back substitution from the last column.
-      double s = CUt[o * in + j];
-      for (int64_t k = j + 1; k < in; ++k) s -= Cref[o * in + k] * U[j * in + k];
-      Cref[o * in + j] = s / U[j * in + j];
-    }
+  const std::vector<double> Cref = reference(R, &tail);
   const double f_ours = objective(C), f_ref = objective(Cref), f0 = objective(std::vector<double>(out * in, 0.0));
   EXPECT_NEAR(f_ref, tail, 1e-9 * f0);
   EXPECT_NEAR(f_ours, f_ref, 1e-5 * f0);
-  double cn = 0, dn = 0;
-  for (int64_t i = 0; i < out * in; ++i) {
-    cn += Cref[i] * Cref[i];
-    dn += (C[i] - Cref[i]) * (C[i] - Cref[i]);
-  }
-  EXPECT_LT(std::sqrt(dn), 1e-4 * std::sqrt(cn));
+  EXPECT_LT(rel_dist(C, Cref), 1e-4);
   EXPECT_NEAR(f.target_energy, f0, 1e-9 * f0);
   EXPECT_NEAR(f.captured(r), 1.0 - f_ref / f0, 1e-5);
+  // Damped: the optimum for R + λI, λ = damp · tr(R)/in (QERA's form with the damped R in
+  // both places; before issue 11 "qera" used ΔW R (R+λI)^-½, which is not this optimum).
+  {
+    const double damp = 0.3;
+    double tr = 0;
+    for (int64_t i = 0; i < in; ++i) tr += R[i * in + i];
+    std::vector<double> Rd = R;
+    for (int64_t i = 0; i < in; ++i) Rd[i * in + i] += damp * tr / in;
+    Whitening whd = whiten(st, damp);
+    ECParams ecd = ec_from_fit(fit_static(W.data(), Q.data(), out, in, st, whd, r, StaticMode::Qera), r, false);
+    double tail_d = 0;
+    const std::vector<double> Cd = product(ecd.B, ecd.A), Cdref = reference(Rd, &tail_d);
+    EXPECT_LT(rel_dist(Cd, Cdref), 1e-4);
+    EXPECT_NEAR(objective_in(Cd, Rd), tail_d, 1e-5 * objective_in(std::vector<double>(out * in, 0.0), Rd));
+  }
   // No rank-r neighbour does better.
   for (int trial = 0; trial < 50; ++trial) {
     std::vector<float> A2 = ec.A, B2 = ec.B;
