@@ -52,6 +52,10 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--lr-gate", o->c.lr_gate, "Adam step of the gate parameters")->capture_default_str();
   cmd->add_option("--stat-windows", o->c.stat_windows, "Windows for the static control's statistics")
       ->capture_default_str();
+  cmd->add_option("--guard-windows", o->c.guard_windows,
+                  "Held-out windows (after --stat-windows) on which the static control's scale is "
+                  "chosen by NLL; 0: no guard")
+      ->capture_default_str();
   cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
       ->capture_default_str();
   cmd->add_option("--probe-windows", o->c.probe_windows, "Windows for the placement's restoration gains")

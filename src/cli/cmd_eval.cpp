@@ -57,6 +57,8 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--max-rank", o->c.max_rank, "Largest rank per module")->capture_default_str();
   cmd->add_option("--stat-windows", o->c.stat_windows, "Windows for the static control's statistics")
       ->capture_default_str();
+  cmd->add_option("--guard-windows", o->c.guard_windows, "Held-out windows of the static guard (0: off)")
+      ->capture_default_str();
   cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
       ->capture_default_str();
   cmd->add_option("--damp", o->c.damp, "Whitening damping of the static control")->capture_default_str();

@@ -68,6 +68,7 @@ struct CalibrateOptions {
   double damp = 0.05;             // whitening damping, fraction of mean eigenvalue
   int64_t probe_windows = 2;      // windows for the restoration gains
   int64_t stat_windows = 32;      // windows for the static control's second moments
+  int64_t guard_windows = 4;      // held-out windows (after those) for the static guard's α; 0: off
   int64_t report_windows = 4;     // windows for the calibration KLs in the report
   int64_t epochs = 3;
   int64_t batch = 4;              // windows per Adam step

@@ -158,6 +158,22 @@ double mean_kl(const Runner& run, const CalibData& data, const std::vector<float
   return kl / static_cast<double>(windows * T);
 }
 
+double mean_nll(const Runner& run, const CalibData& data,
+                const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1) {
+  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  w1 = std::min(w1, data.windows);
+  SPEAR_CHECK(w0 >= 0 && w1 > w0 && T > 1, "mean_nll: empty window range");
+  std::vector<float> logits(T * V);  // (T, V), log-probabilities in place
+  double nll = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    const int32_t* tok = data.window(w);
+    run.forward(tok, 1, T, true, &ecs, logits.data());
+    log_softmax_rows(logits.data(), T, V, logits.data());
+    for (int64_t t = 0; t + 1 < T; ++t) nll -= logits[t * V + tok[t + 1]];
+  }
+  return nll / static_cast<double>((w1 - w0) * (T - 1));
+}
+
 nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
                          std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();

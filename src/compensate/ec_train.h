@@ -69,6 +69,11 @@ std::vector<float> fp_targets(const Runner& run, const CalibData& data);
 double mean_kl(const Runner& run, const CalibData& data, const std::vector<float>& targets,
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
 
+// Mean next-token NLL (nats) of the real text over windows [w0, w1), T − 1 predictions
+// per window, quantized path with the ECs in place.
+double mean_nll(const Runner& run, const CalibData& data,
+                const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1);
+
 // End to end: minimizes the mean KL over all positions of all windows. Returns a JSON
 // log (loss per epoch, seconds).
 nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
