@@ -509,6 +509,35 @@ TEST(Compensate, QeraIsTheWeightedLowRankOptimum) {
   EXPECT_GT(objective(product(pe.B, pe.A)), f_ours * 1.01);
 }
 
+// mean_nll (the static guard's criterion) is the mean next-token NLL of the real tokens,
+// with the ECs in place: a direct computation from the forward's logits.
+TEST(Compensate, MeanNllIsTheNextTokenLoss) {
+  Network n = random_network(41);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(42);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
+  ecs[module_index(1, Module::Down)] =
+      random_ec(n.module_in(Module::Down), n.module_out(Module::Down), 2, true, g);
+  const int64_t T = 9, V = c.vocab_size;
+  CalibData d = random_data(c, 3, T, 43);
+  Runner run(n);
+  double ref = 0;
+  std::vector<float> logits(T * V);
+  for (int64_t w = 1; w < 3; ++w) {
+    run.forward(d.window(w), 1, T, true, &ecs, logits.data());
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      double m = -1e30, s = 0;
+      for (int64_t v = 0; v < V; ++v) m = std::max(m, static_cast<double>(logits[t * V + v]));
+      for (int64_t v = 0; v < V; ++v) s += std::exp(logits[t * V + v] - m);
+      ref += m + std::log(s) - logits[t * V + d.window(w)[t + 1]];
+    }
+  }
+  ref /= 2.0 * (T - 1);
+  EXPECT_NEAR(mean_nll(run, d, ecs, 1, 3), ref, 1e-5 * std::fabs(ref));
+  std::vector<std::optional<ECParams>> none(ecs.size());
+  EXPECT_NE(mean_nll(run, d, none, 1, 3), mean_nll(run, d, ecs, 1, 3));
+}
+
 TEST(Compensate, E2ETrainingLowersItsObjective) {
   Network n = random_network(9);
   const ModelConfig& c = n.cfg;
