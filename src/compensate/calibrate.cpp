@@ -398,7 +398,8 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       rep["calib_kl_w4"].get<double>());
 
   // 5. Train from the static control (the closed form, before the guard's scaling).
-  res.trained_ecs = closed_form;
+  // (--objective static: nothing trains, and what is reported is the guarded control.)
+  res.trained_ecs = opt.objective == CalibObjective::Static ? res.static_ecs : closed_form;
   for (auto& e : res.trained_ecs)
     if (e && gated) {
       e->gated = true;
