@@ -61,7 +61,7 @@ struct PlacementEntry {
 struct CalibrateOptions {
   double budget = 0.01;           // EC bytes / quant_model_bytes
   CalibObjective objective = CalibObjective::E2e;
-  StaticMode static_mode = StaticMode::Rrr;
+  StaticMode static_mode = StaticMode::Qera;  // docs/RESULTS.md section 0: less harm than rrr
   StaticRefit static_refit = StaticRefit::Site;
   GateKind gate = GateKind::Full;  // of the trained ECs; the static control is ungated
   int64_t max_rank = 64;          // per module
