@@ -7,12 +7,14 @@
 //     gain(m, r) = ΔKL_m · captured_m(r)
 // where ΔKL_m is the measured drop of the mean KL(P_fp ‖ P_q) on probe windows when m
 // alone is restored to full precision, and captured_m(r) the share of m's error energy
-// E‖W x_fp − Q x_q‖² that the rank-r static correction removes. Rank steps are taken one
+// (the static mode's objective: ‖ΔW R^½‖² for qera, E‖W x_fp − Q x_q‖² for rrr) that the
+// rank-r static correction removes. Rank steps are taken one
 // at a time, each time for the module whose next step buys the most gain per fp16 byte,
 // until the next step would exceed budget × quant_model_bytes.
 //
 // Objectives for the placed ECs (all start from the static control, γ ≡ 1):
-//   "static"  no training (the static control itself)
+//   "static"  no training (the static control itself, after the guard: its B scaled by
+//             the α ∈ {0, ¼, ½, ¾, 1} with the lowest NLL on held-out calibration windows)
 //   "block"   each decoder layer's output ‖h_q − h_fp‖², layer after layer
 //   "e2e"     mean KL(P_fp ‖ P_q) of the next-token distribution over all positions of
 //             the calibration windows, backpropagated through the whole quantized model
