@@ -170,6 +170,12 @@ TEST(Cli, BadInputGivesOneClearError) {
   expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
                              "--calib " + data + " --static-mode svd"),
                      "(accepted: rrr, qera)");
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --gate tanh"),
+                     "calibrate: --gate: unknown gate 'tanh' (accepted: full, diag, none)");
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --gate diag --no-gate"),
+                     "--no-gate contradicts --gate diag");
   expect_clean_error(run_cli("eval --model " + model + " --data " + data + " --calib " + data +
                              " --base hqq"),
                      "eval: --base: unknown quantization method 'hqq'");

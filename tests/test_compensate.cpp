@@ -14,6 +14,7 @@
 #include "compensate/quantize_model.h"
 #include "compensate/static_control.h"
 #include "core/error.h"
+#include "core/linalg.h"
 #include "model/kv_cache.h"
 #include "model/llama.h"
 #include "quant/quantized_linear_layer.h"
@@ -131,26 +132,13 @@ TEST(Compensate, TrainingForwardMatchesEngine) {
   for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-4) << i;
 }
 
-// Analytic gradients of the end-to-end KL against central finite differences.
-TEST(Compensate, GradientsMatchFiniteDifferences) {
-  Network n = random_network(4);
+// The analytic gradients of the mean KL over the B windows of d, one pass as train_e2e
+// does it.
+std::vector<ECGrad> e2e_grads(const Network& n, const Runner& run, const CalibData& d,
+                              const std::vector<float>& targets,
+                              const std::vector<std::optional<ECParams>>& ecs) {
   const ModelConfig& c = n.cfg;
-  std::mt19937_64 g(5);
-  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
-  for (Module m : {Module::Q, Module::K, Module::O, Module::Up, Module::Down})
-    ecs[module_index(0, m)] = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
-  ecs[module_index(1, Module::V)] =
-      random_ec(n.module_in(Module::V), n.module_out(Module::V), 2, true, g);
-  ecs[module_index(1, Module::Gate)] =
-      random_ec(n.module_in(Module::Gate), n.module_out(Module::Gate), 3, false, g);
-  const int64_t T = 7, B = 2, V = c.vocab_size;
-  CalibData d = random_data(c, B, T, 6);
-  Runner run(n);
-  std::vector<float> targets = fp_targets(run, d);
-  auto loss = [&]() {
-    return mean_kl(run, d, targets, ecs, B);  // mean over B*T positions
-  };
-  // Analytic: one pass as train_e2e does it.
+  const int64_t T = d.ctx, B = d.windows, V = c.vocab_size;
   std::vector<ECGrad> grads(ecs.size());
   for (size_t i = 0; i < ecs.size(); ++i)
     if (ecs[i]) grads[i].zero_like(*ecs[i]);
@@ -170,13 +158,22 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
       run.layer_backward(q_view(n, l, &ecs), l, caches[l], dx.data(), 1, T, gp);
     }
   }
+  return grads;
+}
+
+// Central finite differences of `loss` against the analytic gradients, every `stride`-th
+// entry of each EC tensor for which want(ec, tensor, entry) holds. Returns the count.
+template <class Loss, class Want>
+int check_grads(std::vector<std::optional<ECParams>>& ecs, const std::vector<ECGrad>& grads,
+                Loss loss, Want want, size_t stride) {
   int checked = 0;
   for (size_t i = 0; i < ecs.size(); ++i) {
     if (!ecs[i]) continue;
     std::vector<float>* params[4] = {&ecs[i]->A, &ecs[i]->B, &ecs[i]->G, &ecs[i]->c};
-    std::vector<float>* gr[4] = {&grads[i].A, &grads[i].B, &grads[i].G, &grads[i].c};
+    const std::vector<float>* gr[4] = {&grads[i].A, &grads[i].B, &grads[i].G, &grads[i].c};
     for (int k = 0; k < 4; ++k)
-      for (size_t j = 0; j < params[k]->size(); j += 3) {
+      for (size_t j = 0; j < params[k]->size(); j += stride) {
+        if (!want(*ecs[i], k, j)) continue;
         float& p = (*params[k])[j];
         const float keep = p, h = 2e-3f;
         p = keep + h;
@@ -190,7 +187,139 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
         ++checked;
       }
   }
+  return checked;
+}
+
+// Analytic gradients of the end-to-end KL against central finite differences.
+TEST(Compensate, GradientsMatchFiniteDifferences) {
+  Network n = random_network(4);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(5);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
+  for (Module m : {Module::Q, Module::K, Module::O, Module::Up, Module::Down})
+    ecs[module_index(0, m)] = random_ec(n.module_in(m), n.module_out(m), 2, true, g);
+  ecs[module_index(1, Module::V)] =
+      random_ec(n.module_in(Module::V), n.module_out(Module::V), 2, true, g);
+  ecs[module_index(1, Module::Gate)] =
+      random_ec(n.module_in(Module::Gate), n.module_out(Module::Gate), 3, false, g);
+  const int64_t T = 7, B = 2;
+  CalibData d = random_data(c, B, T, 6);
+  Runner run(n);
+  std::vector<float> targets = fp_targets(run, d);
+  auto loss = [&]() {
+    return mean_kl(run, d, targets, ecs, B);  // mean over B*T positions
+  };
+  std::vector<ECGrad> grads = e2e_grads(n, run, d, targets, ecs);
+  const int checked =
+      check_grads(ecs, grads, loss, [](const ECParams&, int, size_t) { return true; }, 3);
   EXPECT_GT(checked, 50);
+}
+
+// The diagonal gate (--gate diag): G diagonal, its off-diagonal gradients dropped by
+// restrict_gate_grads; what remains matches finite differences of the diagonal model,
+// and γ_j = 1 + tanh(g_j z_j + c_j) = 2·sigmoid(2 g_j z_j + 2 c_j), the GPU kernel's form.
+TEST(Compensate, DiagonalGateGradientsMatchFiniteDifferences) {
+  Network n = random_network(21);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(22);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
+  auto diag_ec = [&](Module m, int64_t r) {
+    ECParams p = random_ec(n.module_in(m), n.module_out(m), r, true, g);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        if (i != j) p.G[i * r + j] = 0.0f;
+    for (int64_t i = 0; i < r; ++i) p.G[i * r + i] *= 3.0f;  // well inside tanh's curve
+    return p;
+  };
+  for (Module m : {Module::Q, Module::O, Module::Gate, Module::Down})
+    ecs[module_index(0, m)] = diag_ec(m, 3);
+  ecs[module_index(1, Module::K)] = diag_ec(Module::K, 2);
+  ecs[module_index(1, Module::Up)] = diag_ec(Module::Up, 4);
+  const int64_t T = 7, B = 2;
+  CalibData d = random_data(c, B, T, 23);
+  Runner run(n);
+  std::vector<float> targets = fp_targets(run, d);
+  auto loss = [&]() { return mean_kl(run, d, targets, ecs, B); };
+  std::vector<ECGrad> grads = e2e_grads(n, run, d, targets, ecs);
+  // The full gradient has off-diagonal G entries; the diagonal gate drops exactly those.
+  double offdiag = 0;
+  for (size_t i = 0; i < ecs.size(); ++i)
+    if (ecs[i])
+      for (int64_t a = 0; a < ecs[i]->rank; ++a)
+        for (int64_t b = 0; b < ecs[i]->rank; ++b)
+          if (a != b) offdiag += std::fabs(grads[i].G[a * ecs[i]->rank + b]);
+  EXPECT_GT(offdiag, 0.0);
+  std::vector<ECGrad> full = grads;
+  restrict_gate_grads(grads, GateKind::Diag);
+  for (size_t i = 0; i < ecs.size(); ++i) {
+    if (!ecs[i]) continue;
+    const int64_t r = ecs[i]->rank;
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t b = 0; b < r; ++b)
+        EXPECT_EQ(grads[i].G[a * r + b], a == b ? full[i].G[a * r + b] : 0.0f);
+    EXPECT_EQ(grads[i].A, full[i].A);
+    EXPECT_EQ(grads[i].c, full[i].c);
+  }
+  // Every A/B/c entry (stride 2) and every diagonal g_j against finite differences.
+  const int checked = check_grads(
+      ecs, grads, loss,
+      [](const ECParams& p, int k, size_t j) {
+        return k != 2 || static_cast<int64_t>(j) / p.rank == static_cast<int64_t>(j) % p.rank;
+      },
+      2);
+  EXPECT_GT(checked, 60);
+  // γ of a diagonal G, through the engine's ec_codes, against both closed forms.
+  const ECParams& p = *ecs[module_index(0, Module::Q)];
+  std::vector<float> x = randn(4 * p.in, g, 1.0f), z(4 * p.rank), s(4 * p.rank), gam(4 * p.rank);
+  ec_codes(p, x.data(), 4, z.data(), s.data(), gam.data());
+  for (int64_t m = 0; m < 4; ++m)
+    for (int64_t j = 0; j < p.rank; ++j) {
+      const double a = p.G[j * p.rank + j] * z[m * p.rank + j] + p.c[j];
+      EXPECT_NEAR(gam[m * p.rank + j], 1.0 + std::tanh(a), 1e-5);
+      EXPECT_NEAR(gam[m * p.rank + j], 2.0 / (1.0 + std::exp(-2.0 * a)), 1e-5);
+    }
+}
+
+// Training with --gate diag from the neutral gate keeps G diagonal and lowers the KL;
+// --gate full moves the off-diagonal entries too.
+TEST(Compensate, DiagonalGateTrainingStaysDiagonal) {
+  Network n = random_network(24);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(25);
+  std::vector<std::optional<ECParams>> start(c.num_layers * kNumModules);
+  for (Module m : kAllModules) {
+    ECParams p = random_ec(n.module_in(m), n.module_out(m), 3, true, g);
+    for (float& v : p.B) v *= 0.01f;
+    std::fill(p.G.begin(), p.G.end(), 0.0f);
+    std::fill(p.c.begin(), p.c.end(), 0.0f);
+    start[static_cast<int>(m)] = p;
+  }
+  CalibData d = random_data(c, 4, 16, 26);
+  Runner run(n);
+  std::vector<float> targets = fp_targets(run, d);
+  const double before = mean_kl(run, d, targets, start, 4);
+  for (GateKind gk : {GateKind::Diag, GateKind::Full}) {
+    std::vector<std::optional<ECParams>> ecs = start;
+    TrainOptions o;
+    o.epochs = 20;
+    o.batch = 2;
+    o.lr = 0.05;
+    o.gate = gk;
+    o.verbose = false;
+    train_e2e(run, d, targets, ecs, o);
+    double off = 0, diag = 0;
+    for (const auto& e : ecs)
+      if (e)
+        for (int64_t a = 0; a < e->rank; ++a)
+          for (int64_t b = 0; b < e->rank; ++b)
+            (a == b ? diag : off) += std::fabs(e->G[a * e->rank + b]);
+    EXPECT_GT(diag, 0.0);
+    if (gk == GateKind::Diag)
+      EXPECT_EQ(off, 0.0);
+    else
+      EXPECT_GT(off, 0.0);
+    EXPECT_LT(mean_kl(run, d, targets, ecs, 4), 0.8 * before) << gate_kind_name(gk);
+  }
 }
 
 TEST(Compensate, GateAtNeutralPointIsTheStaticControl) {
@@ -251,6 +380,162 @@ TEST(Compensate, StaticControlIsLeastSquaresOptimum) {
   EXPECT_NEAR(f.target_energy, e0 / N, 1e-3 * e0 / N);
   EXPECT_NEAR(f.captured(out), 1.0 - e1 / e0, 1e-3);
   EXPECT_LT(e1, e0);
+}
+
+// QERA: C = SVD_r(ΔW R^½) R^-½ minimises ‖(ΔW − C) R^½‖_F over rank-r C. Checked in
+// float64 against another route (R = UᵀU by Cholesky, the SVD of ΔW Uᵀ by the
+// eigenvectors of its Gram matrix, C = SVD_r(ΔW Uᵀ) U^-ᵀ), against the Eckart–Young
+// bound, and against random rank-r perturbations of the solution.
+TEST(Compensate, QeraIsTheWeightedLowRankOptimum) {
+  std::mt19937_64 g(31);
+  const int64_t in = 7, out = 5, N = 600, r = 2;
+  std::vector<float> W = randn(out * in, g, 1.0f), Q = W;
+  for (float& v : Q) v += std::normal_distribution<float>(0, 0.2f)(g);
+  // Correlated, anisotropic inputs: x = u · Mix with per-coordinate scales.
+  std::vector<float> mix = randn(in * in, g, 1.0f), u = randn(N * in, g, 1.0f), x(N * in, 0.0f);
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t j = 0; j < in; ++j) {
+      double a = 0;
+      for (int64_t k = 0; k < in; ++k) a += u[t * in + k] * (0.3 + k) * mix[k * in + j];
+      x[t * in + j] = static_cast<float>(a);
+    }
+  SiteStats st;
+  st.reset(in);
+  st.add(x.data(), x.data(), N);
+  std::vector<double> R(in * in), dW(out * in);
+  for (int64_t i = 0; i < in * in; ++i) R[i] = st.Rqq[i] / N;
+  for (int64_t i = 0; i < out * in; ++i) dW[i] = static_cast<double>(W[i]) - Q[i];
+  // f(C) = tr((ΔW − C) R (ΔW − C)ᵀ)
+  auto objective_in = [&](const std::vector<double>& C, const std::vector<double>& Rm) {
+    double f = 0;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t j = 0; j < in; ++j)
+          f += (dW[o * in + i] - C[o * in + i]) * Rm[i * in + j] * (dW[o * in + j] - C[o * in + j]);
+    return f;
+  };
+  auto objective = [&](const std::vector<double>& C) { return objective_in(C, R); };
+  auto product = [&](const std::vector<float>& Bm, const std::vector<float>& Am) {
+    std::vector<double> C(out * in, 0.0);  // B (out, r) · A (r, in)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t i = 0; i < in; ++i) C[o * in + i] += static_cast<double>(Bm[o * r + k]) * Am[k * in + i];
+    return C;
+  };
+  // The other route for a weighting Rm: Rm = Uᵀ U, C_ref = SVD_r(ΔW Uᵀ) U^-ᵀ; `tail`
+  // receives the Eckart–Young bound Σ_{i>r} σ_i²(ΔW Uᵀ).
+  auto reference = [&](const std::vector<double>& Rm, double* tail) {
+    std::vector<double> U = Rm;
+    cholesky_upper(U, in);
+    std::vector<double> M2(out * in, 0.0);  // ΔW Uᵀ
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t k = 0; k < in; ++k) M2[o * in + i] += dW[o * in + k] * U[i * in + k];
+    std::vector<double> Gm(in * in, 0.0), ev, vecs;
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t o = 0; o < out; ++o) Gm[i * in + j] += M2[o * in + i] * M2[o * in + j];
+    sym_eig(Gm, in, ev, vecs);  // ascending
+    *tail = 0;
+    for (int64_t k = 0; k < in - r; ++k) *tail += std::max(ev[k], 0.0);
+    std::vector<double> P(in * in, 0.0);  // V_r V_rᵀ
+    for (int64_t k = in - r; k < in; ++k)
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t j = 0; j < in; ++j) P[i * in + j] += vecs[k * in + i] * vecs[k * in + j];
+    std::vector<double> CUt(out * in, 0.0);  // C_ref Uᵀ = M2 P
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t i = 0; i < in; ++i) CUt[o * in + j] += M2[o * in + i] * P[i * in + j];
+    std::vector<double> Cref(out * in, 0.0);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = in - 1; j >= 0; --j) {
+        // (c Uᵀ)_j = Σ_{k ≥ j} c_k U[j][k]: back substitution from the last column.
+        double s = CUt[o * in + j];
+        for (int64_t k = j + 1; k < in; ++k) s -= Cref[o * in + k] * U[j * in + k];
+        Cref[o * in + j] = s / U[j * in + j];
+      }
+    return Cref;
+  };
+  auto rel_dist = [&](const std::vector<double>& C, const std::vector<double>& Cref) {
+    double cn = 0, dn = 0;
+    for (int64_t i = 0; i < out * in; ++i) {
+      cn += Cref[i] * Cref[i];
+      dn += (C[i] - Cref[i]) * (C[i] - Cref[i]);
+    }
+    return std::sqrt(dn / cn);
+  };
+  Whitening wh = whiten(st, 0.0);
+  StaticFit f = fit_static(W.data(), Q.data(), out, in, st, wh, r, StaticMode::Qera);
+  ECParams ec = ec_from_fit(f, r, false);
+  const std::vector<double> C = product(ec.B, ec.A);
+  double tail = 0;
+  const std::vector<double> Cref = reference(R, &tail);
+  const double f_ours = objective(C), f_ref = objective(Cref), f0 = objective(std::vector<double>(out * in, 0.0));
+  EXPECT_NEAR(f_ref, tail, 1e-9 * f0);
+  EXPECT_NEAR(f_ours, f_ref, 1e-5 * f0);
+  EXPECT_LT(rel_dist(C, Cref), 1e-4);
+  EXPECT_NEAR(f.target_energy, f0, 1e-9 * f0);
+  EXPECT_NEAR(f.captured(r), 1.0 - f_ref / f0, 1e-5);
+  // Damped: the optimum for R + λI, λ = damp · tr(R)/in (QERA's form with the damped R in
+  // both places; before issue 11 "qera" used ΔW R (R+λI)^-½, which is not this optimum).
+  {
+    const double damp = 0.3;
+    double tr = 0;
+    for (int64_t i = 0; i < in; ++i) tr += R[i * in + i];
+    std::vector<double> Rd = R;
+    for (int64_t i = 0; i < in; ++i) Rd[i * in + i] += damp * tr / in;
+    Whitening whd = whiten(st, damp);
+    ECParams ecd = ec_from_fit(fit_static(W.data(), Q.data(), out, in, st, whd, r, StaticMode::Qera), r, false);
+    double tail_d = 0;
+    const std::vector<double> Cd = product(ecd.B, ecd.A), Cdref = reference(Rd, &tail_d);
+    EXPECT_LT(rel_dist(Cd, Cdref), 1e-4);
+    EXPECT_NEAR(objective_in(Cd, Rd), tail_d, 1e-5 * objective_in(std::vector<double>(out * in, 0.0), Rd));
+  }
+  // No rank-r neighbour does better.
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<float> A2 = ec.A, B2 = ec.B;
+    for (float& v : A2) v *= 1.0f + std::normal_distribution<float>(0, 0.05f)(g);
+    for (float& v : B2) v += std::normal_distribution<float>(0, 0.05f)(g);
+    EXPECT_GE(objective(product(B2, A2)), f_ours - 1e-6 * f0);
+  }
+  // And it is not the unweighted truncated SVD of ΔW (R matters on these inputs).
+  Whitening flat;
+  flat.in = in;
+  flat.R_half.assign(in * in, 0.0);
+  flat.R_inv_half.assign(in * in, 0.0);
+  for (int64_t i = 0; i < in; ++i) flat.R_half[i * in + i] = flat.R_inv_half[i * in + i] = 1.0;
+  StaticFit plain = fit_static(W.data(), Q.data(), out, in, st, flat, r, StaticMode::Qera);
+  ECParams pe = ec_from_fit(plain, r, false);
+  EXPECT_GT(objective(product(pe.B, pe.A)), f_ours * 1.01);
+}
+
+// mean_nll (the static guard's criterion) is the mean next-token NLL of the real tokens,
+// with the ECs in place: a direct computation from the forward's logits.
+TEST(Compensate, MeanNllIsTheNextTokenLoss) {
+  Network n = random_network(41);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(42);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
+  ecs[module_index(1, Module::Down)] =
+      random_ec(n.module_in(Module::Down), n.module_out(Module::Down), 2, true, g);
+  const int64_t T = 9, V = c.vocab_size;
+  CalibData d = random_data(c, 3, T, 43);
+  Runner run(n);
+  double ref = 0;
+  std::vector<float> logits(T * V);
+  for (int64_t w = 1; w < 3; ++w) {
+    run.forward(d.window(w), 1, T, true, &ecs, logits.data());
+    for (int64_t t = 0; t + 1 < T; ++t) {
+      double m = -1e30, s = 0;
+      for (int64_t v = 0; v < V; ++v) m = std::max(m, static_cast<double>(logits[t * V + v]));
+      for (int64_t v = 0; v < V; ++v) s += std::exp(logits[t * V + v] - m);
+      ref += m + std::log(s) - logits[t * V + d.window(w)[t + 1]];
+    }
+  }
+  ref /= 2.0 * (T - 1);
+  EXPECT_NEAR(mean_nll(run, d, ecs, 1, 3), ref, 1e-5 * std::fabs(ref));
+  std::vector<std::optional<ECParams>> none(ecs.size());
+  EXPECT_NE(mean_nll(run, d, none, 1, 3), mean_nll(run, d, ecs, 1, 3));
 }
 
 TEST(Compensate, E2ETrainingLowersItsObjective) {
@@ -322,6 +607,10 @@ TEST(Compensate, OptionEnumsRoundTripTheirSpellings) {
     EXPECT_EQ(parse_calib_objective(calib_objective_name(o)), o);
   for (StaticMode m : {StaticMode::Rrr, StaticMode::Qera})
     EXPECT_EQ(parse_static_mode(static_mode_name(m)), m);
+  for (GateKind k : {GateKind::Full, GateKind::Diag, GateKind::None})
+    EXPECT_EQ(parse_gate_kind(gate_kind_name(k)), k);
+  for (StaticRefit k : {StaticRefit::Site, StaticRefit::Layer})
+    EXPECT_EQ(parse_static_refit(static_refit_name(k)), k);
   EXPECT_EQ(quant_method_name(QuantMethod::Gptq), "gptq");
   EXPECT_EQ(calib_objective_name(CalibObjective::E2e), "e2e");
   EXPECT_EQ(static_mode_name(StaticMode::Qera), "qera");
@@ -336,6 +625,7 @@ TEST(Compensate, OptionEnumsRoundTripTheirSpellings) {
   EXPECT_NE(message(parse_quant_method, "RTN").find("rtn, gptq"), std::string::npos);
   EXPECT_NE(message(parse_calib_objective, "").find("static, block, e2e"), std::string::npos);
   EXPECT_NE(message(parse_static_mode, "svd").find("'svd'"), std::string::npos);
+  EXPECT_NE(message(parse_gate_kind, "tanh").find("full, diag, none"), std::string::npos);
 }
 
 }  // namespace

@@ -67,6 +67,17 @@ TEST(Pipeline, TinyModelEndToEnd) {
   EXPECT_LT(rep["calib_kl_trained"].get<double>(), rep["calib_kl_w4"].get<double>());
   EXPECT_LE(rep["ec_bytes"].get<int64_t>(), rep["budget_bytes"].get<int64_t>());
   EXPECT_GT(rep["placement"].size(), 0u);
+  std::ofstream(dir / "placement.json") << rep["placement"].dump();
+
+  // The diagonal gate (--gate diag) through the CLI, from the same placement.
+  Out cd = sh("calibrate --model " + model + " --quantized " + w4 + " " + calib +
+              " --calib-windows 8 --epochs 1 --gate diag -q --placement " + (dir / "placement.json").string() +
+              " --out " + (dir / "diag.spear").string() + " --report-json " + (dir / "rep-diag.json").string());
+  ASSERT_EQ(cd.rc, 0) << cd.text;
+  nlohmann::json repd = nlohmann::json::parse(std::ifstream(dir / "rep-diag.json"));
+  EXPECT_EQ(repd["settings"]["gate"], "diag");
+  EXPECT_EQ(repd["placement"].size(), rep["placement"].size());
+  EXPECT_LT(repd["calib_kl_trained"].get<double>(), repd["calib_kl_w4"].get<double>());
 
   Out info = sh("info " + ec + " --json");
   ASSERT_EQ(info.rc, 0);

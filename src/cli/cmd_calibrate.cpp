@@ -18,12 +18,14 @@ void register_calibrate(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "calibrate", "Place gated Error Compensators under a memory budget and train them");
   struct Opts {
-    std::string model, quantized, out, static_out, report, placement;
+    std::string model, quantized, out, static_out, report, placement, gains, init_from;
     CalibOptions calib;
     CalibrateOptions c;
     // The flags' spellings, parsed into c in the callback; defaults from CalibrateOptions.
     std::string objective{calib_objective_name(c.objective)};
     std::string static_mode{static_mode_name(c.static_mode)};
+    std::string static_refit{static_refit_name(c.static_refit)};
+    std::string gate{gate_kind_name(c.gate)};
     bool no_gate = false, quiet = false;
   };
   auto o = std::make_shared<Opts>();
@@ -34,9 +36,16 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")
       ->capture_default_str();
   cmd->add_option("--objective", o->objective, "static | block | e2e")->capture_default_str();
-  cmd->add_option("--static-mode", o->static_mode, "rrr (target W x_fp - Q x_q) | qera (target dW x_q)")
+  cmd->add_option("--static-mode", o->static_mode,
+                  "Static control: qera (QERA closed form, target dW x_q) | rrr (target W x_fp - Q x_q)")
       ->capture_default_str();
-  cmd->add_flag("--no-gate", o->no_gate, "Train ungated ECs (gamma = 1)");
+  cmd->add_option("--static-refit", o->static_refit,
+                  "Static refit at the placement: site (site after site in each layer) | layer")
+      ->capture_default_str();
+  cmd->add_option("--gate", o->gate,
+                  "Gate of the trained ECs: full (r x r G) | diag (diagonal G) | none (gamma = 1)")
+      ->capture_default_str();
+  cmd->add_flag("--no-gate", o->no_gate, "Same as --gate none");
   cmd->add_option("--max-rank", o->c.max_rank, "Largest rank per module")->capture_default_str();
   cmd->add_option("--epochs", o->c.epochs, "Training passes over the calibration windows")->capture_default_str();
   cmd->add_option("--batch", o->c.batch, "Windows per Adam step")->capture_default_str();
@@ -44,28 +53,52 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--lr-gate", o->c.lr_gate, "Adam step of the gate parameters")->capture_default_str();
   cmd->add_option("--stat-windows", o->c.stat_windows, "Windows for the static control's statistics")
       ->capture_default_str();
+  cmd->add_option("--guard-windows", o->c.guard_windows,
+                  "Held-out windows (after --stat-windows) on which the static control's scale is "
+                  "chosen by NLL; 0: no guard")
+      ->capture_default_str();
   cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
       ->capture_default_str();
   cmd->add_option("--probe-windows", o->c.probe_windows, "Windows for the placement's restoration gains")
       ->capture_default_str();
   cmd->add_option("--damp", o->c.damp, "Whitening damping (fraction of the mean eigenvalue)")->capture_default_str();
   cmd->add_option("--placement", o->placement, "JSON placement to use instead of searching one");
+  cmd->add_option("--gains", o->gains,
+                  "Reuse the restoration gains of an earlier --report-json (same model and probe windows)");
+  cmd->add_option("--init-from", o->init_from,
+                  "Start training from the ECs of this .spear (e.g. a --static-out of the same base) "
+                  "instead of fitting the static control");
   cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o] {
     o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
     o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
+    o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);
+    o->c.gate = parse_flag("calibrate: --gate", o->gate, parse_gate_kind);
+    SPEAR_CHECK(!o->no_gate || o->c.gate == GateKind::None || o->gate == gate_kind_name(GateKind::Full),
+                "calibrate: --no-gate contradicts --gate " + o->gate);
+    if (o->no_gate) o->c.gate = GateKind::None;
     SPEAR_CHECK(!is_spear_path(o->model), "calibrate: --model must be the full-precision model directory");
     SPEAR_CHECK(o->out.size() > 6 && o->out.substr(o->out.size() - 6) == ".spear",
                 "calibrate: --out must end in .spear");
     SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);
-    o->c.gated = !o->no_gate;
     o->c.verbose = !o->quiet;
     if (!o->placement.empty())
       o->c.fixed_placement = placement_from_json(nlohmann::json::parse(read_text_file(o->placement)));
+    if (!o->gains.empty())
+      o->c.restore_gains = restore_gains_from_report(nlohmann::json::parse(read_text_file(o->gains)),
+                                                     q.config().num_layers);
+    if (!o->init_from.empty()) {
+      SpearArtifact init = read_spear(o->init_from);
+      const int64_t L = q.config().num_layers;
+      SPEAR_CHECK(init.config().num_layers == L, "calibrate: --init-from is another model");
+      o->c.init_ecs.assign(L * kNumModules, std::nullopt);
+      for (int64_t l = 0; l < L; ++l)
+        for (Module m : kAllModules) o->c.init_ecs[module_index(l, m)] = init.at(l, m).ec;
+    }
     CalibrateResult r = calibrate(o->model, q, data, o->c);
     nlohmann::json meta = r.report;
     meta.erase("module_gains");

@@ -32,6 +32,8 @@ void register_eval(CLI::App& app) {
     std::string base{quant_method_name(QuantizeOptions{}.method)};
     std::string objective{calib_objective_name(c.objective)};
     std::string static_mode{static_mode_name(c.static_mode)};
+    std::string static_refit{static_refit_name(c.static_refit)};
+    std::string gate{gate_kind_name(c.gate)};
     GptqOptions gptq;
     bool quiet = false;
   };
@@ -55,10 +57,14 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--max-rank", o->c.max_rank, "Largest rank per module")->capture_default_str();
   cmd->add_option("--stat-windows", o->c.stat_windows, "Windows for the static control's statistics")
       ->capture_default_str();
+  cmd->add_option("--guard-windows", o->c.guard_windows, "Held-out windows of the static guard (0: off)")
+      ->capture_default_str();
   cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
       ->capture_default_str();
   cmd->add_option("--damp", o->c.damp, "Whitening damping of the static control")->capture_default_str();
-  cmd->add_option("--static-mode", o->static_mode, "rrr | qera")->capture_default_str();
+  cmd->add_option("--static-mode", o->static_mode, "qera | rrr")->capture_default_str();
+  cmd->add_option("--static-refit", o->static_refit, "site | layer")->capture_default_str();
+  cmd->add_option("--gate", o->gate, "Gate of the spear rows: full | diag | none")->capture_default_str();
   cmd->add_option("--probe-windows", o->c.probe_windows, "Windows for restoration gains")->capture_default_str();
   cmd->add_option("--json", o->json, "Write the report as JSON here");
   cmd->add_option("--markdown", o->markdown, "Write the markdown table here");
@@ -69,6 +75,8 @@ void register_eval(CLI::App& app) {
     const QuantMethod base_method = parse_flag("eval: --base", o->base, parse_quant_method);
     o->c.objective = parse_flag("eval: --objective", o->objective, parse_calib_objective);
     o->c.static_mode = parse_flag("eval: --static-mode", o->static_mode, parse_static_mode);
+    o->c.static_refit = parse_flag("eval: --static-refit", o->static_refit, parse_static_refit);
+    o->c.gate = parse_flag("eval: --gate", o->gate, parse_gate_kind);
     const std::vector<std::string> methods = split_list(o->methods);
     std::vector<double> budgets;
     for (const std::string& b : split_list(o->budgets)) {
@@ -144,7 +152,7 @@ void register_eval(CLI::App& app) {
         if (has("spear")) row_for("spear", r.trained_ecs, r.report.value("seconds", 0.0));
         if (has("ungated")) {
           CalibrateOptions cu = co;
-          cu.gated = false;
+          cu.gate = GateKind::None;
           cu.objective = o->c.objective;
           cu.fixed_placement = r.placement;
           CalibrateResult ru = calibrate(o->model, base, calib, cu);

@@ -29,19 +29,22 @@ int64_t site_width(const ModelConfig& c, Site s) {
 }
 
 // Statistics of one layer: runs the full-precision layer on xf and the quantized one
-// (with `ecs`) on xq, window by window, pairing their site inputs. Advances both streams.
+// (with `ecs`) on xq, window by window, pairing their site inputs. Only the sites whose
+// bit is set in `sites` are accumulated. Advances both streams.
 void layer_stats(const Runner& run, int64_t l, int64_t nw, int64_t T, std::vector<float>& xf,
                  std::vector<float>& xq, const std::vector<std::optional<ECParams>>* ecs,
-                 SiteStats stats[kNumSites]) {
+                 SiteStats stats[kNumSites], unsigned sites = (1u << kNumSites) - 1) {
   const Network& net = run.net();
   const int64_t D = net.cfg.hidden_size;
-  for (int s = 0; s < kNumSites; ++s) stats[s].reset(site_width(net.cfg, static_cast<Site>(s)));
+  for (int s = 0; s < kNumSites; ++s)
+    if (sites & (1u << s)) stats[s].reset(site_width(net.cfg, static_cast<Site>(s)));
   std::vector<float> fsite[kNumSites];  // (T, width) the FP inputs of this window
   SiteTap keep = [&](Site s, const float* x, int64_t rows, int64_t cols) {
-    fsite[static_cast<int>(s)].assign(x, x + rows * cols);
+    if (sites & (1u << static_cast<int>(s))) fsite[static_cast<int>(s)].assign(x, x + rows * cols);
   };
-  SiteTap pair = [&](Site s, const float* x, int64_t rows, int64_t cols) {
-    stats[static_cast<int>(s)].add(fsite[static_cast<int>(s)].data(), x, rows);
+  SiteTap pair = [&](Site s, const float* x, int64_t rows, int64_t) {
+    if (sites & (1u << static_cast<int>(s)))
+      stats[static_cast<int>(s)].add(fsite[static_cast<int>(s)].data(), x, rows);
   };
   for (int64_t w = 0; w < nw; ++w) {
     run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr, keep);
@@ -65,6 +68,20 @@ CalibObjective parse_calib_objective(std::string_view s) {
     if (s == calib_objective_name(o)) return o;
   throw Error("unknown calibration objective '" + std::string(s) +
               "' (accepted: static, block, e2e)");
+}
+
+std::string_view static_refit_name(StaticRefit r) {
+  switch (r) {
+    case StaticRefit::Site: return "site";
+    case StaticRefit::Layer: return "layer";
+  }
+  throw Error("calibrate: invalid StaticRefit " + std::to_string(static_cast<int>(r)));
+}
+
+StaticRefit parse_static_refit(std::string_view s) {
+  for (StaticRefit r : {StaticRefit::Site, StaticRefit::Layer})
+    if (s == static_refit_name(r)) return r;
+  throw Error("unknown static refit '" + std::string(s) + "' (accepted: site, layer)");
 }
 
 nlohmann::json placement_json(const std::vector<PlacementEntry>& p) {
@@ -96,6 +113,23 @@ std::vector<PlacementEntry> placement_from_json(const nlohmann::json& j) {
   return p;
 }
 
+std::vector<double> restore_gains_from_report(const nlohmann::json& report, int64_t layers) {
+  SPEAR_CHECK(report.contains("module_gains") && report["module_gains"].is_array(),
+              "calibration report has no module_gains (written by a run that searched its placement)");
+  std::vector<double> g(layers * kNumModules, 0.0);
+  std::vector<bool> seen(g.size(), false);
+  for (const auto& e : report["module_gains"]) {
+    Module m;
+    SPEAR_CHECK(parse_module_name(e.at("module").get<std::string>(), &m), "module_gains: unknown module");
+    const int64_t l = e.at("layer").get<int64_t>();
+    SPEAR_CHECK(l >= 0 && l < layers, "module_gains: layer out of range");
+    g[module_index(l, m)] = e.at("restore_gain_kl").get<double>();
+    seen[module_index(l, m)] = true;
+  }
+  for (bool b : seen) SPEAR_CHECK(b, "module_gains: not every module of the model is listed");
+  return g;
+}
+
 CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized,
                           const CalibData& data, const CalibrateOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -105,6 +139,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   SPEAR_CHECK(quantized.ec_count() == 0, "calibrate: the quantized artifact already has ECs; "
                                          "start from the output of `spear quantize`");
   check_base_matches_model(quantized, dir, "calibrate");
+  const bool gated = opt.gate != GateKind::None;
   Network net = Network::load_fp(dir);
   net.set_quantized(quantized.weights);
   Runner run(net);
@@ -126,10 +161,39 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   rep["seconds_targets"] = seconds_since(t0);
   log("full-precision targets of %lld windows x %lld tokens", (long long)nw, (long long)T);
 
-  // 2. Statistics and static fits of every module (quantized path without ECs).
-  std::vector<StaticFit> fits(L * kNumModules);
   const int64_t P = std::max<int64_t>(1, std::min(opt.probe_windows, nw));
   const int64_t S = std::max<int64_t>(1, std::min(opt.stat_windows, nw));
+  CalibrateResult res;
+  std::vector<PlacementEntry> placement;
+  int64_t ec_bytes = 0;
+  if (!opt.init_ecs.empty()) {
+    SPEAR_CHECK(static_cast<int64_t>(opt.init_ecs.size()) == L * kNumModules,
+                "calibrate: the initial ECs do not match the model");
+    res.static_ecs.assign(L * kNumModules, std::nullopt);
+    for (int64_t i = 0; i < L * kNumModules; ++i) {
+      if (!opt.init_ecs[i]) continue;
+      ECParams p = *opt.init_ecs[i];
+      SPEAR_CHECK(p.in == net.module_in(static_cast<Module>(i % kNumModules)) &&
+                      p.out == net.module_out(static_cast<Module>(i % kNumModules)),
+                  "calibrate: an initial EC does not match its module");
+      p.gated = false;
+      p.G.clear();
+      p.c.clear();
+      PlacementEntry e;
+      e.layer = i / kNumModules;
+      e.module = static_cast<Module>(i % kNumModules);
+      e.rank = p.rank;
+      e.bytes = ECParams::bytes_for(p.in, p.out, p.rank, gated);
+      placement.push_back(e);
+      ec_bytes += e.bytes;
+      res.static_ecs[i] = std::move(p);
+    }
+    res.placement = placement;
+    rep["init_from_ecs"] = true;
+    log("starting from %zu given ECs, %lld bytes", placement.size(), (long long)ec_bytes);
+  } else {
+  // 2. Statistics and static fits of every module (quantized path without ECs).
+  std::vector<StaticFit> fits(L * kNumModules);
   {
     std::vector<float> xf(S * T * D), xq;  // (S*T, dim)
     run.embed(data.tokens.data(), S * T, xf.data());
@@ -151,21 +215,27 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   log("static fits of %lld modules", (long long)L * kNumModules);
 
   // 3. Placement.
-  std::vector<PlacementEntry> placement;
   if (!opt.fixed_placement.empty()) {
     placement = opt.fixed_placement;
     for (PlacementEntry& e : placement) {
       SPEAR_CHECK(e.layer >= 0 && e.layer < L, "placement: layer out of range");
       const StaticFit& f = fits[module_index(e.layer, e.module)];
       SPEAR_CHECK(e.rank > 0 && e.rank <= f.max_rank, "placement: rank out of range");
-      e.bytes = ECParams::bytes_for(f.in, f.out, e.rank, opt.gated);
+      e.bytes = ECParams::bytes_for(f.in, f.out, e.rank, gated);
       e.captured = f.captured(e.rank);
     }
   } else {
     // Restoration gains: KL drop when one module is back at full precision.
     double base_kl = 0;
-    std::vector<double> gain = restoration_gains(run, data, targets, P, &base_kl);
-    rep["probe_kl_w4"] = base_kl;
+    std::vector<double> gain = opt.restore_gains;
+    if (gain.empty()) {
+      gain = restoration_gains(run, data, targets, P, &base_kl);
+      rep["probe_kl_w4"] = base_kl;
+    } else {
+      SPEAR_CHECK(static_cast<int64_t>(gain.size()) == L * kNumModules,
+                  "calibrate: the restoration gains given do not match the model");
+      rep["restore_gains_reused"] = true;
+    }
     rep["seconds_restore_gains"] = seconds_since(t0);
     log("restoration gains measured (probe KL of the quantized model %.5f)", base_kl);
     // Greedy rank steps by gain per byte.
@@ -178,8 +248,8 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       for (int64_t i = 0; i < L * kNumModules; ++i) {
         const StaticFit& f = fits[i];
         if (rank[i] >= f.max_rank) continue;
-        const int64_t cost = ECParams::bytes_for(f.in, f.out, rank[i] + 1, opt.gated) -
-                             (rank[i] ? ECParams::bytes_for(f.in, f.out, rank[i], opt.gated) : 0);
+        const int64_t cost = ECParams::bytes_for(f.in, f.out, rank[i] + 1, gated) -
+                             (rank[i] ? ECParams::bytes_for(f.in, f.out, rank[i], gated) : 0);
         if (used + cost > budget_bytes) continue;
         const double g = gain[i] * (f.captured(rank[i] + 1) - f.captured(rank[i]));
         const double ratio = g / static_cast<double>(cost);
@@ -200,7 +270,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       e.layer = i / kNumModules;
       e.module = static_cast<Module>(i % kNumModules);
       e.rank = rank[i];
-      e.bytes = ECParams::bytes_for(f.in, f.out, rank[i], opt.gated);
+      e.bytes = ECParams::bytes_for(f.in, f.out, rank[i], gated);
       e.restore_gain = gain[i];
       e.captured = f.captured(rank[i]);
       placement.push_back(e);
@@ -214,14 +284,12 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
                     {"captured_r8", fits[i].captured(8)}});
     rep["module_gains"] = gj;
   }
-  int64_t ec_bytes = 0;
   for (const PlacementEntry& e : placement) ec_bytes += e.bytes;
   log("placement: %zu ECs, %lld bytes of a %lld-byte budget", placement.size(), (long long)ec_bytes,
       (long long)budget_bytes);
 
   // 4. Static control at the placement: refit layer after layer on quantized-path inputs
   //    that already carry the earlier layers' static ECs.
-  CalibrateResult res;
   res.placement = placement;
   res.static_ecs.assign(L * kNumModules, std::nullopt);
   std::vector<int64_t> rank_of(L * kNumModules, 0);
@@ -230,30 +298,43 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     std::vector<float> xf(S * T * D), xq;
     run.embed(data.tokens.data(), S * T, xf.data());
     xq = xf;
-    for (int64_t l = 0; l < L; ++l) {
-      bool any = false;
-      for (Module m : kAllModules) any = any || rank_of[module_index(l, m)] > 0;
-      std::vector<float> xq_in = xq;
-      SiteStats st[kNumSites];
-      layer_stats(run, l, S, T, xf, xq, &res.static_ecs, st);
-      if (!any) continue;
-      for (int s = 0; s < kNumSites; ++s) {
-        bool site_used = false;
-        for (Module m : kAllModules)
-          site_used = site_used || (static_cast<int>(module_site(m)) == s && rank_of[module_index(l, m)]);
-        if (!site_used) continue;
-        Whitening wh = whiten(st[s], opt.damp);
-        for (Module m : kAllModules) {
-          if (static_cast<int>(module_site(m)) != s || !rank_of[module_index(l, m)]) continue;
-          StaticFit f = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
-                                   net.module_in(m), st[s], wh, rank_of[module_index(l, m)], opt.static_mode);
-          res.static_ecs[module_index(l, m)] = ec_from_fit(f, rank_of[module_index(l, m)], false);
-        }
+    auto fit_site = [&](int64_t l, int s, const SiteStats& st) {
+      Whitening wh = whiten(st, opt.damp);
+      for (Module m : kAllModules) {
+        if (static_cast<int>(module_site(m)) != s || !rank_of[module_index(l, m)]) continue;
+        StaticFit f = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
+                                 net.module_in(m), st, wh, rank_of[module_index(l, m)], opt.static_mode);
+        res.static_ecs[module_index(l, m)] = ec_from_fit(f, rank_of[module_index(l, m)], false);
       }
-      // The stream must leave this layer through the ECs just fitted.
-      xq = std::move(xq_in);
-      for (int64_t w = 0; w < S; ++w)
+    };
+    for (int64_t l = 0; l < L; ++l) {
+      unsigned used_sites = 0;
+      for (Module m : kAllModules)
+        if (rank_of[module_index(l, m)]) used_sites |= 1u << static_cast<int>(module_site(m));
+      if (used_sites && opt.static_refit == StaticRefit::Site) {
+        // Site after site in forward order: each site's statistics come from a pass that
+        // already carries the ECs fitted at the earlier sites of this layer, so that (for
+        // example) O is not also fitted to the attention drift that Q/K/V's ECs remove.
+        for (int s = 0; s < kNumSites; ++s) {
+          if (!(used_sites & (1u << s))) continue;
+          std::vector<float> xf_s = xf, xq_s = xq;
+          SiteStats st[kNumSites];
+          layer_stats(run, l, S, T, xf_s, xq_s, &res.static_ecs, st, 1u << s);
+          fit_site(l, s, st[s]);
+        }
+      } else if (used_sites) {
+        // One pass without this layer's ECs for all of its sites (the earlier scheme).
+        std::vector<float> xf_s = xf, xq_s = xq;
+        SiteStats st[kNumSites];
+        layer_stats(run, l, S, T, xf_s, xq_s, &res.static_ecs, st, used_sites);
+        for (int s = 0; s < kNumSites; ++s)
+          if (used_sites & (1u << s)) fit_site(l, s, st[s]);
+      }
+      // Both streams leave this layer; the quantized one through the ECs just fitted.
+      for (int64_t w = 0; w < S; ++w) {
+        run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr);
         run.layer_forward(q_view(net, l, &res.static_ecs), l, &xq[w * T * D], 1, T, nullptr);
+      }
     }
   } else {
     for (const PlacementEntry& e : placement) {
@@ -261,8 +342,48 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       res.static_ecs[i] = ec_from_fit(fits[i], e.rank, false);
     }
   }
+  }
   for (auto& e : res.static_ecs)
     if (e) e->round_to_fp16();
+  // Training starts from the closed form itself, whatever the guard below chooses.
+  const std::vector<std::optional<ECParams>> closed_form = res.static_ecs;
+  // Guard of the static control: the closed forms lower the KL to the full-precision model
+  // but can raise the loss on real text (docs/RESULTS.md, issue 11). Scale every B by the
+  // α of {0, ¼, ½, ¾, 1} with the lowest next-token NLL on held-out calibration windows (the
+  // `guard_windows` after the statistics windows); α = 0 is the quantized model itself, so
+  // the static control is never worse than it there.
+  if (opt.init_ecs.empty() && opt.guard_windows > 0 && !placement.empty()) {
+    const int64_t h0 = S, h1 = std::min(nw, S + opt.guard_windows);
+    if (h1 > h0) {
+      std::vector<std::optional<ECParams>> none(L * kNumModules), scaled;
+      double best = mean_nll(run, data, none, h0, h1), alpha = 0;
+      nlohmann::json gj = nlohmann::json::array();
+      gj.push_back({{"alpha", 0.0}, {"nll", best}});
+      for (double a : {0.25, 0.5, 0.75, 1.0}) {
+        scaled = closed_form;
+        for (auto& e : scaled)
+          if (e)
+            for (float& v : e->B) v = static_cast<float>(v * a);
+        const double nll = mean_nll(run, data, scaled, h0, h1);
+        gj.push_back({{"alpha", a}, {"nll", nll}});
+        if (nll < best) {
+          best = nll;
+          alpha = a;
+        }
+      }
+      for (auto& e : res.static_ecs)
+        if (e) {
+          for (float& v : e->B) v = static_cast<float>(v * alpha);
+          e->round_to_fp16();
+        }
+      rep["static_guard"] = {{"windows", {h0, h1}}, {"alpha", alpha}, {"nll", gj}};
+      log("static guard: alpha %.2f (held-out NLL %.5f; quantized %.5f, closed form %.5f)", alpha, best,
+          gj[0]["nll"].get<double>(), gj[4]["nll"].get<double>());
+    } else {
+      rep["static_guard"] = "skipped: no calibration windows after the statistics windows";
+      log("static guard skipped: --calib-windows must exceed --stat-windows");
+    }
+  }
   rep["seconds_static"] = seconds_since(t0);
   const int64_t kl_windows = std::max<int64_t>(1, std::min(opt.report_windows, nw));
   {
@@ -273,10 +394,11 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   log("static control: calibration KL %.5f (quantized %.5f)", rep["calib_kl_static"].get<double>(),
       rep["calib_kl_w4"].get<double>());
 
-  // 5. Train from the static control.
-  res.trained_ecs = res.static_ecs;
+  // 5. Train from the static control (the closed form, before the guard's scaling).
+  // (--objective static: nothing trains, and what is reported is the guarded control.)
+  res.trained_ecs = opt.objective == CalibObjective::Static ? res.static_ecs : closed_form;
   for (auto& e : res.trained_ecs)
-    if (e && opt.gated) {
+    if (e && gated) {
       e->gated = true;
       e->G.assign(e->rank * e->rank, 0.0f);
       e->c.assign(e->rank, 0.0f);
@@ -286,6 +408,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   to.batch = opt.batch;
   to.lr = opt.lr;
   to.lr_gate = opt.lr_gate;
+  to.gate = opt.gate;
   to.verbose = opt.verbose;
   const auto t_train = std::chrono::steady_clock::now();
   if (!placement.empty() && opt.objective == CalibObjective::E2e) {
@@ -307,12 +430,15 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   rep["quant_model_bytes"] = qbytes;
   rep["settings"] = {{"objective", objective},
                      {"static_mode", std::string(static_mode_name(opt.static_mode))},
-                     {"gated", opt.gated},         {"max_rank", opt.max_rank},
+                     {"gated", gated},
+                     {"gate", std::string(gate_kind_name(opt.gate))},
+                     {"static_refit", std::string(static_refit_name(opt.static_refit))},
+                     {"max_rank", opt.max_rank},
                      {"damp", opt.damp},           {"probe_windows", P},
                      {"epochs", opt.epochs},       {"batch", opt.batch},
                      {"lr", opt.lr},               {"lr_gate", opt.lr_gate},
                      {"sequential_static", opt.sequential_static},
-                     {"stat_windows", S},          {"report_windows", kl_windows}};
+                     {"stat_windows", S},          {"guard_windows", opt.guard_windows},          {"report_windows", kl_windows}};
   rep["calibration_data"] = data.meta;
   rep["seconds"] = seconds_since(t0);
   res.report = rep;

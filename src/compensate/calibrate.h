@@ -7,12 +7,14 @@
 //     gain(m, r) = ΔKL_m · captured_m(r)
 // where ΔKL_m is the measured drop of the mean KL(P_fp ‖ P_q) on probe windows when m
 // alone is restored to full precision, and captured_m(r) the share of m's error energy
-// E‖W x_fp − Q x_q‖² that the rank-r static correction removes. Rank steps are taken one
+// (the static mode's objective: ‖ΔW R^½‖² for qera, E‖W x_fp − Q x_q‖² for rrr) that the
+// rank-r static correction removes. Rank steps are taken one
 // at a time, each time for the module whose next step buys the most gain per fp16 byte,
 // until the next step would exceed budget × quant_model_bytes.
 //
 // Objectives for the placed ECs (all start from the static control, γ ≡ 1):
-//   "static"  no training (the static control itself)
+//   "static"  no training (the static control itself, after the guard: its B scaled by
+//             the α ∈ {0, ¼, ½, ¾, 1} with the lowest NLL on held-out calibration windows)
 //   "block"   each decoder layer's output ‖h_q − h_fp‖², layer after layer
 //   "e2e"     mean KL(P_fp ‖ P_q) of the next-token distribution over all positions of
 //             the calibration windows, backpropagated through the whole quantized model
@@ -25,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
+#include "compensate/ec_train.h"
 #include "compensate/static_control.h"
 #include "model/spear_artifact.h"
 
@@ -36,6 +39,17 @@ enum class CalibObjective { Static, Block, E2e };
 std::string_view calib_objective_name(CalibObjective o);
 // The inverse of calib_objective_name; throws spear::Error naming the accepted values.
 CalibObjective parse_calib_objective(std::string_view s);
+
+// How the static control is refitted at the placement (layer after layer, on inputs that
+// carry the earlier layers' ECs):
+//   Site   site after site inside a layer too (Q/K/V, then O, then Gate/Up, then Down),
+//          each site's statistics from a pass through the ECs already fitted in the layer
+//   Layer  all sites of a layer from one pass without the layer's own ECs (the scheme
+//          before issue 11: O and Down are then also fitted to the drift that Q/K/V and
+//          Gate/Up's ECs remove, and the corrections add up to more than the error)
+enum class StaticRefit { Site, Layer };
+std::string_view static_refit_name(StaticRefit r);
+StaticRefit parse_static_refit(std::string_view s);
 
 struct PlacementEntry {
   int64_t layer = 0;
@@ -49,12 +63,14 @@ struct PlacementEntry {
 struct CalibrateOptions {
   double budget = 0.01;           // EC bytes / quant_model_bytes
   CalibObjective objective = CalibObjective::E2e;
-  StaticMode static_mode = StaticMode::Rrr;
-  bool gated = true;
+  StaticMode static_mode = StaticMode::Qera;  // docs/RESULTS.md section 0: less harm than rrr
+  StaticRefit static_refit = StaticRefit::Site;
+  GateKind gate = GateKind::Full;  // of the trained ECs; the static control is ungated
   int64_t max_rank = 64;          // per module
   double damp = 0.05;             // whitening damping, fraction of mean eigenvalue
   int64_t probe_windows = 2;      // windows for the restoration gains
   int64_t stat_windows = 32;      // windows for the static control's second moments
+  int64_t guard_windows = 4;      // held-out windows (after those) for the static guard's α; 0: off
   int64_t report_windows = 4;     // windows for the calibration KLs in the report
   int64_t epochs = 3;
   int64_t batch = 4;              // windows per Adam step
@@ -62,6 +78,13 @@ struct CalibrateOptions {
   double lr_gate = 0.02;          // G and c: absolute step
   bool sequential_static = true;  // refit placed modules on inputs with earlier ECs applied
   std::vector<PlacementEntry> fixed_placement;  // non-empty: skip the placement search
+  // Non-empty (layers*7, module_index order): the restoration gains of an earlier run
+  // (they depend only on the model and the probe windows), not measured again.
+  std::vector<double> restore_gains;
+  // Non-empty (layers*7): start from these ECs (A, B; any gate dropped) as the static
+  // control at their placement, skipping the statistics, the placement search and the
+  // static fits (an ablation trains several variants from one static control).
+  std::vector<std::optional<ECParams>> init_ecs;
   bool verbose = true;
 };
 
@@ -82,5 +105,7 @@ SpearArtifact with_ecs(const SpearArtifact& base, const std::vector<std::optiona
 
 nlohmann::json placement_json(const std::vector<PlacementEntry>& p);
 std::vector<PlacementEntry> placement_from_json(const nlohmann::json& j);
+// The restoration gains of a calibration report (its "module_gains"), module_index order.
+std::vector<double> restore_gains_from_report(const nlohmann::json& report, int64_t layers);
 
 }  // namespace spear

@@ -20,6 +20,34 @@ double schedule(int64_t step, int64_t total) {
 }
 }  // namespace
 
+std::string_view gate_kind_name(GateKind g) {
+  switch (g) {
+    case GateKind::Full: return "full";
+    case GateKind::Diag: return "diag";
+    case GateKind::None: return "none";
+  }
+  throw Error("invalid GateKind " + std::to_string(static_cast<int>(g)));
+}
+
+GateKind parse_gate_kind(std::string_view s) {
+  for (GateKind g : {GateKind::Full, GateKind::Diag, GateKind::None})
+    if (s == gate_kind_name(g)) return g;
+  throw Error("unknown gate '" + std::string(s) + "' (accepted: full, diag, none)");
+}
+
+void restrict_gate_grads(std::vector<ECGrad>& grads, GateKind gate) {
+  if (gate != GateKind::Diag) return;
+  for (ECGrad& g : grads) {
+    const int64_t r2 = static_cast<int64_t>(g.G.size());
+    const int64_t r = static_cast<int64_t>(g.c.size());
+    if (!r2) continue;
+    SPEAR_CHECK(r * r == r2, "restrict_gate_grads: G is not r x r");
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        if (i != j) g.G[i * r + j] = 0.0f;
+  }
+}
+
 void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -130,6 +158,22 @@ double mean_kl(const Runner& run, const CalibData& data, const std::vector<float
   return kl / static_cast<double>(windows * T);
 }
 
+double mean_nll(const Runner& run, const CalibData& data,
+                const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1) {
+  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  w1 = std::min(w1, data.windows);
+  SPEAR_CHECK(w0 >= 0 && w1 > w0 && T > 1, "mean_nll: empty window range");
+  std::vector<float> logits(T * V);  // (T, V), log-probabilities in place
+  double nll = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    const int32_t* tok = data.window(w);
+    run.forward(tok, 1, T, true, &ecs, logits.data());
+    log_softmax_rows(logits.data(), T, V, logits.data());
+    for (int64_t t = 0; t + 1 < T; ++t) nll -= logits[t * V + tok[t + 1]];
+  }
+  return nll / static_cast<double>((w1 - w0) * (T - 1));
+}
+
 nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
                          std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -165,6 +209,7 @@ nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::ve
           run.layer_backward(q_view(net, l, &ecs), l, caches[l], dx.data(), 1, T, g);
         }
       }
+      restrict_gate_grads(grads, opt.gate);
       adam.step(ecs, grads, schedule(step, total));
     }
     const double kl = ep_kl / static_cast<double>(nw * T);
@@ -226,6 +271,7 @@ nlohmann::json train_block(const Runner& run, const CalibData& data,
               if (sub[module_index(l, m)]) g[m] = &grads[module_index(l, m)];
             run.layer_backward(q_view(net, l, &sub), l, cache, dy.data(), 1, T, g);
           }
+          restrict_gate_grads(grads, opt.gate);
           adam.step(sub, grads, schedule(step, total));
         }
         last = loss / static_cast<double>(nw);

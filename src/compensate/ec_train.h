@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -12,6 +13,20 @@
 #include "compensate/network.h"
 
 namespace spear {
+
+// Which gate the trained ECs get (the artifact always stores G as r×r):
+//   Full  γ = 1 + tanh(G z + c), G any r×r matrix
+//   Diag  γ_j = 1 + tanh(g_j z_j + c_j): G restricted to its diagonal (off-diagonal
+//         gradients are dropped, so G stays diagonal from its zero start). The GPU's
+//         fused kernel runs this as 2·sigmoid(2 g_j z_j + 2 c_j), the same function.
+//   None  γ ≡ 1 (no G, c stored)
+enum class GateKind { Full, Diag, None };
+// The spelling on the command line and in the calibration report ("full", "diag", "none").
+std::string_view gate_kind_name(GateKind g);
+// The inverse of gate_kind_name; throws spear::Error naming the accepted values.
+GateKind parse_gate_kind(std::string_view s);
+// Zeroes the gate gradients that `gate` does not train (Diag: G's off-diagonal entries).
+void restrict_gate_grads(std::vector<ECGrad>& grads, GateKind gate);
 
 // Row-wise log-softmax of logits (rows, V) into out (rows, V).
 void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out);
@@ -44,6 +59,7 @@ struct TrainOptions {
   int64_t epochs = 3;
   int64_t batch = 4;
   double lr = 0.02, lr_gate = 0.02;
+  GateKind gate = GateKind::Full;  // Diag: only G's diagonal trains
   bool verbose = true;
 };
 
@@ -52,6 +68,11 @@ std::vector<float> fp_targets(const Runner& run, const CalibData& data);
 // Mean KL(P_fp ‖ P_q) per token over the given windows, with the ECs in place.
 double mean_kl(const Runner& run, const CalibData& data, const std::vector<float>& targets,
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
+
+// Mean next-token NLL (nats) of the real text over windows [w0, w1), T − 1 predictions
+// per window, quantized path with the ECs in place.
+double mean_nll(const Runner& run, const CalibData& data,
+                const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1);
 
 // End to end: minimizes the mean KL over all positions of all windows. Returns a JSON
 // log (loss per epoch, seconds).

@@ -70,14 +70,19 @@ Whitening whiten(const SiteStats& s, double damp) {
   Whitening wh;
   wh.in = n;
   // R^-½ = Vᵀ diag(w^-½) V with V's rows the eigenvectors.
-  std::vector<double> Vs(n * n);  // (n, n) row i scaled by w_i^-½
-  for (int64_t i = 0; i < n; ++i) {
-    const double f = 1.0 / std::sqrt(std::max(w[i], 1e-20));
-    for (int64_t j = 0; j < n; ++j) Vs[i * n + j] = V[i * n + j] * f;
-  }
-  wh.R_inv_half.assign(n * n, 0.0);
-  cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, n, n, 1.0, V.data(), n, Vs.data(), n, 0.0,
-              wh.R_inv_half.data(), n);
+  // R^½ likewise with w_i^½.
+  auto power = [&](double e, std::vector<double>& dst) {
+    std::vector<double> Vs(n * n);  // (n, n) row i scaled by w_i^e
+    for (int64_t i = 0; i < n; ++i) {
+      const double f = std::pow(std::max(w[i], 1e-20), e);
+      for (int64_t j = 0; j < n; ++j) Vs[i * n + j] = V[i * n + j] * f;
+    }
+    dst.assign(n * n, 0.0);
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, n, n, 1.0, V.data(), n, Vs.data(), n,
+                0.0, dst.data(), n);
+  };
+  power(-0.5, wh.R_inv_half);
+  power(0.5, wh.R_half);
   return wh;
 }
 
@@ -116,13 +121,16 @@ StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, co
     mul(Wd, s.Sff, 1.0 / N, 0.0, T1);
     const double wsw = trace_abt(T1, Wd);
     energy = wsw - 2 * wsq + qrq;
-  } else {
-    mul(dW, s.Rqq, 1.0 / N, 0.0, X);
-    energy = trace_abt(X, dW);
   }
-  // M = X R^-½ (out, in); its top singular directions via the smaller Gram matrix.
+  // M (out, in): Rrr M = X R^-½; Qera M = ΔW R^½ (the damped R of `wh` in both). Its top
+  // singular directions via the smaller Gram matrix.
   std::vector<double> M(out * in);
-  mul(X, wh.R_inv_half, 1.0, 0.0, M);
+  if (mode == StaticMode::Rrr) {
+    mul(X, wh.R_inv_half, 1.0, 0.0, M);
+  } else {
+    mul(dW, wh.R_half, 1.0, 0.0, M);
+    energy = trace_abt(M, M);  // ‖ΔW R^½‖²: the σ² below sum to it at full rank
+  }
   const int64_t rmax = std::min({max_rank, out, in});
   StaticFit f;
   f.in = in;

@@ -7,9 +7,14 @@
 // quantized layers move the input too). Reduced-rank regression of e on x_q:
 //     R = E[x_q x_qᵀ] (+ damping),   X = E[e x_qᵀ] = W E[x_fp x_qᵀ] − Q R
 //     M = X R^-½,   SVD_r(M) = U S Vᵀ,   C = U S Vᵀ R^-½
-// Mode "qera" regresses ΔW x_q instead (X = ΔW R), which is the QERA/EoRA closed form
-// C = SVD_r(ΔW R^½) R^-½. Factors are balanced: B = U S^½, A = S^½ Vᵀ R^-½, so that A
-// and B have comparable scales for the gradient steps that start from them.
+// Mode "qera" is the published QERA closed form (Zhang et al., 2024; EoRA is the same
+// with R from the inputs of the quantized model): the rank-r C that minimises
+//     E‖(ΔW − C) x_q‖² = ‖(ΔW − C) R^½‖²_F,   ΔW = W − Q,
+// which is C = SVD_r(ΔW R^½) R^-½ (Eckart–Young in the whitened space). With damping λ,
+// R is replaced by R + λI in both places: then C minimises E‖(ΔW − C) x_q‖² + λ‖ΔW − C‖²_F.
+// Its target does not depend on x_fp, so it never chases the upstream drift.
+// Factors are balanced: B = U S^½, A = S^½ Vᵀ R^-½, so that A and B have comparable
+// scales for the gradient steps that start from them.
 #include <cstdint>
 #include <string_view>
 #include <vector>
@@ -18,7 +23,8 @@
 
 namespace spear {
 
-// Rrr: the error W x_fp − Q x_q (the closed form above); Qera: ΔW x_q (QERA/EoRA).
+// Rrr: the error W x_fp − Q x_q (the closed form above); Qera: ΔW x_q (QERA/EoRA), the
+// default static control (docs/RESULTS.md, the ablation table).
 enum class StaticMode { Rrr, Qera };
 
 // The spelling on the command line and in the calibration report ("rrr", "qera").
@@ -38,16 +44,19 @@ struct SiteStats {
   void add(const float* xf, const float* xq, int64_t rows);
 };
 
-// The whitening of a site, shared by its modules: R^-½ (in, in).
+// The whitening of a site, shared by its modules: R^-½ and R^½ (in, in) of the damped
+// R = E[x_q x_qᵀ] + λI, λ = damp · tr(R)/in.
 struct Whitening {
   int64_t in = 0;
   std::vector<double> R_inv_half;  // (in, in)
+  std::vector<double> R_half;      // (in, in)
 };
 Whitening whiten(const SiteStats& s, double damp);
 
 struct StaticFit {
   int64_t in = 0, out = 0, max_rank = 0;
-  double target_energy = 0;     // E‖e‖² per token
+  // E‖e‖² per token (Rrr); ‖ΔW (R+λI)^½‖²_F (Qera: the damped objective at C = 0).
+  double target_energy = 0;
   std::vector<double> sigma2;   // (max_rank) energy each direction removes, descending
   std::vector<float> A;         // (max_rank, in)
   std::vector<float> B;         // (out, max_rank)
