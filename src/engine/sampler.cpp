@@ -117,19 +117,29 @@ int64_t Sampler::candidates(const float* logits, int64_t n, double* sum) {
 int32_t Sampler::sample_at(const float* logits, int64_t n, uint64_t draw, const TokenHistory& h) {
   logits = penalized(logits, n, h);
   if (p_.temperature == 0.0f) return argmax(logits, n);
+  // Inverse CDF in token-id order (as the GPU sampler walks the vocabulary): the kept
+  // candidates' probabilities scattered to a dense row, then one pass.
+  dense_.assign(n, 0.0);
   double sum = 0;
-  const int64_t keep = candidates(logits, n, &sum);
-  // Inverse CDF in token-id order (as the GPU sampler walks the vocabulary).
-  order_.resize(keep);
-  for (int64_t i = 0; i < keep; ++i) order_[i] = i;
-  std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cand_[a].second < cand_[b].second; });
+  if ((p_.top_k <= 0 || p_.top_k >= n) && p_.top_p >= 1.0f && p_.min_p <= 0.0f) {
+    // no cut: every token, no sort (what candidates() computes, in id order)
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, logits[i] / p_.temperature);
+    for (int64_t i = 0; i < n; ++i) sum += dense_[i] = std::exp(logits[i] / p_.temperature - static_cast<double>(m));
+  } else {
+    const int64_t keep = candidates(logits, n, &sum);
+    for (int64_t i = 0; i < keep; ++i) dense_[cand_[i].second] = prob_[i];
+  }
   const double target = philox_uniform(p_.seed, draw) * sum;
   double acc = 0;
-  for (int64_t i : order_) {
-    acc += prob_[i];
-    if (acc > target) return cand_[i].second;
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (dense_[i] == 0.0) continue;
+    acc += dense_[i];
+    last = i;
+    if (acc > target) return static_cast<int32_t>(i);
   }
-  return cand_[order_.back()].second;  // rounding: the last candidate in id order
+  return static_cast<int32_t>(last);  // rounding: the last candidate in id order
 }
 
 std::vector<std::pair<int32_t, double>> Sampler::distribution(const float* logits, int64_t n,

@@ -72,7 +72,7 @@ class Sampler {
   uint64_t draws_ = 0;
   std::vector<std::pair<float, int32_t>> cand_;  // scratch
   std::vector<double> prob_;                     // scratch
-  std::vector<int64_t> order_;                   // scratch: kept candidates in id order
+  std::vector<double> dense_;                    // scratch: kept probabilities by token id
   std::vector<float> work_;                      // scratch: penalized logits
 };
 
