@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang, ASan+UBSan) and runs each for N seconds.
-#   fuzz/run.sh [seconds=180] [target...]     targets: safetensors config tokenizer
+#   fuzz/run.sh [seconds=180] [target...]     targets: safetensors config tokenizer request chat_template spear safetensors_index http_framer
 # New corpus entries go to $BUILD/corpus/<target> (fuzz/corpus stays the small seed
 # set); crashes, timeouts and OOMs go to $BUILD/artifacts/<target>/.
 set -uo pipefail
 secs=${1:-180}
 shift $(( $# > 0 ? 1 : 0 ))
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(safetensors config tokenizer)
+[ ${#targets[@]} -eq 0 ] && targets=(safetensors config tokenizer request chat_template spear safetensors_index http_framer)
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${SPEAR_FUZZ_BUILD:-$root/build-fuzz}
 
