@@ -119,7 +119,8 @@ inline void tokenizer_one(const uint8_t* data, size_t size) {
 // --- the HTTP request bodies (POST /v1/completions, /v1/chat/completions, /tokenize,
 // /detokenize) ---------------------------------------------------------------------
 //
-// The input is a request body. It goes through parse_body, as every POST does, and
+// The input is a request body. It goes through parse_body, as every POST does (with a
+// small budget for its parsed size), and
 // the resulting object through all four endpoints' validators: each refuses the
 // fields it does not know, so for any body at most one or two get far, but the
 // fuzzer is free to find the one. A refusal is an ApiError (a 400 to the client);
@@ -213,9 +214,12 @@ inline void request_one(const uint8_t* data, size_t size) {
   const RequestContext& ctx = request_context();
   nlohmann::json body;
   try {
-    body = server::parse_body(std::string_view(reinterpret_cast<const char*>(data), size));
+    // A 16 KiB budget for the parsed form, so that the fuzzer reaches the 413 too, and
+    // strings bounded as the server bounds them.
+    body = server::parse_body(std::string_view(reinterpret_cast<const char*>(data), size), 64, 16 << 10,
+                              static_cast<size_t>(ctx.lim.max_prompt_bytes));
   } catch (const server::ApiError& e) {
-    check(e.status() == 400, "a body that does not parse is a 400");
+    check(e.status() == 400 || e.status() == 413, "a body that does not parse is a 400 (413: too big parsed)");
     return;
   }
   check(body.is_object(), "parse_body returns an object");

@@ -238,7 +238,9 @@ RequestFramer::State RequestFramer::head_complete() {
     return State::NeedMore;
   }
   if (has_length_ && length_ > 0) {
-    body_.reserve(static_cast<size_t>(length_));
+    // Room for the head that finish() puts in front (the request line, the kept
+    // headers and Content-Length: at most the head limit and a few bytes).
+    body_.reserve(static_cast<size_t>(length_) + lim_.max_head_bytes + 64);
     phase_ = Phase::Body;
     return State::NeedMore;
   }
@@ -274,13 +276,12 @@ RequestFramer::State RequestFramer::finish() {
     if (!ok) return fail(400, "bad_request", "the compressed request body is corrupt or truncated");
     body_ = std::move(out);
   }
-  out_.clear();
-  out_.reserve(request_line_.size() + head_.size() + body_.size() + 48);
-  out_ += request_line_;
-  out_ += "\r\n";
-  out_ += head_;
-  out_ += "Content-Length: " + std::to_string(body_.size()) + "\r\n\r\n";
-  out_ += body_;
+  // The head goes in front of the body in its own buffer (reserved with room for it
+  // when the length was known), so a large body is not held twice here.
+  std::string head = request_line_ + "\r\n" + head_ + "Content-Length: " + std::to_string(body_.size()) +
+                     "\r\n\r\n";
+  body_.insert(0, head);
+  out_ = std::move(body_);
   std::string().swap(body_);
   phase_ = Phase::Done;
   return State::Complete;
