@@ -160,8 +160,10 @@ TEST(FuzzSmoke, RequestSeedsAreValid) {
       }
     };
     attempt([&] { sv::parse_completion_request(body, ctx.tok, ctx.lim, ctx.defaults); });
-    attempt([&] { sv::parse_chat_request(body, ctx.tok, ctx.jinja_tmpl, ctx.lim, ctx.defaults); });
-    attempt([&] { sv::tokenize_response(body, ctx.tok, ctx.jinja_tmpl, ctx.lim, &model); });
+    for (const sv::ChatTemplate* t : {&ctx.jinja_tmpl, &ctx.plain_tmpl}) {
+      attempt([&] { sv::parse_chat_request(body, ctx.tok, *t, ctx.lim, ctx.defaults); });
+      attempt([&] { sv::tokenize_response(body, ctx.tok, *t, ctx.lim, &model); });
+    }
     attempt([&] { sv::detokenize_response(body, ctx.tok, ctx.lim, &model); });
     EXPECT_GE(accepted, 1) << body.dump();
   }

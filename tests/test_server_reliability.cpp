@@ -442,6 +442,9 @@ TEST(ServerReliability, ManySmallJsonValuesAreRefusedBeforeTheDom) {
       {"a text prompt", text, 400},  // within the budget; refused by its byte length
   };
   const bool can_measure = reset_peak_rss() && peak_rss() > 0;
+  // Two passes, measured in the second: the first large request of a process pays
+  // one-time costs (malloc arenas of the serving threads) that are not per request.
+  for (int pass = 0; pass < 2; ++pass)
   for (const Case& c : cases) {
     ASSERT_LT(c.body.size(), limit) << c.what;
     for (bool chunked : {false, true}) {
@@ -466,10 +469,18 @@ TEST(ServerReliability, ManySmallJsonValuesAreRefusedBeforeTheDom) {
         EXPECT_EQ(resp.j()["error"]["code"], "payload_too_large") << resp.body;
       }
       const int64_t grew = peak_rss() - before;
+      if (pass == 0) continue;
       std::printf("%-20s %-8s peak RSS +%.2f MB (body limit %.0f MB)\n", c.what, chunked ? "chunked" : "length",
                   grew / 1048576.0, limit / 1048576.0);
+      // 2x the limit for a Content-Length body; 3x for a chunked one, whose buffer grows
+      // by appends (docs/BENCHMARKS.md). 256 KiB for what this process touches beside
+      // the request (allocator metadata, thread stacks, the client's own buffers). A
+      // process that served a large request before keeps its freed heap, so this
+      // in-process figure is a lower bound: dev/measure_http_limits.py measures each
+      // case in a fresh server.
       if (can_measure) {
-        EXPECT_LE(grew, static_cast<int64_t>(2 * limit)) << c.what << (chunked ? " chunked" : "");
+        EXPECT_LE(grew, static_cast<int64_t>((chunked ? 3 : 2) * limit + (256u << 10)))
+            << c.what << (chunked ? " chunked" : "");
       }
     }
   }

@@ -17,11 +17,12 @@ namespace {
 [[noreturn]] void fail(const std::string& m) { throw std::runtime_error("jinja: " + m); }
 constexpr size_t kMaxOutput = 16u << 20;
 constexpr int64_t kMaxIterations = 1'000'000;
-// Counts one level of parser recursion for as long as it lives.
+// Counts one level of parser recursion for as long as it lives. A bracket level of an
+// expression passes four guards (ternary, or, not, unary), so 512 is ~128 brackets.
 struct NestGuard {
   int& n;
   explicit NestGuard(int& c) : n(c) {
-    if (++n > 128) {
+    if (++n > 512) {
       --n;
       fail("the template nests too deeply");
     }
@@ -33,7 +34,7 @@ struct NestGuard {
 // Parsing and evaluating recurse on the template's tree; these bound it (real chat
 // templates nest a dozen levels, their longest expression has ~60 tokens).
 constexpr size_t kMaxExprTokens = 2048;
-// (parser recursion: brackets, not/-, nested blocks: 128 levels, in NestGuard)
+// (parser recursion: brackets, not/-, nested blocks: 512 guard levels, in NestGuard)
 constexpr int kMaxTreeDepth = 256;  // the parsed tree, left-deep chains (a+b+c..., a.b.c...) included
 }  // namespace
 

@@ -100,15 +100,15 @@ const cs2 = await client.chat.completions.create(chatSeeded);
 check(cs1.choices.map((c) => c.message.content).join("|") === cs2.choices.map((c) => c.message.content).join("|"),
       "a seed reproduces a chat");
 // n on a streamed completion: every choice's text arrives and each finishes once.
-const cstream = await client.completions.create({ ...nreq, stream: true });
-const streamed = ["", "", ""], cfinished = [0, 0, 0];
-for await (const chunk of cstream)
+const nCompletionStream = await client.completions.create({ ...nreq, stream: true });
+const nStreamed = ["", "", ""], cfinished = [0, 0, 0];
+for await (const chunk of nCompletionStream)
   for (const ch of chunk.choices) {
-    streamed[ch.index] += ch.text;
+    nStreamed[ch.index] += ch.text;
     if (ch.finish_reason) cfinished[ch.index]++;
   }
 check(cfinished.join() === "1,1,1", "each streamed completion choice finishes once");
-check(streamed.join("|") === nres.choices.map((c) => c.text).join("|"), "streamed n choices match the unstreamed ones");
+check(nStreamed.join("|") === nres.choices.map((c) => c.text).join("|"), "streamed n choices match the unstreamed ones");
 // best_of equal to n is accepted; larger is refused as unsupported.
 const bo = await client.completions.create({ ...nreq, n: 2, best_of: 2 });
 check(bo.choices.length === 2, "best_of = n");
