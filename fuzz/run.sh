@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang, ASan+UBSan) and runs each for N seconds.
-#   fuzz/run.sh [seconds=180] [target...]     targets: safetensors config tokenizer
+#   fuzz/run.sh [seconds=180] [target...]     targets: safetensors config tokenizer request chat_template spear safetensors_index http_framer
 # New corpus entries go to $BUILD/corpus/<target> (fuzz/corpus stays the small seed
 # set); crashes, timeouts and OOMs go to $BUILD/artifacts/<target>/.
+#   RUNS=N      stop each target after N executions (-runs) instead of at the time limit
+#   TIMEOUT=S   seconds one input may take before it is a hang (default 10; raise it on a
+#               machine shared with builds, where a stalled process trips it)
 set -uo pipefail
 secs=${1:-180}
 shift $(( $# > 0 ? 1 : 0 ))
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(safetensors config tokenizer)
+[ ${#targets[@]} -eq 0 ] && targets=(safetensors config tokenizer request chat_template spear safetensors_index http_framer)
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${SPEAR_FUZZ_BUILD:-$root/build-fuzz}
 
@@ -24,8 +27,8 @@ for t in "${targets[@]}"; do
   log=$build/fuzz_$t.log
   echo "== fuzz_$t for ${secs}s (log: $log)"
   # -timeout: one input taking 10 s is a hang; -rss_limit_mb: a blow-up is a finding.
-  "$build/fuzz/fuzz_$t" "$work" "$root/fuzz/corpus/$t" -max_total_time="$secs" \
-    -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$art/" \
+  "$build/fuzz/fuzz_$t" "$work" "$root/fuzz/corpus/$t" -max_total_time="$secs" ${RUNS:+-runs=$RUNS} \
+    -timeout="${TIMEOUT:-10}" -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$art/" \
     >"$log" 2>&1
   rc=$?
   execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}')

@@ -130,3 +130,53 @@ TEST(ServerStopMatcher, HoldsBackPrefixesAndCutsAtTheStop) {
   StopMatcher none({});
   EXPECT_EQ(none.push("abc"), "abc");
 }
+
+// Found with fuzz/fuzz_chat_template: a template nesting deeply (brackets, `not`, unary
+// minus, blocks, or a long left-deep chain such as 1+1+1+... or a.x.x.x...) overflowed
+// the stack while parsing, evaluating or freeing it, so a model file could crash
+// `spear serve` at load. Such templates are now refused with an error, as is a value
+// nested deeper than 64 levels, and a namespace put inside itself (a cycle: a leak and
+// endless printing), and `set x.attr` on anything but a namespace (as in Jinja2).
+TEST(ServerChatTemplate, DeepNestingIsRefusedNotACrash) {
+  using jinja::Template;
+  auto rep = [](const std::string& s, int n) {
+    std::string r;
+    for (int i = 0; i < n; ++i) r += s;
+    return r;
+  };
+  const std::vector<std::string> parse_refused = {
+      "{{ " + rep("(", 100000) + "1" + rep(")", 100000) + " }}",
+      "{{ " + rep("[", 100000) + rep("]", 100000) + " }}",
+      "{{ " + rep("not ", 100000) + "1 }}",
+      "{{ " + rep("-", 100000) + "1 }}",
+      rep("{% if 1 %}", 100000) + "x" + rep("{% endif %}", 100000),
+      "{{ 1" + rep("+1", 200000) + " }}",
+      "{{ messages" + rep(".x", 200000) + " }}",
+      "{{ 'a'" + rep(" | trim", 100000) + " }}",
+      "{{ 1" + rep("+1", 300) + " }}",  // a short chain still deeper than the tree bound
+  };
+  for (const std::string& src : parse_refused)
+    EXPECT_THROW(Template t(src), std::runtime_error) << src.substr(0, 40);
+  // Shallow enough: accepted and rendered.
+  EXPECT_EQ(Template("{{ " + rep("(", 60) + "1" + rep(")", 60) + " }}").render({}), "1");
+  EXPECT_EQ(Template("{{ 0" + rep("+1", 100) + " }}").render({}), "100");
+
+  const std::map<std::string, jinja::Value> none;
+  // (A plain `set` inside a loop does not leak out of it, as in Jinja2; a namespace
+  // carries a value across iterations.)
+  EXPECT_THROW(Template("{% set ns = namespace(x=none) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}"
+                        "{% endfor %}{{ ns.x }}")
+                   .render(none),
+               std::runtime_error);
+  EXPECT_THROW(Template("{% set ns = namespace(a=0) %}{% set ns.a = ns %}{{ ns }}").render(none),
+               std::runtime_error);
+  EXPECT_THROW(Template("{% set ns = namespace(a=0) %}{{ [ns] }}").render(none), std::runtime_error);
+  EXPECT_THROW(Template("{% set d = {'a': 1} %}{% set d.a = d %}{{ d }}").render(none), std::runtime_error);
+  // Lists of lists that real templates build (items, tool lists) are untouched.
+  EXPECT_EQ(Template("{% set ns = namespace(x=none) %}{% for i in range(10) %}{% set ns.x = [ns.x] %}{% endfor %}"
+                     "{{ ns.x | length }}{{ ns.x | tojson }}")
+                .render(none),
+            "1[[[[[[[[[[null]]]]]]]]]]");
+  EXPECT_EQ(Template("{% set ns = namespace(l=[1, [2]]) %}{% set ns.l = ns.l + [3] %}{{ ns.l }}").render(none),
+            "[1, [2], 3]");
+}

@@ -49,5 +49,9 @@ TEST(ServerOpenAINode, OfficialSdkTalksToTheServer) {
   // n, seeds, penalties and the tokenizer endpoints (issue 14) were exercised.
   EXPECT_NE(out.find("\"n\":["), std::string::npos) << out;
   EXPECT_NE(out.find("\"tokenize\":["), std::string::npos) << out;
+  // ...and the seedless, best_of, penalty-effect and empty-prompt checks ran to the end.
+  EXPECT_NE(out.find("\"unseeded\":["), std::string::npos) << out;
+  EXPECT_NE(out.find("\"repetition_penalty\":"), std::string::npos) << out;
+  EXPECT_NE(out.find("\"tokenize_empty\":["), std::string::npos) << out;
   EXPECT_TRUE(s.wait_idle());
 }

@@ -429,25 +429,14 @@ const TensorView* SafetensorsFile::find(const std::string& name) const {
 
 // --- TensorStore --------------------------------------------------------------------
 
-namespace {
-
-void store_from_index(const fs::path& index_path, std::vector<std::shared_ptr<SafetensorsFile>>* files) {
-  const std::string label = index_path.string();
-  const fs::path dir = index_path.parent_path().empty() ? fs::path(".") : index_path.parent_path();
-  const std::string text = read_small_file(label, kMaxSafetensorsHeader);
+SafetensorsIndex parse_safetensors_index(std::string_view text, const std::string& label) {
   ojson j = parse_json_unique(text, label, "index");
   auto bad = [&](const std::string& why) -> Error { return Error("index '" + label + "': " + why); };
   if (!j.is_object()) throw bad("not a JSON object");
   auto wm = j.find("weight_map");
   if (wm == j.end() || !wm->is_object()) throw bad("missing \"weight_map\" object");
   if (wm->empty()) throw bad("\"weight_map\" is empty");
-
-  std::error_code ec;
-  const fs::path root = fs::weakly_canonical(dir, ec);
-  if (ec) throw bad("cannot resolve directory '" + dir.string() + "': " + ec.message());
-
-  // shard file name -> tensors the index places in it
-  std::map<std::string, std::vector<std::string>> shards;
+  SafetensorsIndex shards;
   for (auto it = wm->begin(); it != wm->end(); ++it) {
     if (!it.value().is_string())
       throw bad("weight_map entry of '" + it.key() + "' is not a string");
@@ -455,13 +444,33 @@ void store_from_index(const fs::path& index_path, std::vector<std::shared_ptr<Sa
   }
   for (const auto& [shard, names] : shards) {
     const fs::path rel(shard);
-    const std::string shard_desc = "shard '" + shard + "'";
-    const std::string where = shard_desc + " (for '" + names.front() + "')";
+    const std::string where = "shard '" + shard + "' (for '" + names.front() + "')";
     if (shard.empty()) throw bad("empty shard file name for '" + names.front() + "'");
     if (rel.is_absolute() || rel.has_root_name() || rel.has_root_directory())
       throw bad(where + " is an absolute path; shards must be relative to the directory");
     for (const auto& part : rel)
       if (part == "..") throw bad(where + " contains '..'; shards must stay in the directory");
+  }
+  return shards;
+}
+
+namespace {
+
+void store_from_index(const fs::path& index_path, std::vector<std::shared_ptr<SafetensorsFile>>* files) {
+  const std::string label = index_path.string();
+  const fs::path dir = index_path.parent_path().empty() ? fs::path(".") : index_path.parent_path();
+  const std::string text = read_small_file(label, kMaxSafetensorsHeader);
+  const SafetensorsIndex shards = parse_safetensors_index(text, label);
+  auto bad = [&](const std::string& why) -> Error { return Error("index '" + label + "': " + why); };
+
+  std::error_code ec;
+  const fs::path root = fs::weakly_canonical(dir, ec);
+  if (ec) throw bad("cannot resolve directory '" + dir.string() + "': " + ec.message());
+
+  for (const auto& [shard, names] : shards) {
+    const fs::path rel(shard);
+    const std::string shard_desc = "shard '" + shard + "'";
+    const std::string where = shard_desc + " (for '" + names.front() + "')";
     const fs::path full = fs::weakly_canonical(dir / rel, ec);
     if (ec) throw bad("cannot resolve " + where + ": " + ec.message());
     // Symlinks are resolved above, so this also refuses a link that points out.

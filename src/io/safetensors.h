@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/dtype.h"
@@ -86,6 +87,13 @@ class SafetensorsFile {
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
 };
+
+// The weight_map of a model.safetensors.index.json: shard file name -> the tensors the
+// index places in it (names in file order). Checks the JSON (an object with a non-empty
+// "weight_map" object of strings, no duplicate keys) and each shard name lexically (not
+// empty, relative, no ".."); TensorStore::open then resolves the shards on disk.
+using SafetensorsIndex = std::map<std::string, std::vector<std::string>>;
+SafetensorsIndex parse_safetensors_index(std::string_view text, const std::string& label);
 
 // All tensors of a model: a single model.safetensors, or the shards listed in
 // model.safetensors.index.json (every weight_map file must resolve inside the

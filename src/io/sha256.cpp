@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -67,8 +68,15 @@ __attribute__((target("sha,sse4.1,ssse3"))) void blocks_shani(uint32_t* state, c
   _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), s1);
 }
 
+// CPUID directly: clang 14 (the fuzz build's compiler) does not know
+// __builtin_cpu_supports("sha"). SHA: leaf 7 EBX bit 29; SSE4.1: leaf 1 ECX bit 19.
 bool have_shani() {
-  static const bool yes = __builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1");
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 19))) return false;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b & (1u << 29)) != 0;
+  }();
   return yes;
 }
 #endif

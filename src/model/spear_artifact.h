@@ -21,10 +21,12 @@
 // In memory an artifact is the model description (model/weights.h) with every module
 // quantized, plus the source's config and tokenizer text and the metadata.
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
+#include "io/safetensors.h"
 #include "io/sha256.h"
 #include "model/weights.h"
 
@@ -64,6 +66,11 @@ void write_spear(const std::string& path, const SpearArtifact& a);
 // Reads and validates everything (format, version, hash, config, every tensor's name,
 // dtype, shape and value range, EC shapes); throws spear::Error naming the problem.
 SpearArtifact read_spear(const std::string& path);
+// The same checks on a parsed container (`label` names it in errors). verify_hash =
+// false skips only the tensors_sha256 comparison (the key must still be there): for
+// the fuzzer (fuzz/fuzz_spear.cpp), which cannot forge a SHA-256 and would otherwise
+// never get past it; every loader of a real file goes through read_spear(path).
+SpearArtifact read_spear(std::shared_ptr<SafetensorsFile> f, const std::string& label, bool verify_hash);
 // Checks an in-memory artifact as read_spear would (shapes, ranges, completeness).
 void validate_artifact(const SpearArtifact& a, const std::string& label);
 

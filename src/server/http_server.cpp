@@ -55,10 +55,13 @@ void endpoint_of(int fd, bool peer, std::string& ip, int& port) {
   port = std::atoi(serv);
 }
 
-// One framed request (in memory) in, the response out to the socket.
+// One framed request (in memory) in, the response out to the socket. Once cpp-httplib
+// has read the last byte (the end of the body, copied into Request::body), the buffer
+// is freed: a request near the body limit is then held twice at its peak (the body and
+// its parsed JSON), not three times.
 class FramedStream : public httplib::Stream {
  public:
-  FramedStream(int fd, const std::string& request, int write_timeout_ms)
+  FramedStream(int fd, std::string& request, int write_timeout_ms)
       : fd_(fd), req_(request), write_timeout_ms_(write_timeout_ms) {}
   bool is_readable() const override { return pos_ < req_.size(); }
   bool is_writable() const override {
@@ -70,6 +73,10 @@ class FramedStream : public httplib::Stream {
     const size_t n = std::min(size, req_.size() - pos_);
     std::memcpy(ptr, req_.data() + pos_, n);
     pos_ += n;
+    if (pos_ == req_.size() && pos_ > (64u << 10)) {
+      std::string().swap(req_);
+      pos_ = 0;
+    }
     return static_cast<ssize_t>(n);
   }
   ssize_t write(const char* ptr, size_t size) override {
@@ -86,15 +93,25 @@ class FramedStream : public httplib::Stream {
 
  private:
   int fd_;
-  const std::string& req_;
+  std::string& req_;
   size_t pos_ = 0;
   int write_timeout_ms_;
   bool failed_ = false;
 };
 
+// The longest string a valid request holds: a prompt (or the message contents
+// together) of at most limits.max_prompt_bytes, or a shorter field (user: 4 KiB).
+size_t max_string_bytes(const ProtocolLimits& lim) {
+  return lim.max_prompt_bytes > 0 ? std::max<size_t>(static_cast<size_t>(lim.max_prompt_bytes), 64u << 10) : 0;
+}
+
 // The body of a POST: JSON only (a web page cannot send application/json across
 // origins without a CORS preflight, which this server never grants).
-json request_json(const httplib::Request& req) {
+// max_json_bytes: the most memory the parsed body may take (parse_body); the server
+// allows its body limit plus 64 KiB of bookkeeping, so one string as large as the
+// body limit still parses.
+// max_string_bytes: the longest string literal any field takes (0 = no bound).
+json request_json(const httplib::Request& req, size_t max_json_bytes, size_t max_string_bytes = 0) {
   const std::string ct = req.get_header_value("Content-Type");
   std::string media = ct.substr(0, ct.find(';'));
   media.erase(0, media.find_first_not_of(" \t"));
@@ -105,7 +122,7 @@ json request_json(const httplib::Request& req) {
                    ct.empty() ? "the request has no Content-Type; send 'Content-Type: application/json'"
                               : "Content-Type '" + ct + "' is not accepted; send 'Content-Type: application/json'",
                    "invalid_request_error", "unsupported_media_type");
-  return parse_body(req.body);
+  return parse_body(req.body, 64, max_json_bytes, max_string_bytes);
 }
 
 void send_json(httplib::Response& res, int status, const json& j) {
@@ -231,14 +248,14 @@ void HttpServer::start() {
   svr.Post("/tokenize", guarded("/tokenize", true, [this, check_model_name](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
     std::string model;
-    json out = tokenize_response(request_json(req), *st.tok, st.tmpl, st.limits, &model);
+    json out = tokenize_response(request_json(req, opt_.max_body_bytes + (64u << 10), max_string_bytes(st.limits)), *st.tok, st.tmpl, st.limits, &model);
     check_model_name(model);
     send_json(res, 200, out);
   }));
   svr.Post("/detokenize", guarded("/detokenize", true, [this, check_model_name](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
     std::string model;
-    json out = detokenize_response(request_json(req), *st.tok, st.limits, &model);
+    json out = detokenize_response(request_json(req, opt_.max_body_bytes + (64u << 10), max_string_bytes(st.limits)), *st.tok, st.limits, &model);
     check_model_name(model);
     send_json(res, 200, out);
   }));
@@ -247,13 +264,13 @@ void HttpServer::start() {
   });
   svr.Post("/v1/completions", guarded("/v1/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
-    GenSpec g = parse_completion_request(request_json(req), *st.tok, st.limits, st.defaults);
+    GenSpec g = parse_completion_request(request_json(req, opt_.max_body_bytes + (64u << 10), max_string_bytes(st.limits)), *st.tok, st.limits, st.defaults);
     check_model(g);
     run_generation(st, std::move(g), req, res, cancel_);
   }));
   svr.Post("/v1/chat/completions", guarded("/v1/chat/completions", true, [this, check_model](const httplib::Request& req, httplib::Response& res) {
     const ServeState& st = *state_;
-    GenSpec g = parse_chat_request(request_json(req), *st.tok, st.tmpl, st.limits, st.defaults);
+    GenSpec g = parse_chat_request(request_json(req, opt_.max_body_bytes + (64u << 10), max_string_bytes(st.limits)), *st.tok, st.tmpl, st.limits, st.defaults);
     check_model(g);
     run_generation(st, std::move(g), req, res, cancel_);
   }));
@@ -310,7 +327,7 @@ void HttpServer::start() {
   const int write_ms = fo.write_timeout_ms;
   front_ = std::make_unique<SocketFront>(
       svr.socket_fd(), fo,
-      [this, write_ms](int fd, const std::string& request, bool close) {
+      [this, write_ms](int fd, std::string& request, bool close) {
         FramedStream strm(fd, request, write_ms);
         bool closed = false;
         const bool ok = impl_->svr.serve(strm, close || stopping_.load(), closed);

@@ -17,6 +17,25 @@ namespace {
 [[noreturn]] void fail(const std::string& m) { throw std::runtime_error("jinja: " + m); }
 constexpr size_t kMaxOutput = 16u << 20;
 constexpr int64_t kMaxIterations = 1'000'000;
+// Counts one level of parser recursion for as long as it lives. A bracket level of an
+// expression passes four guards (ternary, or, not, unary), so 512 is ~128 brackets.
+struct NestGuard {
+  int& n;
+  explicit NestGuard(int& c) : n(c) {
+    if (++n > 512) {
+      --n;
+      fail("the template nests too deeply");
+    }
+  }
+  ~NestGuard() { --n; }
+  NestGuard(const NestGuard&) = delete;
+  NestGuard& operator=(const NestGuard&) = delete;
+};
+// Parsing and evaluating recurse on the template's tree; these bound it (real chat
+// templates nest a dozen levels, their longest expression has ~60 tokens).
+constexpr size_t kMaxExprTokens = 2048;
+// (parser recursion: brackets, not/-, nested blocks: 512 guard levels, in NestGuard)
+constexpr int kMaxTreeDepth = 256;  // the parsed tree, left-deep chains (a+b+c..., a.b.c...) included
 }  // namespace
 
 // ---- values ---------------------------------------------------------------------
@@ -28,7 +47,41 @@ const Value* Value::get(const std::string& key) const {
   return nullptr;
 }
 
+namespace {
+void check_element(const Value& e) {
+  if (e.ns) throw std::runtime_error("jinja: a namespace cannot be put in a list, dict or namespace");
+  if (e.depth >= Value::kMaxDepth)
+    throw std::runtime_error("jinja: values nested deeper than " + std::to_string(Value::kMaxDepth) + " levels");
+}
+}  // namespace
+
+Value Value::list(jinja::List x) {
+  Value v;
+  v.t = T::List;
+  for (const Value& e : x) {
+    check_element(e);
+    v.depth = std::max(v.depth, e.depth);
+  }
+  ++v.depth;
+  v.l = std::make_shared<jinja::List>(std::move(x));
+  return v;
+}
+
+Value Value::dict(jinja::Dict x) {
+  Value v;
+  v.t = T::Dict;
+  for (const auto& kv : x) {
+    check_element(kv.second);
+    v.depth = std::max(v.depth, kv.second.depth);
+  }
+  ++v.depth;
+  v.d = std::make_shared<jinja::Dict>(std::move(x));
+  return v;
+}
+
 void Value::set(const std::string& key, Value v) {
+  check_element(v);
+  depth = std::max(depth, v.depth + 1);
   for (auto& [k, x] : *d)
     if (k == key) {
       x = std::move(v);
@@ -394,6 +447,8 @@ std::vector<Tok> lex_expr(const std::string& e) {
     }
     fail(std::string("unexpected character '") + c + "' in an expression");
   }
+  if (out.size() > kMaxExprTokens)
+    fail("an expression of more than " + std::to_string(kMaxExprTokens) + " tokens");
   out.push_back({Tok::End, ""});
   return out;
 }
@@ -428,6 +483,7 @@ class ExprParser {
   NodeP expr() { return ternary(); }
   // Without the ternary: used where `if` is a keyword of the statement (for ... if).
   NodeP or_expr() {
+    NestGuard g(nest_);
     NodeP l = and_expr();
     while (is_name("or")) {
       ++p_;
@@ -443,6 +499,7 @@ class ExprParser {
     return n;
   }
   NodeP ternary() {
+    NestGuard g(nest_);
     NodeP v = or_expr();
     if (is_name("if")) {
       ++p_;
@@ -466,6 +523,7 @@ class ExprParser {
     return l;
   }
   NodeP not_expr() {
+    NestGuard g(nest_);
     if (is_name("not")) {
       ++p_;
       NodeP n = mk(Node::K::Unary, "not");
@@ -527,6 +585,7 @@ class ExprParser {
     return l;
   }
   NodeP unary() {
+    NestGuard g(nest_);
     if (is_op("-")) {
       ++p_;
       NodeP n = mk(Node::K::Unary, "-");
@@ -659,6 +718,7 @@ class ExprParser {
 
   std::vector<Tok> t_;
   size_t p_ = 0;
+  int nest_ = 0;
 };
 
 // ---- statement parsing ------------------------------------------------------------------
@@ -687,6 +747,7 @@ class StmtParser {
   }
 
   NodeP block(const std::vector<std::string>& stops, std::string* stopped_at) {
+    NestGuard g(nest_);
     NodeP b = mk(Node::K::Block);
     stopped_at->clear();
     while (i_ < s_.size()) {
@@ -784,6 +845,7 @@ class StmtParser {
 
   std::vector<Seg> s_;
   size_t i_ = 0;
+  int nest_ = 0;
 };
 
 // ---- evaluation ------------------------------------------------------------------------
@@ -860,7 +922,7 @@ class Eval {
         Value v = eval(*n.kids[0]);
         if (n.flag) {
           Value* ns = lookup_mut(n.names[0]);
-          if (!ns || ns->t != Value::T::Dict) fail("'" + n.names[0] + "' is not a namespace");
+          if (!ns || ns->t != Value::T::Dict || !ns->ns) fail("'" + n.names[0] + "' is not a namespace");
           ns->set(n.names[1], std::move(v));
         } else {
           scopes_.back()[n.names[0]] = std::move(v);
@@ -1262,7 +1324,7 @@ class Eval {
             return Value::str(os.str());
           }
           if (callee.s == "namespace") {
-            Value ns = Value::dict();
+            Value ns = Value::namespace_();
             for (size_t i = 1; i < n.kids.size(); ++i)
               if (!n.names[i].empty()) ns.set(n.names[i], eval(*n.kids[i]));
             return ns;
@@ -1380,8 +1442,27 @@ class Eval {
 
 }  // namespace
 
+namespace {
+// The depth of a parsed tree, without recursing (left-deep chains such as a+b+c+...
+// are built in loops, so the parser's recursion bound does not bound them).
+int tree_depth(const Node& root) {
+  int deepest = 0;
+  std::vector<std::pair<const Node*, int>> todo{{&root, 1}};
+  while (!todo.empty()) {
+    auto [n, d] = todo.back();
+    todo.pop_back();
+    deepest = std::max(deepest, d);
+    for (const auto& k : n->kids)
+      if (k) todo.push_back({k.get(), d + 1});
+  }
+  return deepest;
+}
+}  // namespace
+
 Template::Template(const std::string& source) {
   root_ = StmtParser(segment(source)).parse();
+  if (tree_depth(*root_) > kMaxTreeDepth)
+    fail("the template nests deeper than " + std::to_string(kMaxTreeDepth) + " levels");
 }
 Template::~Template() = default;
 Template::Template(Template&&) noexcept = default;

@@ -31,7 +31,11 @@
 // Not supported (templates using them fail at load and the plain template is used):
 // macros, call blocks, include/import, filters and tests not listed, floats.
 // Limits: the output is capped at 16 MiB and loops at 1M iterations, so a template
-// cannot be made to run away by a request.
+// cannot be made to run away by a request; an expression holds at most 2048 tokens
+// and ~128 levels of brackets, and the template's tree (statements and expressions) nests at most 256 levels, values
+// at most 64, so neither a template (from a model file) nor a request can exhaust the
+// stack. `set x.attr = ...` needs a namespace() (as in Jinja2), which may not be put
+// in a list or dict.
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -44,10 +48,18 @@ struct Value;
 using List = std::vector<Value>;
 using Dict = std::vector<std::pair<std::string, Value>>;  // insertion-ordered
 
+// Lists and dicts are immutable once built, except a namespace() (the only target of
+// `set ns.attr = ...`), and a namespace cannot be put in a list, dict or namespace. So
+// no value holds itself (no reference cycle, no endless printing) and `depth` (1 + the
+// deepest element; 0 for a scalar) is exact: values nest at most kMaxDepth levels, so
+// printing, comparing and freeing them cannot exhaust the stack.
 struct Value {
   enum class T { Undefined, None, Bool, Int, Str, List, Dict };
+  static constexpr int kMaxDepth = 64;
   T t = T::Undefined;
   bool b = false;
+  bool ns = false;  // a namespace()
+  int depth = 0;
   int64_t i = 0;
   std::string s;
   std::shared_ptr<jinja::List> l;
@@ -57,14 +69,12 @@ struct Value {
   static Value boolean(bool x) { Value v; v.t = T::Bool; v.b = x; return v; }
   static Value integer(int64_t x) { Value v; v.t = T::Int; v.i = x; return v; }
   static Value str(std::string x) { Value v; v.t = T::Str; v.s = std::move(x); return v; }
-  static Value list(jinja::List x = {}) {
-    Value v; v.t = T::List; v.l = std::make_shared<jinja::List>(std::move(x)); return v;
-  }
-  static Value dict(jinja::Dict x = {}) {
-    Value v; v.t = T::Dict; v.d = std::make_shared<jinja::Dict>(std::move(x)); return v;
-  }
+  // Throw std::runtime_error for an element that is a namespace or nests too deeply.
+  static Value list(jinja::List x = {});
+  static Value dict(jinja::Dict x = {});
+  static Value namespace_() { Value v = dict(); v.ns = true; return v; }
   const Value* get(const std::string& key) const;  // dict lookup; nullptr if absent
-  void set(const std::string& key, Value v);       // dict insert/replace
+  void set(const std::string& key, Value v);       // dict insert/replace (same checks)
   bool truthy() const;
   std::string to_string() const;  // as Jinja prints it
 };

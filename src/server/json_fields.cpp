@@ -6,7 +6,53 @@
 
 namespace spear::server {
 
-nlohmann::json parse_body(std::string_view body, int max_depth) {
+namespace {
+
+// A SAX pass that adds up what nlohmann's DOM will allocate for the body, on the
+// high side (x86-64 libstdc++, malloc's 16-byte overhead, vector growth slack), and
+// stops once it passes the cap. A few bytes of JSON can cost a hundred of memory
+// ("[]," is an element, a heap vector and its growth slack), so the byte limit of a
+// body does not bound its parsed size; this does.
+class DomBudget : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  explicit DomBudget(size_t cap) : cap_(cap) {}
+  bool over() const { return over_; }
+  size_t used() const { return used_; }
+
+  bool null() override { return add(kValue); }
+  bool boolean(bool) override { return add(kValue); }
+  bool number_integer(number_integer_t) override { return add(kValue); }
+  bool number_unsigned(number_unsigned_t) override { return add(kValue); }
+  bool number_float(number_float_t, const string_t&) override { return add(kValue); }
+  bool string(string_t& s) override { return add(kValue + str(s)); }
+  bool binary(binary_t& b) override { return add(kValue + 48 + b.size()); }
+  bool start_object(std::size_t) override { return add(kValue + 64); }  // the map
+  bool key(string_t& k) override { return add(80 + str(k)); }          // a tree node (value inline)
+  bool end_object() override { return true; }
+  bool start_array(std::size_t) override { return add(kValue + 48); }   // the vector
+  bool end_array() override { return true; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;  // the DOM parse that follows reports it
+  }
+
+ private:
+  // A value inside its parent: 16 bytes, doubled for a vector's growth slack.
+  static constexpr size_t kValue = 32;
+  // A heap std::string (the DOM holds strings by pointer), its buffer past 15 bytes.
+  static size_t str(const std::string& s) { return 48 + (s.size() > 15 ? s.size() + 17 : 0); }
+  bool add(size_t n) {
+    used_ += n;
+    if (used_ > cap_) over_ = true;
+    return !over_;
+  }
+  size_t cap_, used_ = 0;
+  bool over_ = false;
+};
+
+}  // namespace
+
+nlohmann::json parse_body(std::string_view body, int max_depth, size_t max_json_bytes,
+                          size_t max_string_bytes) {
   // nlohmann's lexer takes a NUL byte for the end of the input, so `{...}\0garbage`
   // would parse; JSON has no raw NUL anywhere (in strings it must be escaped).
   if (body.find('\0') != std::string_view::npos)
@@ -15,19 +61,38 @@ nlohmann::json parse_body(std::string_view body, int max_depth) {
   // Depth pre-scan outside strings, before the recursive parser sees the text.
   int depth = 0;
   bool in_str = false, esc = false;
+  size_t str_len = 0;  // bytes of the current string literal, escapes included (they only shrink)
   for (char c : body) {
     if (in_str) {
+      if (max_string_bytes > 0 && ++str_len > max_string_bytes + 1)
+        throw ApiError(400,
+                       "a string in the request body is longer than " + std::to_string(max_string_bytes) +
+                           " bytes, more than any field accepts (a prompt is bounded by the model's "
+                           "context)",
+                       "invalid_request_error", "context_length_exceeded");
       if (esc) esc = false;
       else if (c == '\\') esc = true;
       else if (c == '"') in_str = false;
       continue;
     }
-    if (c == '"') in_str = true;
+    if (c == '"') {
+      in_str = true;
+      str_len = 0;
+    }
     else if (c == '[' || c == '{') {
       if (++depth > max_depth)
         throw ApiError(400, "the request body nests deeper than " + std::to_string(max_depth) +
                                 " levels", "invalid_request_error", "invalid_json");
     } else if (c == ']' || c == '}') --depth;
+  }
+  if (max_json_bytes > 0) {
+    DomBudget budget(max_json_bytes);
+    nlohmann::json::sax_parse(body, &budget, nlohmann::json::input_format_t::json, /*strict=*/true);
+    if (budget.over())
+      throw ApiError(413,
+                     "the request body would take more than " + std::to_string(max_json_bytes) +
+                         " bytes of memory once parsed (too many JSON values)",
+                     "invalid_request_error", "payload_too_large");
   }
   nlohmann::json j = nlohmann::json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded())

@@ -15,8 +15,17 @@ namespace spear::server {
 // Parses a request body. Rejects invalid JSON (anything after the value but
 // whitespace, a NUL byte anywhere), a non-object top level, and nesting
 // deeper than max_depth (nlohmann's parser recurses; a body of 100k '[' must not
-// exhaust the stack).
-nlohmann::json parse_body(std::string_view body, int max_depth = 64);
+// exhaust the stack). With max_json_bytes > 0, a body whose parsed form would take
+// more memory than that (estimated on the high side by a SAX pass before the DOM is
+// built: "[[],[],...]" costs ~40x its bytes) is refused with 413; the server passes
+// its body limit (+64 KiB), so a request's JSON never takes much more memory than the
+// documented limit.
+// With max_string_bytes > 0, a string literal longer than that is refused (400,
+// context_length_exceeded) in the same pre-scan, before a parser copies it: the server
+// passes the longest text any field takes (the prompt byte bound), so an 8 MB prompt
+// for a 2k-token model is not held three times (body, lexer, DOM) to be refused after.
+nlohmann::json parse_body(std::string_view body, int max_depth = 64, size_t max_json_bytes = 0,
+                          size_t max_string_bytes = 0);
 
 class Fields {
  public:

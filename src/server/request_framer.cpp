@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <string_view>
 
 namespace spear::server {
 
@@ -17,6 +18,23 @@ std::string lower(std::string s) {
 std::string trim(const std::string& s) {
   size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
   return b == std::string::npos ? "" : s.substr(b, e - b + 1);
+}
+
+// RFC 9110 5.6.2: a field name (and a method) is a token of tchar.
+bool is_token(const std::string& s) {
+  if (s.empty()) return false;
+  for (unsigned char c : s)
+    if (!(std::isalnum(c) || std::string_view("!#$%&'*+-.^_`|~").find(static_cast<char>(c)) != std::string_view::npos))
+      return false;
+  return true;
+}
+
+// A control character other than HTAB (NUL, a bare CR, DEL, ...): RFC 9110 5.5 has a
+// recipient reject a field value holding CR, LF or NUL; the others are invalid too.
+bool has_ctl(const std::string& s) {
+  for (unsigned char c : s)
+    if ((c < 0x20 && c != '\t') || c == 0x7f) return true;
+  return false;
 }
 
 // Joins repeated headers as one comma-separated list (RFC 9110 5.3).
@@ -88,8 +106,8 @@ RequestFramer::State RequestFramer::feed(std::string& in) {
         if (first) {
           if (line.empty()) continue;  // stray CRLFs between requests (RFC 9112 2.2)
           size_t a = line.find(' '), b = line.rfind(' ');
-          if (a == std::string::npos || a == 0 || b == a || b + 1 >= line.size() ||
-              line.find_first_of("\t\r", 0) != std::string::npos)
+          if (a == std::string::npos || a == 0 || b == a || b + 1 >= line.size() || has_ctl(line) ||
+              line.find('\t') != std::string::npos || !is_token(line.substr(0, a)))
             return fail(400, "bad_request", "malformed request line");
           const std::string version = line.substr(b + 1);
           if (version != "HTTP/1.1" && version != "HTTP/1.0")
@@ -172,9 +190,12 @@ RequestFramer::State RequestFramer::on_head_line(const std::string& line) {
   size_t colon = line.find(':');
   if (colon == std::string::npos || colon == 0) return fail(400, "bad_request", "malformed header line");
   std::string name = line.substr(0, colon);
-  if (name.find_first_of(" \t") != std::string::npos) return fail(400, "bad_request", "malformed header name");
+  // Not a token (a space before the colon, a NUL, any control or separator): a
+  // downstream parser could read another name into it ("Transfer-Encoding\0").
+  if (!is_token(name)) return fail(400, "bad_request", "malformed header name");
   name = lower(name);
   const std::string value = trim(line.substr(colon + 1));
+  if (has_ctl(value)) return fail(400, "bad_request", "a control character in the value of header '" + name + "'");
   if (name == "content-length") {
     if (value.empty() || value.size() > 18 || value.find_first_not_of("0123456789") != std::string::npos)
       return fail(value.size() > 18 && value.find_first_not_of("0123456789") == std::string::npos ? 413 : 400,
@@ -217,7 +238,9 @@ RequestFramer::State RequestFramer::head_complete() {
     return State::NeedMore;
   }
   if (has_length_ && length_ > 0) {
-    body_.reserve(static_cast<size_t>(length_));
+    // Room for the head that finish() puts in front (the request line, the kept
+    // headers and Content-Length: at most the head limit and a few bytes).
+    body_.reserve(static_cast<size_t>(length_) + lim_.max_head_bytes + 64);
     phase_ = Phase::Body;
     return State::NeedMore;
   }
@@ -253,13 +276,12 @@ RequestFramer::State RequestFramer::finish() {
     if (!ok) return fail(400, "bad_request", "the compressed request body is corrupt or truncated");
     body_ = std::move(out);
   }
-  out_.clear();
-  out_.reserve(request_line_.size() + head_.size() + body_.size() + 48);
-  out_ += request_line_;
-  out_ += "\r\n";
-  out_ += head_;
-  out_ += "Content-Length: " + std::to_string(body_.size()) + "\r\n\r\n";
-  out_ += body_;
+  // The head goes in front of the body in its own buffer (reserved with room for it
+  // when the length was known), so a large body is not held twice here.
+  std::string head = request_line_ + "\r\n" + head_ + "Content-Length: " + std::to_string(body_.size()) +
+                     "\r\n\r\n";
+  body_.insert(0, head);
+  out_ = std::move(body_);
   std::string().swap(body_);
   phase_ = Phase::Done;
   return State::Complete;

@@ -47,7 +47,9 @@ class SocketFront {
   // Serves one complete request (plain framing, see RequestFramer) on a worker
   // thread, writing the response to fd; `close` asks for "Connection: close".
   // Returns whether the connection may carry another request.
-  using Serve = std::function<bool(int fd, const std::string& request, bool close)>;
+  // `request` may be emptied by the callee once read (the body's bytes then live on
+  // only in what parsed them: one copy fewer at the request's peak).
+  using Serve = std::function<bool(int fd, std::string& request, bool close)>;
   // Told of every answer the front gives itself (framing errors, caps, timeouts).
   using Refused = std::function<void(int status)>;
 

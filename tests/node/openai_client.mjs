@@ -87,6 +87,54 @@ const nstream = await client.chat.completions.create({
 const finished = new Set();
 for await (const chunk of nstream) for (const ch of chunk.choices) if (ch.finish_reason) finished.add(ch.index);
 check(finished.size === 2, "each streamed choice finishes");
+// Without a seed every sampled request draws its own: identical requests differ.
+const unseeded = [];
+for (let i = 0; i < 4; ++i)
+  unseeded.push((await client.completions.create({ model, prompt: "Once upon a time", max_tokens: 16, temperature: 1 })).choices[0].text);
+check(new Set(unseeded).size > 1, "no seed: identical sampled requests differ: " + JSON.stringify(unseeded));
+out.unseeded = unseeded;
+// A seed reproduces a chat too, choice by choice.
+const chatSeeded = { model, messages: [{ role: "user", content: "Tell me a story" }], max_tokens: 12, n: 2, seed: 7, temperature: 1 };
+const cs1 = await client.chat.completions.create(chatSeeded);
+const cs2 = await client.chat.completions.create(chatSeeded);
+check(cs1.choices.map((c) => c.message.content).join("|") === cs2.choices.map((c) => c.message.content).join("|"),
+      "a seed reproduces a chat");
+// n on a streamed completion: every choice's text arrives and each finishes once.
+const nCompletionStream = await client.completions.create({ ...nreq, stream: true });
+const nStreamed = ["", "", ""], cfinished = [0, 0, 0];
+for await (const chunk of nCompletionStream)
+  for (const ch of chunk.choices) {
+    nStreamed[ch.index] += ch.text;
+    if (ch.finish_reason) cfinished[ch.index]++;
+  }
+check(cfinished.join() === "1,1,1", "each streamed completion choice finishes once");
+check(nStreamed.join("|") === nres.choices.map((c) => c.text).join("|"), "streamed n choices match the unstreamed ones");
+// best_of equal to n is accepted; larger is refused as unsupported.
+const bo = await client.completions.create({ ...nreq, n: 2, best_of: 2 });
+check(bo.choices.length === 2, "best_of = n");
+try {
+  await client.completions.create({ ...nreq, n: 1, best_of: 3 });
+  throw new Error("best_of > n was accepted");
+} catch (e) {
+  check(e instanceof OpenAI.BadRequestError && e.param === "best_of", "best_of > n refused: " + e);
+}
+// Penalties change what is generated: greedy text with and without each penalty.
+const greedy = { model, prompt: "Once upon a time", max_tokens: 48, temperature: 0, ignore_eos: true };
+const plainText = (await client.completions.create(greedy)).choices[0].text;
+out.penalties = { none: plainText };
+for (const [k, v] of [["frequency_penalty", 2], ["presence_penalty", 2], ["repetition_penalty", 1.5]]) {
+  const t = (await client.completions.create({ ...greedy, [k]: v })).choices[0].text;
+  check(t !== plainText, k + " changes the greedy text");
+  const t2 = (await client.completions.create({ ...greedy, [k]: v })).choices[0].text;
+  check(t2 === t, k + " is deterministic under greedy decoding");
+  out.penalties[k] = t;
+}
+try {
+  await client.completions.create({ model, prompt: "x", max_tokens: 1, repetition_penalty: 0 });
+  throw new Error("repetition_penalty 0 was accepted");
+} catch (e) {
+  check(e instanceof OpenAI.BadRequestError && e.param === "repetition_penalty", "repetition_penalty range: " + e);
+}
 try {
   await client.completions.create({ model, prompt: "x", max_tokens: 1, presence_penalty: 3 });
   throw new Error("an out-of-range penalty was accepted");
@@ -108,8 +156,20 @@ const detok = await post("/detokenize", { model, tokens: tok.tokens.slice(1) });
 check(detok.prompt === "Once upon a time", "detokenize inverts tokenize: " + JSON.stringify(detok));
 const chatTok = await post("/tokenize", { model, messages: [{ role: "user", content: "Hi" }] });
 check(chatTok.count === chat.usage.prompt_tokens, "chat tokenize counts what chat counted");
+// add_special_tokens: false drops the BOS; the empty text is the BOS alone (as Hugging Face).
+const noBos = await post("/tokenize", { model, prompt: "Once upon a time", add_special_tokens: false });
+check(noBos.count === tok.count - 1 && noBos.tokens.join() === tok.tokens.slice(1).join(), "add_special_tokens: false");
+const empty = await post("/tokenize", { model, prompt: "" });
+check(empty.count === 1 && empty.tokens[0] === tok.tokens[0], "the empty text is the BOS alone: " + JSON.stringify(empty));
+const emptyCompletion = await client.completions.create({ model, prompt: "", max_tokens: 2 });
+check(emptyCompletion.usage.prompt_tokens === 1, "an empty prompt is the BOS alone in the API too");
+// Token ids from /tokenize are a valid prompt, and score the same as the text.
+const byIds = await client.completions.create({ model, prompt: tok.tokens, max_tokens: 4, temperature: 0 });
+const byText = await client.completions.create({ model, prompt: "Once upon a time", max_tokens: 4, temperature: 0 });
+check(byIds.choices[0].text === byText.choices[0].text, "tokenize ids as the prompt give the text's completion");
 const version = await (await fetch(root + "/version")).json();
 check(typeof version.version === "string", "version");
 out.tokenize = tok.tokens;
+out.tokenize_empty = empty.tokens;
 
 console.log(JSON.stringify(out));

@@ -1,0 +1,7 @@
+// libFuzzer target: spear::fuzz::chat_template_one (see fuzz_entry.h).
+#include "fuzz_entry.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  spear::fuzz::chat_template_one(data, size);
+  return 0;
+}
