@@ -273,6 +273,9 @@ TEST(ServerHttp, HealthWhileLoadingAndMetrics) {
   TestServer s;
   EXPECT_EQ(s.get("/health").status, 200);
   completion_text(s, s.tok->encode("Hi", true), 4);
+  // The response can reach the client before the engine thread retires the sequence (its
+  // blocks and the running gauge): read the gauges once the engine is idle.
+  ASSERT_TRUE(s.wait_idle());
   server::HttpResult m = s.get("/metrics");
   ASSERT_EQ(m.status, 200);
   // vLLM's metric names with the spear: prefix, each labelled with the model name.
