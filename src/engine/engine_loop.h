@@ -36,6 +36,9 @@ struct EngineConfig {
   int64_t max_waiting = 256;     // submit() refuses beyond this (HTTP 429)
   bool profile = true;           // measure the cost model at start
   int64_t max_logprobs = 20;
+  // Prefix caching: full prompt blocks already in the KV cache (same tokens from the
+  // start) are taken instead of computed (engine/paged_kv.h). Off: `serve --no-prefix-cache`.
+  bool prefix_caching = true;
 };
 
 // What a finished request looked like, for latency metrics.
@@ -75,6 +78,10 @@ struct EngineStats {
   int64_t kv_blocks_used = 0, kv_blocks_total = 0;
   int64_t steps = 0, preemptions = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
+  // Prefix cache: blocks cached (referenced or evictable) and evictable, and the prompt
+  // tokens looked up / found cached at first admission (vLLM's prefix_cache_queries/hits).
+  int64_t kv_blocks_cached = 0, kv_blocks_evictable = 0;
+  int64_t prefix_cache_queries = 0, prefix_cache_hits = 0;
 };
 
 class Engine {
