@@ -133,6 +133,7 @@ EngineStats Engine::stats() const {
   s.kv_blocks_used = pool_->used_blocks();
   s.kv_blocks_cached = pool_->cached_blocks();
   s.kv_blocks_evictable = pool_->evictable_blocks();
+  s.kv_blocks_evicted = pool_->evictions();
   const PrefixCacheStats pc = sched_->prefix_cache_stats();
   s.prefix_cache_queries = pc.queries;
   s.prefix_cache_hits = pc.hits;

@@ -80,7 +80,7 @@ struct EngineStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;
   // Prefix cache: blocks cached (referenced or evictable) and evictable, and the prompt
   // tokens looked up / found cached at first admission (vLLM's prefix_cache_queries/hits).
-  int64_t kv_blocks_cached = 0, kv_blocks_evictable = 0;
+  int64_t kv_blocks_cached = 0, kv_blocks_evictable = 0, kv_blocks_evicted = 0;
   int64_t prefix_cache_queries = 0, prefix_cache_hits = 0;
 };
 
