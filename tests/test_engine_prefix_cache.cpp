@@ -242,15 +242,15 @@ EngineRequest make_request(const std::vector<int32_t>& p, int64_t max_tokens, in
   return r;
 }
 
-struct Run {
+struct Outcome {
   std::vector<std::vector<TokenEvent>> events;
   EngineStats stats;
 };
 
 // All at once (sequential = false) or each after the previous finished.
-Run run(Engine& engine, const std::vector<std::vector<int32_t>>& ps, int64_t max_tokens, bool sequential,
+Outcome run(Engine& engine, const std::vector<std::vector<int32_t>>& ps, int64_t max_tokens, bool sequential,
         int logprobs = 3, bool prompt_logprobs = false) {
-  Run out;
+  Outcome out;
   out.events.resize(ps.size());
   std::vector<std::shared_ptr<RequestStream>> streams;
   std::vector<EngineRequest> batch;
@@ -266,7 +266,9 @@ Run run(Engine& engine, const std::vector<std::vector<int32_t>>& ps, int64_t max
       batch.push_back(std::move(r));
     }
   }
-  if (!sequential) EXPECT_EQ(engine.submit(std::move(batch)), Engine::Submit::Ok);
+  if (!sequential) {
+    EXPECT_EQ(engine.submit(std::move(batch)), Engine::Submit::Ok);
+  }
   for (size_t i = 0; i < ps.size(); ++i) {
     EXPECT_TRUE(streams[i]->wait_finished(std::chrono::seconds(60)));
     EXPECT_EQ(streams[i]->finish_reason(), FinishReason::Length) << streams[i]->error();
@@ -276,7 +278,7 @@ Run run(Engine& engine, const std::vector<std::vector<int32_t>>& ps, int64_t max
   return out;
 }
 
-Run run_fresh(EngineConfig ec, const std::vector<std::vector<int32_t>>& ps, int64_t max_tokens, bool sequential,
+Outcome run_fresh(EngineConfig ec, const std::vector<std::vector<int32_t>>& ps, int64_t max_tokens, bool sequential,
               int logprobs = 3, bool prompt_logprobs = false) {
   Engine engine(*tiny(), ec);
   engine.start();
@@ -287,7 +289,7 @@ Run run_fresh(EngineConfig ec, const std::vector<std::vector<int32_t>>& ps, int6
 // the cached K/V are the rows a recompute writes, but the CPU matmul reduces in a
 // different order for a one-row chunk (sgemv) than for a larger one (sgemm), and taking a
 // prefix changes the chunk sizes; the ids must match exactly.
-void expect_same_events(const Run& a, const Run& b, const std::string& what) {
+void expect_same_events(const Outcome& a, const Outcome& b, const std::string& what) {
   ASSERT_EQ(a.events.size(), b.events.size());
   for (size_t i = 0; i < a.events.size(); ++i) {
     ASSERT_EQ(a.events[i].size(), b.events[i].size()) << what << " request " << i;
@@ -327,8 +329,8 @@ TEST(EnginePrefixCache, SequentialRequestsReuseTheSharedPrefixAndGetTheSameResul
   auto ps = shared_prompts(8, &shared);
   ASSERT_GE(shared, 24);
   auto ref = reference(ps, 12);
-  Run off = run_fresh(config(false), ps, 12, true);
-  Run on = run_fresh(config(true), ps, 12, true);
+  Outcome off = run_fresh(config(false), ps, 12, true);
+  Outcome on = run_fresh(config(true), ps, 12, true);
   expect_same_events(off, on, "sequential");
   for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(generated_ids(on.events[i]), ref[i]) << "request " << i;
   EXPECT_EQ(off.stats.prefix_cache_hits, 0);
@@ -358,8 +360,8 @@ TEST(EnginePrefixCache, ConcurrentRequestsGetTheSameResults) {
       c->sched.max_batched_tokens = 20;  // chunked prefill: blocks complete chunk by chunk
       c->sched.min_prefill_chunk = 5;
     }
-    Run off = run_fresh(off_cfg, ps, 10, false);
-    Run on = run_fresh(on_cfg, ps, 10, false);
+    Outcome off = run_fresh(off_cfg, ps, 10, false);
+    Outcome on = run_fresh(on_cfg, ps, 10, false);
     expect_same_events(off, on, policy_name(pol));
     for (size_t i = 0; i < ps.size(); ++i)
       EXPECT_EQ(generated_ids(on.events[i]), ref[i]) << policy_name(pol) << " request " << i;
@@ -378,25 +380,25 @@ TEST(EnginePrefixCache, FullyCachedPromptStillComputesItsLastToken) {
   auto ref = reference({p32, p33}, 6);
   Engine engine(*tiny(), config(true));
   engine.start();
-  Run first = run(engine, {p32, p33}, 6, true);
+  Outcome first = run(engine, {p32, p33}, 6, true);
   const int64_t hits0 = first.stats.prefix_cache_hits;
   EXPECT_EQ(hits0, 32);  // p33 found p32's four blocks (p32's own cap was 3 blocks)
-  Run again = run(engine, {p32, p33}, 6, true);
+  Outcome again = run(engine, {p32, p33}, 6, true);
   EXPECT_EQ(again.stats.prefix_cache_hits - hits0, 24 + 32);
   EXPECT_EQ(generated_ids(again.events[0]), ref[0]);
   EXPECT_EQ(generated_ids(again.events[1]), ref[1]);
   expect_same_events(first, again, "fully cached");
   // A one-token prompt has nothing to take.
   const std::vector<std::vector<int32_t>> single = {std::vector<int32_t>(1, p32[0])};
-  Run one = run(engine, single, 3, true);
+  Outcome one = run(engine, single, 3, true);
   EXPECT_EQ(one.stats.prefix_cache_hits, again.stats.prefix_cache_hits);
   expect_all_returned(one.stats);
 }
 
 TEST(EnginePrefixCache, PromptLogprobsRequestsComputeTheirWholePrompt) {
   auto ps = shared_prompts(4);
-  Run off = run_fresh(config(false), ps, 4, true, 2, /*prompt_logprobs=*/true);
-  Run on = run_fresh(config(true), ps, 4, true, 2, true);
+  Outcome off = run_fresh(config(false), ps, 4, true, 2, /*prompt_logprobs=*/true);
+  Outcome on = run_fresh(config(true), ps, 4, true, 2, true);
   expect_same_events(off, on, "prompt logprobs");
   EXPECT_EQ(on.stats.prefix_cache_queries, 0);  // never looked up
   EXPECT_EQ(on.stats.prefix_cache_hits, 0);
@@ -409,7 +411,7 @@ TEST(EnginePrefixCache, PromptLogprobsRequestsComputeTheirWholePrompt) {
   Engine engine(*tiny(), config(true));
   engine.start();
   run(engine, {ps[0]}, 2, true, 2, true);
-  Run plain = run(engine, {ps[1]}, 4, true);
+  Outcome plain = run(engine, {ps[1]}, 4, true);
   EXPECT_GT(plain.stats.prefix_cache_hits, 0);
   expect_all_returned(plain.stats);
 }
@@ -432,8 +434,8 @@ TEST(EnginePrefixCache, EvictionUnderPressureKeepsResults) {
   ec.sched.max_batch = 3;
   Engine engine(*tiny(), ec);
   engine.start();
-  Run seq = run(engine, ps, 8, true);
-  Run conc = run(engine, ps, 8, false);
+  Outcome seq = run(engine, ps, 8, true);
+  Outcome conc = run(engine, ps, 8, false);
   for (size_t i = 0; i < ps.size(); ++i) {
     EXPECT_EQ(generated_ids(seq.events[i]), ref[i]) << "sequential " << i;
     EXPECT_EQ(generated_ids(conc.events[i]), ref[i]) << "concurrent " << i;
@@ -455,14 +457,14 @@ TEST(EnginePrefixCache, PreemptionWithSharedBlocksKeepsResults) {
   ec.sched.max_batch = 12;
   Engine engine(*tiny(), ec);
   engine.start();
-  Run r = run(engine, ps, 40, false);
+  Outcome r = run(engine, ps, 40, false);
   for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(generated_ids(r.events[i]), ref[i]) << "request " << i;
   EXPECT_GT(r.stats.preemptions, 0);
   EXPECT_GT(r.stats.prefix_cache_hits, 0);
   expect_all_returned(r.stats);
   EngineConfig off = ec;
   off.prefix_caching = false;
-  Run o = run_fresh(off, ps, 40, false);
+  Outcome o = run_fresh(off, ps, 40, false);
   expect_same_events(o, r, "preemption");
 }
 
