@@ -19,10 +19,12 @@ using namespace spear;
 
 namespace {
 
-std::vector<int32_t> iota_tokens(int64_t n, int32_t first) {
-  std::vector<int32_t> t(n);
-  for (int64_t i = 0; i < n; ++i) t[i] = first + static_cast<int32_t>(i);
-  return t;
+// Cached leading blocks of `tokens`, asked by a new sequence (a sequence keeps the hashes
+// of its own tokens, which may only grow).
+int64_t probe(BlockPool& pool, const std::vector<int32_t>& tokens, int64_t max_blocks = 100,
+              int64_t* evictable = nullptr) {
+  PagedSequence s(pool);
+  return s.cached_prefix(tokens, max_blocks, evictable);
 }
 
 }  // namespace
@@ -42,16 +44,15 @@ TEST(EnginePrefixCache, PoolCountsReferencesAndKeepsReleasedBlocksCached) {
   int64_t evictable = -1;
   EXPECT_EQ(b.cached_prefix(toks_b, 10, &evictable), 2);
   EXPECT_EQ(evictable, 0);  // a still holds them
-  EXPECT_EQ(b.cached_prefix(toks_b, 1), 1);  // the cap holds
+  EXPECT_EQ(probe(pool, toks_b, 1), 1);  // the cap holds
   EXPECT_EQ(b.adopt_prefix(toks_b, 10), 2);
   EXPECT_EQ(b.blocks()[0], a.blocks()[0]);
   EXPECT_EQ(b.blocks()[1], a.blocks()[1]);
   EXPECT_EQ(pool.ref_count(a.blocks()[0]), 2);
   EXPECT_EQ(pool.used_blocks(), 3);
   // A different first block: nothing; the same second block after a different first: nothing.
-  PagedSequence c(pool);
-  EXPECT_EQ(c.cached_prefix(std::vector<int32_t>{5, 0, 7, 8}, 10), 0);
-  EXPECT_EQ(c.cached_prefix(std::vector<int32_t>{4, 6, 7, 8}, 10), 0);
+  EXPECT_EQ(probe(pool, {5, 0, 7, 8}), 0);
+  EXPECT_EQ(probe(pool, {4, 6, 7, 8}), 0);
   a.release();
   EXPECT_EQ(pool.used_blocks(), 2);  // b's references
   b.release();
@@ -60,7 +61,7 @@ TEST(EnginePrefixCache, PoolCountsReferencesAndKeepsReleasedBlocksCached) {
   EXPECT_EQ(pool.cached_blocks(), 2);
   EXPECT_EQ(pool.evictable_blocks(), 2);
   // Still cached after every reference went: found again, and now evictable.
-  EXPECT_EQ(c.cached_prefix(toks_b, 10, &evictable), 2);
+  EXPECT_EQ(probe(pool, toks_b, 10, &evictable), 2);
   EXPECT_EQ(evictable, 2);
 }
 
@@ -83,8 +84,8 @@ TEST(EnginePrefixCache, AllocationTakesFreeBlocksFirstThenEvictsLeastRecentlyUse
   PagedSequence w(pool);
   ASSERT_TRUE(w.reserve(2));  // evicts {1, 2}
   EXPECT_EQ(pool.evictions(), 1);
-  EXPECT_EQ(w.cached_prefix(std::vector<int32_t>{1, 2, 0}, 5), 0);
-  EXPECT_EQ(w.cached_prefix(std::vector<int32_t>{3, 4, 0}, 5), 1);
+  EXPECT_EQ(probe(pool, {1, 2, 0}), 0);
+  EXPECT_EQ(probe(pool, {3, 4, 0}), 1);
   ASSERT_TRUE(w.reserve(4));  // evicts {3, 4}
   EXPECT_EQ(pool.cached_blocks(), 0);
   EXPECT_EQ(pool.free_blocks(), 0);
@@ -452,8 +453,8 @@ TEST(EnginePrefixCache, PreemptionWithSharedBlocksKeepsResults) {
   auto ref = reference(ps, 40);
   EngineConfig ec = config(true);
   ec.block_size = 4;
-  ec.max_model_len = 96;
-  ec.kv_blocks = 96 / 4 + 10;  // barely more than one full-length sequence
+  ec.max_model_len = 128;
+  ec.kv_blocks = 128 / 4 + 10;  // barely more than one full-length sequence
   ec.sched.max_batch = 12;
   Engine engine(*tiny(), ec);
   engine.start();
