@@ -225,7 +225,9 @@ void Engine::finish(Sequence* s, FinishReason r, const std::string& err) {
   st.n_preemptions = s->n_preemptions;
   std::shared_ptr<RequestStream> keep = s->req.stream;
   sched_->remove(s);  // frees the KV blocks; s is gone after this
-  // Metrics first: once the stream finishes, the client may read /metrics at once.
+  // Metrics first: once the stream finishes, the client may read /metrics at once (the
+  // running count too, which the loop otherwise publishes only after the step).
+  n_running_ = sched_->num_running();
   if (observer_) observer_->on_request_done(rec);
   keep->finish(r, err);
 }
