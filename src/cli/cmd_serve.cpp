@@ -79,8 +79,9 @@ void register_serve(CLI::App& app) {
     EngineConfig eng;
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
     int64_t kv_cache_mb = 0, max_body_mb = 8;
+    bool no_prefix_cache = false;
     double shutdown_timeout_s = 30;
-    bool no_profile = false, autotune = false, no_prefix_cache = false;
+    bool no_profile = false, autotune = false;
   };
   auto o = std::make_shared<Opts>();
   cmd->add_option("--model", o->model, "Model directory or .spear artifact")->required();
@@ -147,8 +148,8 @@ void register_serve(CLI::App& app) {
     o->eng.sched.slo_tpot_s = o->slo_tpot_ms / 1e3;
     o->eng.sched.slo_ttft_s = o->slo_ttft_ms / 1e3;
     o->eng.kv_cache_bytes = o->kv_cache_mb << 20;
-    o->eng.profile = !o->no_profile;
     o->eng.prefix_caching = !o->no_prefix_cache;
+    o->eng.profile = !o->no_profile;
     o->http.max_body_bytes = static_cast<size_t>(o->max_body_mb) << 20;
     if (!o->api_key_file.empty()) {
       SPEAR_CHECK(o->http.api_key.empty(),

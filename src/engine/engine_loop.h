@@ -30,15 +30,15 @@ struct EngineConfig {
   SchedulerConfig sched;
   int64_t max_model_len = 0;     // 0: the model's context
   int64_t block_size = 16;       // positions per KV block
+  // Prefix caching: full prompt blocks already in the KV cache (same tokens from the
+  // start) are taken instead of computed (engine/paged_kv.h). Off: `serve --no-prefix-cache`.
+  bool prefix_caching = true;
   int64_t kv_blocks = 0;         // 0: derived from kv_cache_bytes
   // 0: room for max_batch sequences of max_model_len tokens, at most 512 MiB.
   int64_t kv_cache_bytes = 0;
   int64_t max_waiting = 256;     // submit() refuses beyond this (HTTP 429)
   bool profile = true;           // measure the cost model at start
   int64_t max_logprobs = 20;
-  // Prefix caching: full prompt blocks already in the KV cache (same tokens from the
-  // start) are taken instead of computed (engine/paged_kv.h). Off: `serve --no-prefix-cache`.
-  bool prefix_caching = true;
 };
 
 // What a finished request looked like, for latency metrics.
