@@ -580,3 +580,30 @@ TEST(ServerHttp, BenchServeProfileReportsEnginePhases) {
               std::string::npos)
         << ph;
 }
+
+// bench-serve --shared-prefix-len: every prompt starts with the same tokens, and --profile
+// reads the server's prefix cache counters (spear:prefix_cache_hits_total / _queries_total).
+TEST(ServerHttp, BenchServeSharedPrefixHitsThePrefixCache) {
+  TestServer s;
+  server::LoadConfig cfg;
+  cfg.url = "http://127.0.0.1:" + std::to_string(s.url.port);
+  cfg.requests = 4;
+  cfg.input_len = 48;
+  cfg.shared_prefix_len = 40;  // two full blocks of 16
+  cfg.output_len = 3;
+  cfg.rate = 0;
+  cfg.concurrency = 1;  // one after another: each later request finds the first one's blocks
+  cfg.profile = true;
+  const server::LoadReport rep = server::run_load(cfg);
+  ASSERT_EQ(rep.completed, 4);
+  EXPECT_EQ(rep.input_tokens, 4 * 48);
+  EXPECT_EQ(rep.prefix_queries, 4 * 48);
+  EXPECT_EQ(rep.prefix_hits, 3 * 32);
+  EXPECT_NE(rep.table().find("prefix cache hit rate"), std::string::npos);
+  EXPECT_DOUBLE_EQ(rep.to_json()["engine_profile"]["prefix_cache"]["hit_rate"].get<double>(), 0.5);
+  EXPECT_EQ(metric_line(s, "spear:prefix_cache_hits_total{"), "spear:prefix_cache_hits_total{model_name=\"tiny\"} 96");
+  EXPECT_EQ(metric_line(s, "spear:prefix_cache_queries_total{"),
+            "spear:prefix_cache_queries_total{model_name=\"tiny\"} 192");
+  EXPECT_EQ(metric_line(s, "spear:kv_cache_blocks_used{"), "spear:kv_cache_blocks_used{model_name=\"tiny\"} 0");
+  EXPECT_NE(metric_line(s, "spear:kv_cache_blocks_cached{"), "spear:kv_cache_blocks_cached{model_name=\"tiny\"} 0");
+}

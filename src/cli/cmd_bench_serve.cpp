@@ -28,6 +28,10 @@ void register_bench_serve(CLI::App& app) {
   cmd->add_option("--input-len", o->cfg.input_len, "Prompt tokens")->capture_default_str();
   cmd->add_option("--output-len", o->cfg.output_len, "Generated tokens")->capture_default_str();
   cmd->add_option("--range-ratio", o->cfg.range_ratio, "Sample lengths uniformly in len*(1 +- r)")->capture_default_str();
+  cmd->add_option("--shared-prefix-len", o->cfg.shared_prefix_len,
+                  "The first N tokens of every prompt are the same (a shared system prompt: measures prefix "
+                  "caching); prompts keep their --input-len")
+      ->capture_default_str();
   cmd->add_option("--seed", o->cfg.seed, "Workload seed")->capture_default_str();
   cmd->add_option("--temperature", o->cfg.temperature, "Sampling temperature of every request (0: greedy)")
       ->capture_default_str()
@@ -40,7 +44,7 @@ void register_bench_serve(CLI::App& app) {
   cmd->add_flag("--per-request", o->per_request, "Include every request in the JSON");
   cmd->add_flag("--profile", o->cfg.profile,
                 "Also report where the server's engine thread spent the run (schedule, prepare, forward on the "
-                "device / copying logits / host, sampling, other), from its /metrics");
+                "device / copying logits / host, sampling, other) and its prefix cache hit rate, from its /metrics");
   cmd->callback([o] {
     if (o->rate == "inf") {
       o->cfg.rate = std::numeric_limits<double>::infinity();

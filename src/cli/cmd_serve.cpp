@@ -79,6 +79,7 @@ void register_serve(CLI::App& app) {
     EngineConfig eng;
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
     int64_t kv_cache_mb = 0, max_body_mb = 8;
+    bool no_prefix_cache = false;
     double shutdown_timeout_s = 30;
     bool no_profile = false, autotune = false, host_sampling = false;
   };
@@ -107,6 +108,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--scheduler", o->scheduler, "ec-aware | ec-blind | fixed | no-chunk")->capture_default_str();
   cmd->add_option("--kv-cache-mb", o->kv_cache_mb, "KV cache memory (0 = max-batch full-length sequences, at most 512)")->capture_default_str();
   cmd->add_option("--block-size", o->eng.block_size, "Positions per KV block")->capture_default_str();
+  cmd->add_flag("--no-prefix-cache", o->no_prefix_cache,
+                "Compute every prompt in full (by default full prompt blocks already in the KV cache, the same "
+                "tokens from the start, e.g. a shared system prompt, are reused instead of prefilled again)");
   cmd->add_option("--max-queue", o->eng.max_waiting, "Waiting requests at most (then 429)")->capture_default_str();
   cmd->add_option("--http-threads", o->http.http_threads, "Requests served at once (slow senders take none)")->capture_default_str();
   cmd->add_option("--max-body-mb", o->max_body_mb, "Largest request body, after de-chunking and decompressing (413)")->capture_default_str();
@@ -148,6 +152,7 @@ void register_serve(CLI::App& app) {
     o->eng.sched.slo_tpot_s = o->slo_tpot_ms / 1e3;
     o->eng.sched.slo_ttft_s = o->slo_ttft_ms / 1e3;
     o->eng.kv_cache_bytes = o->kv_cache_mb << 20;
+    o->eng.prefix_caching = !o->no_prefix_cache;
     o->eng.profile = !o->no_profile;
     o->eng.backend_sampling = !o->host_sampling;
     o->http.max_body_bytes = static_cast<size_t>(o->max_body_mb) << 20;
@@ -231,12 +236,13 @@ void register_serve(CLI::App& app) {
     http.set_ready(st);
     std::fprintf(stderr,
                  "spear: ready: model '%s', scheduler %s, max batch %lld, context %lld, KV %lld "
-                 "blocks of %lld; chat template: %s%s; generation defaults: %s\nspear: %s\n",
+                 "blocks of %lld, prefix cache %s; chat template: %s%s; generation defaults: %s\nspear: %s\n",
                  name.c_str(), policy_name(o->eng.sched.policy),
                  static_cast<long long>(o->eng.sched.max_batch),
                  static_cast<long long>(engine.max_model_len()),
                  static_cast<long long>(engine.stats().kv_blocks_total),
-                 static_cast<long long>(o->eng.block_size), tmpl.description().c_str(),
+                 static_cast<long long>(o->eng.block_size), o->eng.prefix_caching ? "on" : "off",
+                 tmpl.description().c_str(),
                  note.c_str(), gen_defaults.describe().c_str(), engine.cost_model_summary().c_str());
     std::fflush(stderr);
 

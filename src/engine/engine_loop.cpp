@@ -41,7 +41,8 @@ Engine::Engine(std::unique_ptr<StepModel> owned, StepModel* borrowed, EngineConf
               "the KV cache (" + std::to_string(blocks) + " blocks of " +
                   std::to_string(cfg_.block_size) + " positions) cannot hold one sequence of " +
                   std::to_string(cfg_.max_model_len) + " tokens; give it more memory");
-  pool_ = std::make_unique<BlockPool>(blocks, cfg_.block_size, mc.num_layers, mc.kv_dim(), model.host_kv());
+  pool_ = std::make_unique<BlockPool>(blocks, cfg_.block_size, mc.num_layers, mc.kv_dim(), model.host_kv(),
+                                      cfg_.prefix_caching);
   if (cfg_.sched.policy == SchedulerPolicy::SloEcBlind) {
     cost_.set_ec_aware(false);
     cost_.set_refit(false);
@@ -130,6 +131,12 @@ EngineStats Engine::stats() const {
   }
   s.kv_blocks_total = pool_->num_blocks();
   s.kv_blocks_used = pool_->used_blocks();
+  s.kv_blocks_cached = pool_->cached_blocks();
+  s.kv_blocks_evictable = pool_->evictable_blocks();
+  s.kv_blocks_evicted = pool_->evictions();
+  const PrefixCacheStats pc = sched_->prefix_cache_stats();
+  s.prefix_cache_queries = pc.queries;
+  s.prefix_cache_hits = pc.hits;
   s.steps = n_steps_.load();
   s.preemptions = n_preempt_.load();
   s.prompt_tokens = n_prompt_tok_.load();
@@ -218,7 +225,9 @@ void Engine::finish(Sequence* s, FinishReason r, const std::string& err) {
   st.n_preemptions = s->n_preemptions;
   std::shared_ptr<RequestStream> keep = s->req.stream;
   sched_->remove(s);  // frees the KV blocks; s is gone after this
-  // Metrics first: once the stream finishes, the client may read /metrics at once.
+  // Metrics first: once the stream finishes, the client may read /metrics at once (the
+  // running count too, which the loop otherwise publishes only after the step).
+  n_running_ = sched_->num_running();
   if (observer_) observer_->on_request_done(rec);
   keep->finish(r, err);
 }

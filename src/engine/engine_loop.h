@@ -30,6 +30,9 @@ struct EngineConfig {
   SchedulerConfig sched;
   int64_t max_model_len = 0;     // 0: the model's context
   int64_t block_size = 16;       // positions per KV block
+  // Prefix caching: full prompt blocks already in the KV cache (same tokens from the
+  // start) are taken instead of computed (engine/paged_kv.h). Off: `serve --no-prefix-cache`.
+  bool prefix_caching = true;
   int64_t kv_blocks = 0;         // 0: derived from kv_cache_bytes
   // 0: room for max_batch sequences of max_model_len tokens, at most 512 MiB.
   int64_t kv_cache_bytes = 0;
@@ -78,6 +81,10 @@ struct EngineStats {
   int64_t kv_blocks_used = 0, kv_blocks_total = 0;
   int64_t steps = 0, preemptions = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
+  // Prefix cache: blocks cached (referenced or evictable) and evictable, and the prompt
+  // tokens looked up / found cached at first admission (vLLM's prefix_cache_queries/hits).
+  int64_t kv_blocks_cached = 0, kv_blocks_evictable = 0, kv_blocks_evicted = 0;
+  int64_t prefix_cache_queries = 0, prefix_cache_hits = 0;
 };
 
 class Engine {

@@ -67,7 +67,10 @@ std::unique_ptr<Sequence> Scheduler::remove(Sequence* s) {
         waiting_.erase(it);
         break;
       }
-  if (out) out->kv.release();
+  if (out) {
+    register_written(out.get());
+    out->kv.release();
+  }
   return out;
 }
 
@@ -83,6 +86,7 @@ void Scheduler::preempt(Sequence* s) {
     if (it->get() == s) {
       std::unique_ptr<Sequence> p = std::move(*it);
       running_.erase(it);
+      register_written(p.get());  // its blocks stay cached: the recompute may find them
       p->kv.release();
       p->n_computed = 0;  // recompute: everything so far becomes the prompt again
       p->n_preemptions++;
@@ -90,6 +94,22 @@ void Scheduler::preempt(Sequence* s) {
       add(std::move(p));
       return;
     }
+}
+
+void Scheduler::register_written(Sequence* s) {
+  s->kv.register_written(s->tokens, s->n_computed);
+}
+
+Scheduler::PrefixProbe Scheduler::probe_prefix(Sequence* s) const {
+  PrefixProbe p;
+  if (!pool_.prefix_caching() || s->needs_prompt_rows() || s->kv.num_blocks() > 0) return p;
+  auto it = probes_.find(s);
+  if (it != probes_.end()) return it->second;
+  // At least the last token is computed: its row gives the next token's logits.
+  const int64_t cap = (static_cast<int64_t>(s->tokens.size()) - 1) / pool_.block_size();
+  p.blocks = s->kv.cached_prefix(s->tokens, cap, &p.evictable);
+  probes_.emplace(s, p);
+  return p;
 }
 
 int64_t Scheduler::admission_watermark() const {
@@ -119,9 +139,9 @@ bool Scheduler::ensure_decode_blocks(StepPlan& plan) {
   return true;
 }
 
-std::vector<std::pair<Sequence*, int64_t>> Scheduler::fill_prefill(int64_t p, int64_t batch_room,
-                                                                   bool whole_prompts) const {
-  std::vector<std::pair<Sequence*, int64_t>> out;
+std::vector<Scheduler::PrefillPick> Scheduler::fill_prefill(int64_t p, int64_t batch_room,
+                                                            bool whole_prompts) const {
+  std::vector<PrefillPick> out;
   int64_t free = pool_.free_blocks();
   const int64_t bs = pool_.block_size();
   // Prompts already admitted continue first.
@@ -135,21 +155,25 @@ std::vector<std::pair<Sequence*, int64_t>> Scheduler::fill_prefill(int64_t p, in
       if (n <= 0) continue;
       need = s->kv.blocks_needed(s->n_computed + n);
     }
-    out.push_back({s, n});
+    out.push_back({s, n, 0, s->n_computed});
     free -= need;
     p -= n;
   }
   // Then new admissions, first come first served (the head blocks the rest, so a
-  // long prompt is not starved by short ones behind it).
+  // long prompt is not starved by short ones behind it). A cached prefix is taken, not
+  // computed: it costs no tokens, and blocks only where it takes evictable ones.
   const int64_t watermark = admission_watermark();
   for (const auto& sp : waiting_) {
     Sequence* s = sp.get();
     if (batch_room <= 0 || p <= 0) break;
-    int64_t n = whole_prompts ? s->pending() : std::min(s->pending(), p);
+    const PrefixProbe pr = probe_prefix(s);
+    const int64_t start = s->n_computed + pr.blocks * bs;
+    const int64_t pending = static_cast<int64_t>(s->tokens.size()) - start;
+    int64_t n = whole_prompts ? pending : std::min(pending, p);
     if (whole_prompts && n > p && !out.empty()) break;
-    int64_t need = pool_.blocks_for(n);
+    int64_t need = pool_.blocks_for(start + n) - pr.blocks + pr.evictable;
     if (free - need < watermark && !(out.empty() && running_.empty() && need <= free)) break;
-    out.push_back({s, n});
+    out.push_back({s, n, pr.blocks, start});
     free -= need;
     p -= n;
     --batch_room;
@@ -173,10 +197,10 @@ int64_t Scheduler::slo_prefill_budget(const std::vector<ScheduledChunk>& decodes
       decodes.empty() ? cfg_.slo_ttft_s * 0.5 : cfg_.slo_tpot_s * cfg_.tpot_headroom;
   auto cost_of = [&](int64_t p) {
     StepShape s = base;
-    for (const auto& [seq, n] : fill_prefill(p, room, false)) {
-      s.tokens += n;
+    for (const PrefillPick& pk : fill_prefill(p, room, false)) {
+      s.tokens += pk.n;
       s.seqs += 1;
-      s.attn += attn_pairs(seq->n_computed, n);
+      s.attn += attn_pairs(pk.start, pk.n);
     }
     return cost_.predict(s);
   };
@@ -197,6 +221,11 @@ int64_t Scheduler::slo_prefill_budget(const std::vector<ScheduledChunk>& decodes
 
 StepPlan Scheduler::schedule() {
   StepPlan plan;
+  // The previous step wrote its chunks' K/V: their full blocks become cached (before
+  // anyone looks the cache up or allocates).
+  if (pool_.prefix_caching())
+    for (const auto& s : running_) register_written(s.get());
+  probes_.clear();
   ensure_decode_blocks(plan);
   std::vector<ScheduledChunk> decodes;
   for (const auto& s : running_)
@@ -206,7 +235,7 @@ StepPlan Scheduler::schedule() {
       !waiting_.empty() ||
       std::any_of(running_.begin(), running_.end(), [](const auto& s) { return s->prefilling(); });
   const int64_t room = cfg_.max_batch - static_cast<int64_t>(running_.size());
-  std::vector<std::pair<Sequence*, int64_t>> prefill;
+  std::vector<PrefillPick> prefill;
   if (has_prefill_work) {
     if (cfg_.policy == SchedulerPolicy::NoChunking) {
       prefill = fill_prefill(cfg_.max_batched_tokens, room, /*whole_prompts=*/true);
@@ -221,17 +250,36 @@ StepPlan Scheduler::schedule() {
 
   plan.chunks = decodes;
   plan.n_decode = static_cast<int64_t>(decodes.size());
-  for (auto& [s, n] : prefill) {
-    // Admit: move from waiting to running.
+  // Admit: move from waiting to running, and take the cached prefixes first (before any
+  // allocation below could evict a block that a later admission counted on).
+  for (const PrefillPick& pk : prefill) {
+    Sequence* s = pk.seq;
+    bool admitted = false;
     for (auto it = waiting_.begin(); it != waiting_.end(); ++it)
       if (it->get() == s) {
         running_.push_back(std::move(*it));
         waiting_.erase(it);
+        admitted = true;
         break;
       }
-    SPEAR_CHECK(s->kv.reserve(s->n_computed + n), "scheduler: KV reservation failed after planning");
-    plan.chunks.push_back({s, n});
-    plan.n_prefill_tokens += n;
+    if (!admitted) continue;
+    const bool looked_up = pool_.prefix_caching() && !s->needs_prompt_rows();
+    if (pk.reuse > 0) {
+      const int64_t got = s->kv.adopt_prefix(s->tokens, pk.reuse);
+      SPEAR_CHECK(got == pk.reuse, "scheduler: a cached prefix vanished between planning and admission");
+      s->n_computed = pk.start;
+    }
+    if (looked_up && s->n_preemptions == 0) {  // a recompute after preemption is not a new query
+      prefix_queries_.fetch_add(s->n_prompt, std::memory_order_relaxed);
+      prefix_hits_.fetch_add(pk.start, std::memory_order_relaxed);
+    }
+  }
+  for (const PrefillPick& pk : prefill) {
+    Sequence* s = pk.seq;
+    SPEAR_CHECK(s->n_computed == pk.start, "scheduler: a chunk does not start where it was planned");
+    SPEAR_CHECK(s->kv.reserve(s->n_computed + pk.n), "scheduler: KV reservation failed after planning");
+    plan.chunks.push_back({s, pk.n});
+    plan.n_prefill_tokens += pk.n;
   }
   for (const ScheduledChunk& c : plan.chunks) {
     plan.shape.tokens += c.n_tokens;

@@ -20,10 +20,21 @@
 // decode needs a block and none is free, the most recently admitted sequence is
 // preempted by recompute: its blocks are freed and it goes back to the head of the
 // waiting queue with its tokens so far as the prompt.
+//
+// Prefix caching (when the pool caches, engine/paged_kv.h): a request admitted starts
+// with the longest cached run of its leading full blocks (at most floor((len-1)/block)
+// blocks, so the step still computes its last token and yields logits; none for a
+// request that wants prompt logprobs, whose prompt rows must all be computed), and
+// n_computed starts after them; its prefill chunks, their cost and their new blocks
+// count only the rest. Blocks are registered once their K/V are written: at the start
+// of each schedule() for the previous step's chunks, and when a sequence is removed or
+// preempted. Cached blocks without references count as free for admission.
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/cost_model.h"
@@ -44,6 +55,13 @@ struct SchedulerConfig {
   double slo_tpot_s = 0.05;
   double slo_ttft_s = 1.0;
   double tpot_headroom = 0.85;          // aim steps at this fraction of the TPOT SLO
+};
+
+// Prefix-cache accounting in tokens (vLLM's prefix_cache_queries / _hits): the prompt
+// tokens of requests that looked the cache up at their first admission, and the tokens
+// of those that were found cached.
+struct PrefixCacheStats {
+  int64_t queries = 0, hits = 0;
 };
 
 struct ScheduledChunk {
@@ -76,15 +94,31 @@ class Scheduler {
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   const SchedulerConfig& config() const { return cfg_; }
   int64_t preemptions() const { return preemptions_; }
+  // Safe from any thread.
+  PrefixCacheStats prefix_cache_stats() const {
+    return {prefix_queries_.load(std::memory_order_relaxed), prefix_hits_.load(std::memory_order_relaxed)};
+  }
 
  private:
   void preempt(Sequence* s);
   bool ensure_decode_blocks(StepPlan& plan);
   // Largest prefill token count whose step fits the TPOT target.
   int64_t slo_prefill_budget(const std::vector<ScheduledChunk>& decodes, int64_t cap) const;
+  struct PrefillPick {
+    Sequence* seq;
+    int64_t n;       // tokens to compute this step
+    int64_t reuse;   // cached blocks a waiting sequence takes at admission
+    int64_t start;   // the first position computed (after those blocks)
+  };
   // Prefill chunks a budget of p tokens would schedule (no side effects).
-  std::vector<std::pair<Sequence*, int64_t>> fill_prefill(int64_t p, int64_t batch_room,
-                                                          bool whole_prompts) const;
+  std::vector<PrefillPick> fill_prefill(int64_t p, int64_t batch_room, bool whole_prompts) const;
+  // Cached leading blocks a waiting sequence would take, and how many of them are
+  // evictable (memoized for one schedule()).
+  struct PrefixProbe {
+    int64_t blocks = 0, evictable = 0;
+  };
+  PrefixProbe probe_prefix(Sequence* s) const;
+  void register_written(Sequence* s);
   int64_t admission_watermark() const;
 
   SchedulerConfig cfg_;
@@ -93,6 +127,8 @@ class Scheduler {
   std::deque<std::unique_ptr<Sequence>> waiting_;  // ordered by arrival_order
   std::vector<std::unique_ptr<Sequence>> running_; // in admission order
   int64_t preemptions_ = 0;
+  mutable std::unordered_map<const Sequence*, PrefixProbe> probes_;  // this schedule()'s
+  std::atomic<int64_t> prefix_queries_{0}, prefix_hits_{0};
 };
 
 }  // namespace spear

@@ -128,6 +128,7 @@ LoadReport run_load(const LoadConfig& cfg) {
   SPEAR_CHECK(cfg.input_len >= 1 && cfg.output_len >= 1, "lengths must be >= 1");
   SPEAR_CHECK(cfg.range_ratio >= 0 && cfg.range_ratio < 1, "--range-ratio must be in [0, 1)");
   SPEAR_CHECK(cfg.concurrency >= 0, "--concurrency must be >= 0");
+  SPEAR_CHECK(cfg.shared_prefix_len >= 0, "--shared-prefix-len must be >= 0");
   const Url url = Url::parse(cfg.url);
   std::vector<std::pair<std::string, std::string>> hdr;
   if (!cfg.api_key.empty()) hdr.push_back({"Authorization", "Bearer " + cfg.api_key});
@@ -141,17 +142,26 @@ LoadReport run_load(const LoadConfig& cfg) {
   const int64_t vocab = mj["data"][0].value("vocab_size", int64_t{32000});
   const int64_t ctx = mj["data"][0].value("max_model_len", int64_t{1} << 30);
 
-  auto metrics_now = [&](std::map<std::string, double>* phases, double* steps) {
+  struct Scraped {
+    std::map<std::string, double> phases;
+    double steps = 0, prefix_queries = -1, prefix_hits = -1;
+  };
+  auto metrics_now = [&](Scraped* out) {
     HttpResult m = http_get(url, "/metrics", 30, hdr);
     if (m.status != 200) return false;
-    *phases = scrape(m.body, "spear:engine_phase_seconds_total", "phase");
+    out->phases = scrape(m.body, "spear:engine_phase_seconds_total", "phase");
     const auto st = scrape(m.body, "spear:engine_steps_total", "");
-    *steps = st.count("") ? st.at("") : 0;
-    return !phases->empty();
+    out->steps = st.count("") ? st.at("") : 0;
+    const auto q = scrape(m.body, "spear:prefix_cache_queries_total", "");
+    const auto h = scrape(m.body, "spear:prefix_cache_hits_total", "");
+    if (q.count("") && h.count("")) {
+      out->prefix_queries = q.at("");
+      out->prefix_hits = h.at("");
+    }
+    return !out->phases.empty();
   };
-  std::map<std::string, double> phases0;
-  double steps0 = 0;
-  const bool profiling = cfg.profile && metrics_now(&phases0, &steps0);
+  Scraped before;
+  const bool profiling = cfg.profile && metrics_now(&before);
   if (cfg.profile && !profiling)
     std::fprintf(stderr, "spear: --profile: the server exports no spear:engine_phase_seconds_total; no profile\n");
 
@@ -170,12 +180,15 @@ LoadReport run_load(const LoadConfig& cfg) {
   std::vector<std::vector<int32_t>> prompts(cfg.requests);
   std::vector<int64_t> outs(cfg.requests);
   std::vector<double> arrivals(cfg.requests);
+  std::vector<int32_t> shared(static_cast<size_t>(std::min<int64_t>(cfg.shared_prefix_len, ctx)));
+  for (int32_t& id : shared) id = tok(rng);
   double t = 0;
   for (int64_t i = 0; i < cfg.requests; ++i) {
     int64_t in = sample_len(cfg.input_len), out = sample_len(cfg.output_len);
     if (in + out > ctx) in = std::max<int64_t>(1, ctx - out);
     prompts[i].resize(in);
-    for (int32_t& id : prompts[i]) id = tok(rng);
+    for (int64_t k = 0; k < in; ++k)
+      prompts[i][k] = k < static_cast<int64_t>(shared.size()) ? shared[k] : tok(rng);
     outs[i] = out;
     arrivals[i] = t;
     if (cfg.rate > 0 && std::isfinite(cfg.rate)) t += gap(rng);
@@ -211,12 +224,15 @@ LoadReport run_load(const LoadConfig& cfg) {
   for (std::thread& th : threads) th.join();
   rep.duration_s = std::chrono::duration<double>(clk::now() - t0).count();
   if (profiling) {
-    std::map<std::string, double> phases1;
-    double steps1 = 0;
-    if (metrics_now(&phases1, &steps1)) {
+    Scraped after;
+    if (metrics_now(&after)) {
       for (const char* ph : {"schedule", "prepare", "forward_device", "forward_copy", "forward_host", "sample", "other"})
-        rep.phases.push_back({ph, phases1[ph] - phases0[ph]});
-      rep.steps = steps1 - steps0;
+        rep.phases.push_back({ph, after.phases[ph] - before.phases[ph]});
+      rep.steps = after.steps - before.steps;
+      if (before.prefix_queries >= 0 && after.prefix_queries >= 0) {
+        rep.prefix_queries = after.prefix_queries - before.prefix_queries;
+        rep.prefix_hits = after.prefix_hits - before.prefix_hits;
+      }
     }
   }
 
@@ -254,6 +270,7 @@ nlohmann::json LoadReport::to_json(bool per_request) const {
          {"input_len", cfg.input_len},
          {"output_len", cfg.output_len},
          {"range_ratio", cfg.range_ratio},
+         {"shared_prefix_len", cfg.shared_prefix_len},
          {"seed", cfg.seed},
          {"temperature", cfg.temperature},
          {"top_p", cfg.top_p},
@@ -276,6 +293,9 @@ nlohmann::json LoadReport::to_json(bool per_request) const {
     json p = json::object();
     for (const auto& [name, sec] : phases) p[name] = sec;
     j["engine_profile"] = {{"seconds_by_phase", p}, {"steps", steps}};
+    if (prefix_queries >= 0)
+      j["engine_profile"]["prefix_cache"] = {{"queries", prefix_queries}, {"hits", prefix_hits},
+                                             {"hit_rate", prefix_queries > 0 ? prefix_hits / prefix_queries : 0.0}};
   }
   if (per_request) {
     json rs = json::array();
@@ -337,6 +357,11 @@ std::string LoadReport::table() const {
     out += row;
     std::snprintf(row, sizeof row, "%-28s %10.0f\n", "engine steps", steps);
     out += row;
+    if (prefix_queries >= 0) {
+      std::snprintf(row, sizeof row, "%-28s %9.1f%% (%.0f of %.0f prompt tokens)\n", "prefix cache hit rate",
+                    prefix_queries > 0 ? 100.0 * prefix_hits / prefix_queries : 0.0, prefix_hits, prefix_queries);
+      out += row;
+    }
     out += "==================================================\n";
   }
   return out;

@@ -25,13 +25,18 @@ struct LoadConfig {
   int64_t requests = 200;
   int64_t input_len = 128, output_len = 64;
   double range_ratio = 0;        // lengths uniform in [len*(1-r), len*(1+r)]
+  // The first shared_prefix_len tokens of every prompt are the same (one random draw of
+  // the seed, e.g. a system prompt); the prompt length stays as sampled (a prompt shorter
+  // than the prefix is the prefix's start). 0: every prompt random throughout.
+  int64_t shared_prefix_len = 0;
   uint64_t seed = 0;
   double temperature = 0;        // sampling of every request (0: greedy)
   double top_p = 1;
   double slo_ttft_ms = 1000, slo_tpot_ms = 50;
   double timeout_s = 600;        // per request
   // Read the server's engine-loop profile (spear:engine_phase_seconds_total, from
-  // /metrics) before and after the run, and report where the engine thread's time went.
+  // /metrics) before and after the run, and report where the engine thread's time went
+  // (and the prefix cache's hit rate, spear:prefix_cache_hits_total / _queries_total).
   bool profile = false;
 };
 
@@ -64,6 +69,9 @@ struct LoadReport {
   // when the server does not export them.
   std::vector<std::pair<std::string, double>> phases;
   double steps = 0;
+  // --profile: prompt tokens the server looked up in its prefix cache during the run, and
+  // found there (-1: not exported).
+  double prefix_queries = -1, prefix_hits = -1;
   nlohmann::json to_json(bool per_request = false) const;
   std::string table() const;
 };

@@ -159,6 +159,13 @@ std::string Metrics::render(const Engine* engine, bool ready) const {
         st.kv_blocks_total ? static_cast<double>(st.kv_blocks_used) / st.kv_blocks_total : 0);
   gauge("spear:kv_cache_blocks_used", "KV cache blocks in use", st.kv_blocks_used);
   gauge("spear:kv_cache_blocks_total", "KV cache blocks in the pool", st.kv_blocks_total);
+  gauge("spear:kv_cache_blocks_cached",
+        "KV cache blocks held by the prefix cache (in use or evictable; evictable ones count as free)",
+        st.kv_blocks_cached);
+  counter("spear:prefix_cache_queries_total",
+          "Prompt tokens looked up in the prefix cache (at a request's first admission)", st.prefix_cache_queries);
+  counter("spear:prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed)",
+          st.prefix_cache_hits);
   counter("spear:prompt_tokens_total", "Prompt tokens received", st.prompt_tokens);
   counter("spear:generation_tokens_total", "Tokens generated", st.generated_tokens);
   counter("spear:num_preemptions_total", "Sequences preempted (recomputed) for lack of KV memory",

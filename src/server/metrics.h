@@ -10,8 +10,9 @@
 // spear:num_preemptions_total, spear:request_success_total{finished_reason},
 // spear:time_to_first_token_seconds, spear:time_per_output_token_seconds,
 // spear:e2e_request_latency_seconds, spear:iteration_tokens_total,
-// spear:request_prompt_tokens, spear:request_generation_tokens (histograms); and
-// spear's own: spear:ready, spear:kv_cache_blocks_used / _total,
+// spear:request_prompt_tokens, spear:request_generation_tokens (histograms),
+// spear:prefix_cache_queries_total / _hits_total (prompt tokens); and
+// spear's own: spear:ready, spear:kv_cache_blocks_used / _total / _cached,
 // spear:engine_steps_total{kind}, spear:engine_step_seconds,
 // spear:http_responses_total{endpoint,status}, spear:memory_bytes{device,kind},
 // spear:cost_model_mean_abs_rel_error, and the engine loop's profile
