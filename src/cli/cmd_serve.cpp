@@ -79,7 +79,7 @@ void register_serve(CLI::App& app) {
     EngineConfig eng;
     double slo_tpot_ms = 50, slo_ttft_ms = 1000;
     int64_t kv_cache_mb = 0, max_body_mb = 8;
-    bool no_prefix_cache = false;
+    bool no_prefix_cache = false, prefix_cache = false;
     double shutdown_timeout_s = 30;
     bool no_profile = false, autotune = false, host_sampling = false;
   };
@@ -111,6 +111,9 @@ void register_serve(CLI::App& app) {
   cmd->add_flag("--no-prefix-cache", o->no_prefix_cache,
                 "Compute every prompt in full (by default full prompt blocks already in the KV cache, the same "
                 "tokens from the start, e.g. a shared system prompt, are reused instead of prefilled again)");
+  cmd->add_flag("--prefix-cache", o->prefix_cache,
+                "--device cuda: turn the prefix cache on (off by default there until it has been run on a GPU; "
+                "on by default with --device cpu)");
   cmd->add_option("--max-queue", o->eng.max_waiting, "Waiting requests at most (then 429)")->capture_default_str();
   cmd->add_option("--http-threads", o->http.http_threads, "Requests served at once (slow senders take none)")->capture_default_str();
   cmd->add_option("--max-body-mb", o->max_body_mb, "Largest request body, after de-chunking and decompressing (413)")->capture_default_str();
@@ -152,7 +155,8 @@ void register_serve(CLI::App& app) {
     o->eng.sched.slo_tpot_s = o->slo_tpot_ms / 1e3;
     o->eng.sched.slo_ttft_s = o->slo_ttft_ms / 1e3;
     o->eng.kv_cache_bytes = o->kv_cache_mb << 20;
-    o->eng.prefix_caching = !o->no_prefix_cache;
+    SPEAR_CHECK(!(o->prefix_cache && o->no_prefix_cache), "give --prefix-cache or --no-prefix-cache, not both");
+    o->eng.prefix_caching = !o->no_prefix_cache && (device == Device::Cpu || o->prefix_cache);
     o->eng.profile = !o->no_profile;
     o->eng.backend_sampling = !o->host_sampling;
     o->http.max_body_bytes = static_cast<size_t>(o->max_body_mb) << 20;
