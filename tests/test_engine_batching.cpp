@@ -10,6 +10,7 @@
 #include "engine/generate.h"
 #include "engine/sampler.h"
 #include "engine/step_model.h"
+#include "test_engine_streams.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
 
@@ -40,18 +41,8 @@ std::vector<std::vector<int32_t>> prompts(int n) {
   return out;
 }
 
-// The events a finished stream holds (taken under its lock).
-std::vector<TokenEvent> drain_all(RequestStream& st) {
-  std::vector<TokenEvent> evs;
-  std::lock_guard<std::mutex> lk(st.notifier().mu);
-  st.drain(evs);
-  return evs;
-}
-std::vector<int32_t> ids_of(const std::vector<TokenEvent>& evs) {
-  std::vector<int32_t> ids;
-  for (const TokenEvent& e : evs) ids.push_back(e.id);
-  return ids;
-}
+using test::drain_all;
+using test::ids_of;
 
 // Runs every prompt through the engine concurrently; returns generated ids.
 std::vector<std::vector<int32_t>> run_engine(EngineConfig ec, const std::vector<std::vector<int32_t>>& ps,

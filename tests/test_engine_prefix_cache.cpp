@@ -12,6 +12,7 @@
 #include "engine/engine_loop.h"
 #include "engine/generate.h"
 #include "engine/paged_kv.h"
+#include "test_engine_streams.h"
 #include "test_paths.h"
 #include "tokenizer/tokenizer.h"
 
@@ -198,18 +199,8 @@ std::vector<std::vector<int32_t>> shared_prompts(int n, int64_t* shared_len = nu
   return out;
 }
 
-std::vector<TokenEvent> drain_all(RequestStream& st) {
-  std::vector<TokenEvent> evs;
-  std::lock_guard<std::mutex> lk(st.notifier().mu);
-  st.drain(evs);
-  return evs;
-}
-
-std::vector<int32_t> ids_of(const std::vector<TokenEvent>& evs) {
-  std::vector<int32_t> ids;
-  for (const TokenEvent& e : evs) ids.push_back(e.id);
-  return ids;
-}
+using test::drain_all;
+using test::ids_of;
 
 std::vector<std::vector<int32_t>> reference(const std::vector<std::vector<int32_t>>& ps, int64_t max_tokens) {
   std::vector<std::vector<int32_t>> out;

@@ -30,31 +30,29 @@ LoadedModel load_model(const std::string& path, const std::string& adapter) {
 
 namespace {
 
+// A .spear file or an imported quantized checkpoint: weights, metadata and embedded configs.
+void take_artifact(SpearArtifact&& a, LoadedModel& r) {
+  r.weights = std::move(a.weights);
+  r.is_artifact = true;
+  r.meta = std::move(a.meta);
+  r.tokenizer_json = std::move(a.tokenizer_json);
+  r.tokenizer_config_json = std::move(a.tokenizer_config_json);
+  r.generation_config_json = std::move(a.generation_config_json);
+}
+
 LoadedModel load_base(const std::string& path) {
   namespace fs = std::filesystem;
   LoadedModel r;
   r.path = path;
   if (is_spear_path(path)) {
-    SpearArtifact a = read_spear(path);
-    r.weights = std::move(a.weights);
-    r.is_artifact = true;
-    r.meta = std::move(a.meta);
-    r.tokenizer_json = std::move(a.tokenizer_json);
-    r.tokenizer_config_json = std::move(a.tokenizer_config_json);
-    r.generation_config_json = std::move(a.generation_config_json);
+    take_artifact(read_spear(path), r);
     return r;
   }
   SPEAR_CHECK(fs::is_directory(path),
               "model not found: " + path + " (expected a model directory or a .spear file)");
   if (hf_quantization_config(path)) {
     // A GPTQ / AWQ / compressed-tensors checkpoint: converted into spear's W4 layout.
-    SpearArtifact a = artifact_from_hf_quantized(path);
-    r.weights = std::move(a.weights);
-    r.is_artifact = true;
-    r.meta = std::move(a.meta);
-    r.tokenizer_json = std::move(a.tokenizer_json);
-    r.tokenizer_config_json = std::move(a.tokenizer_config_json);
-    r.generation_config_json = std::move(a.generation_config_json);
+    take_artifact(artifact_from_hf_quantized(path), r);
     return r;
   }
   r.weights = load_hf_weights(path);
