@@ -7,7 +7,8 @@
 # cuda` over 2 windows. Logs and a JSON line per measurement go to $OUT.
 #   bash dev/run_load_bench.sh tests ckpt7b load7b w4 fuse   (load7b and w4 need ckpt7b first)
 # floor (decode-floor issue): bench-latency --breakdown at 7B and 1B, and prefill with and
-# without the dequantize + cuBLAS path (--dequant-mb 0), same build, same run; kernels: bench_w4a16 --quick.
+# without the dequantize + cuBLAS path (--dequant-mb 0), same build, same run; kernels: bench_w4a16 --quick;
+# batch: bench-latency at batch 1..64 with and without the batch kernel (SPEAR_W4A16_BATCH=0).
 set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
 B=$PWD/build-bin; D=$B/data
@@ -134,6 +135,14 @@ heuristic)  # the dispatcher without a table (what ppl/generate/serve get untune
     echo "tuning table: $(grep -c '|' "$SPEAR_W4A16_CACHE") entries"
   done
   unset SPEAR_W4A16_CACHE ;;
+batch)  # the batch kernel (M = 9..128): bench-latency with it and without it (SPEAR_W4A16_BATCH=0), same build, same run
+  for nb in 1 0; do
+    v=w4,w4ec-full; [ $nb = 1 ] && v=fp16,w4,w4ec-full
+    SPEAR_W4A16_BATCH=$nb SPEAR_W4A16_CACHE=/tmp/w4a16-batch$nb.txt timeout 240 $B/spear bench-latency \
+      --config llama-2-7b,llama-3.2-1b --variants $v --batches 1,8,16,32,64 --contexts 512 --prefill 512 --autotune \
+      --md "$OUT/batch$nb.md" --json "$OUT/batch$nb.json" >"$OUT/batch$nb.log" 2>&1
+    echo "bench-latency SPEAR_W4A16_BATCH=$nb rc=$?"; sed -n 1,40p "$OUT/batch$nb.md"
+  done ;;
 kernels)
   [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;

@@ -65,7 +65,11 @@ struct EcTerm {
 //   multiplied by cuBLAS (wgmma); for prefill-sized M, where the expansion's bytes are small
 //   next to the GEMM. Needs a cuBLAS handle and scratch: W4A16Dispatcher::set_dequant, or
 //   w4a16_gemm_dequant (w4a16_gemm refuses it).
-enum class Kernel : int { kDecode = 0, kPrefill = 1, kDequant = 2 };
+// kBatch: batched decode and chunked prefill (9..64 tokens per launch, more in chunks): the
+//   warps of a block split the outputs, x is staged in shared memory once per block, weights and
+//   x move through a 4-stage cp.async pipeline, split-K across blocks; every weight is read and
+//   dequantized once per launch and serves all its tokens (w4a16_batch.cuh).
+enum class Kernel : int { kDecode = 0, kPrefill = 1, kDequant = 2, kBatch = 3 };
 // kFused: one kernel computes u = A x from the x it loads for the GEMM (one warp per
 //   16-rank x 128-input tile, right after griddepcontrol.wait), waits for all of u in its
 //   epilogue, and applies gamma and B there (decode kernel only; needs the whole grid
@@ -76,15 +80,17 @@ enum class EcMode : int { kFused = 1, kSplit = 2 };
 
 struct KernelConfig {
   Kernel kernel = Kernel::kDecode;
-  int nt = 1;      // decode: 16-row blocks per warp (1, 2, 4)
-  int tg = 1;      // decode: 8-token groups (1, 2, 4, 8); needs M <= 8 tg; nt * tg <= 8
-  int warps = 8;   // decode: warps per block (1..8)
-  int splits = 1;  // decode: blocks along K (1..K_pad/128)
+  int nt = 1;      // decode, batch: 16-row blocks per warp (1, 2, 4)
+  int tg = 1;      // decode: 8-token groups (1, 2, 4, 8); M > 8 tg runs in chunks; nt * tg <= 8
+                   // batch: 2, 4, 8 (any nt)
+  int warps = 8;   // decode: warps per block (1..8); batch: 4 or 8
+  int splits = 1;  // decode, batch: blocks along K (1..K_pad/128)
   int bulk = 0;    // decode, tg <= 2: 1 = each block's weight slice streamed into shared memory by
                    // cp.async.bulk (TMA) copies issued at entry; 0 = per-lane register loads
   int bm = 128;    // prefill: tokens per block (64 or 128)
   int rows = 0;    // dequant: output rows expanded per cuBLAS call (multiple of 16); 0 = all that fit
-  EcMode ec = EcMode::kFused;  // used only with an EcTerm; prefill is always split
+  EcMode ec = EcMode::kFused;  // used only with an EcTerm; prefill is always split (decode and
+                               // batch: fused, or split where the grid cannot be resident at once)
   std::string str() const;
   static bool parse(const std::string& s, KernelConfig* out);
 };
@@ -117,6 +123,13 @@ cudaError_t w4a16_gemm_dequant(Act act, const void* x, int64_t ldx, int M, const
 // w4a16_set_pdl(false) turns it off (process-wide).
 void w4a16_set_pdl(bool on);
 bool w4a16_pdl();
+
+// The batch kernel (Kernel::kBatch) among the dispatcher's candidates and heuristic choices:
+// on by default; $SPEAR_W4A16_BATCH=0 or w4a16_set_batch(false) leaves it out (process-wide),
+// so a benchmark can measure the step without it in the same run. An explicit config runs
+// whatever it names.
+void w4a16_set_batch(bool on);
+bool w4a16_batch();
 
 // True when cfg can run this problem (checked again by w4a16_gemm).
 bool w4a16_config_ok(const KernelConfig& cfg, const void* x, int64_t ldx, int M, const W4Matrix& w,

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cuda/w4a16.h"
+#include "cuda/w4a16_batch.cuh"
 #include "cuda/w4a16_dequant.cuh"
 #include "cuda/w4a16_kernels.cuh"
 #include "quant/gpu_layout.h"
@@ -33,6 +34,18 @@ bool pdl_enabled() {
 
 void w4a16_set_pdl(bool on) { detail::g_pdl = on ? 1 : 0; }
 bool w4a16_pdl() { return detail::pdl_enabled(); }
+
+namespace {
+int g_batch = -1;  // -1: not read yet
+}
+void w4a16_set_batch(bool on) { g_batch = on ? 1 : 0; }
+bool w4a16_batch() {
+  if (g_batch < 0) {
+    const char* e = std::getenv("SPEAR_W4A16_BATCH");
+    g_batch = (e && *e == '0') ? 0 : 1;
+  }
+  return g_batch == 1;
+}
 
 namespace {
 
@@ -99,6 +112,15 @@ size_t decode_smem(const KernelConfig& c, int M, const W4Matrix& w, const EcTerm
   return s;
 }
 
+// The batch kernel: output tiles of 16 nt warps rows, and its dynamic shared memory.
+int batch_tiles(const KernelConfig& c, const W4Matrix& w) {
+  const int rows = c.nt * c.warps;
+  return (w.N_pad / 16 + rows - 1) / rows;
+}
+size_t batch_smem(const KernelConfig& c, const EcTerm* ec) {
+  return static_cast<size_t>(detail::batch_smem_bytes(c.nt, c.tg, c.warps, ec ? ec->r_pad : 0));
+}
+
 // The fused EC waits inside the launch for A items held by other blocks: it needs the
 // whole grid resident at once, and every A item (16 ranks x 128 inputs) on its own warp.
 template <typename T>
@@ -108,6 +130,10 @@ bool fused_fits(const KernelConfig& c, int M, const W4Matrix& w, const EcTerm* e
     return false;
   const int KU = w.K_pad / static_cast<int>(kGpuKUnit);
   const int nA = (ec->r_pad / 16) * KU;
+  if (c.kernel == Kernel::kBatch) {
+    const int grid = batch_tiles(c, w) * c.splits + (nA + c.warps - 1) / c.warps;
+    return grid <= detail::batch_blocks_per_sm<T>(c.nt, c.tg, w.group != 0, c.warps * 32, batch_smem(c, ec)) * sms;
+  }
   const int grid = (w.N_pad / 16 + c.nt - 1) / c.nt * c.splits + (nA + c.warps - 1) / c.warps;
   const int per_sm =
       detail::decode_blocks_per_sm<T>(c.nt, c.tg, w.group != 0, c.bulk != 0, c.warps * 32, decode_smem(c, M, w, ec));
@@ -230,9 +256,10 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
     return detail::launch_prefill<T>(pp, cfg.bm, w.group != 0, stream);
   }
 
-  // Decode, in chunks of 8 tg tokens (one chunk whenever M <= 8 tg).
+  // Decode and batch, in chunks of 8 tg tokens (one chunk whenever M <= 8 tg).
+  const bool batch = cfg.kernel == Kernel::kBatch;
   const int chunk = 8 * cfg.tg;
-  d.NG = NG;
+  d.NG = batch ? batch_tiles(cfg, w) : NG;  // output tiles (batch) or row groups (decode)
   d.splits = cfg.splits;
   d.max_units = max_units_of(cfg, w);
   d.w_smem = cfg.bulk ? cfg.nt * d.max_units * 1024 : 0;
@@ -242,7 +269,7 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
     c.x = static_cast<const T*>(x) + static_cast<int64_t>(t0) * ldx;
     c.y = static_cast<T*>(y) + static_cast<int64_t>(t0) * ldy;
     int grid = c.NG * c.splits;
-    const size_t smem = decode_smem(cfg, c.M, w, ec);
+    const size_t smem = batch ? batch_smem(cfg, ec) : decode_smem(cfg, c.M, w, ec);
     if (ec) {
       if (mode == EcMode::kFused) {
         c.ec = 1;
@@ -255,9 +282,10 @@ cudaError_t run_typed(const void* x, int64_t ldx, int M, const W4Matrix& w, cons
         c.u = L.u_split + static_cast<int64_t>(t0) * ec->r_pad;
       }
     }
-    if ((e = detail::launch_decode<T>(c, cfg.nt, cfg.tg, w.group != 0, cfg.bulk != 0, grid, cfg.warps * 32, smem,
-                                      stream)) != cudaSuccess)
-      return e;
+    e = batch ? detail::launch_batch<T>(c, cfg.nt, cfg.tg, w.group != 0, grid, cfg.warps * 32, smem, stream)
+              : detail::launch_decode<T>(c, cfg.nt, cfg.tg, w.group != 0, cfg.bulk != 0, grid, cfg.warps * 32, smem,
+                                         stream);
+    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
@@ -337,6 +365,8 @@ std::string KernelConfig::str() const {
   std::ostringstream o;
   if (kernel == Kernel::kDecode)
     o << "decode nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits << (bulk ? " bulk=1" : "");
+  else if (kernel == Kernel::kBatch)
+    o << "batch nt=" << nt << " tg=" << tg << " warps=" << warps << " splits=" << splits;
   else if (kernel == Kernel::kPrefill)
     o << "prefill bm=" << bm << (splits > 1 ? " splits=" + std::to_string(splits) : std::string());
   else
@@ -356,6 +386,8 @@ bool KernelConfig::parse(const std::string& s, KernelConfig* out) {
     c.kernel = Kernel::kPrefill;
   else if (tok == "dequant")
     c.kernel = Kernel::kDequant;
+  else if (tok == "batch")
+    c.kernel = Kernel::kBatch;
   else
     return false;
   while (in >> tok) {
@@ -413,6 +445,11 @@ bool w4a16_config_ok(const KernelConfig& c, const void* x, int64_t ldx, int M, c
     return (c.bm == 64 || c.bm == 128) && x_vec_ok(x, ldx, w.K) && c.splits >= 1 && c.splits <= KU &&
            (c.splits == 1 || M <= std::min(c.bm, kFusedMaxM));
   if (c.kernel == Kernel::kDequant) return c.rows >= 0 && c.rows % 16 == 0;
+  if (c.kernel == Kernel::kBatch)
+    return (c.nt == 1 || c.nt == 2 || c.nt == 4) && (c.tg == 2 || c.tg == 4 || c.tg == 8) &&
+           (c.warps == 4 || c.warps == 8) && c.splits >= 1 && c.splits <= KU && x_vec_ok(x, ldx, w.K) &&
+           (!ec || c.ec == EcMode::kFused || c.ec == EcMode::kSplit) && c.bulk == 0 &&
+           batch_smem(c, ec) <= kBulkSmemLimit;
   if (c.kernel != Kernel::kDecode) return false;
   const bool nt_ok = c.nt == 1 || c.nt == 2 || c.nt == 4;
   const bool tg_ok = c.tg == 1 || c.tg == 2 || c.tg == 4 || c.tg == 8;
@@ -455,9 +492,45 @@ cudaError_t w4a16_gemm_dequant(Act act, const void* x, int64_t ldx, int M, const
   return cudaErrorInvalidValue;
 }
 
+namespace {
+// The batch kernel for 8 < M: the (nt, warps, splits) whose grid fills the GPU best (busy
+// block slots over the slots of the waves it takes), at least 4 units of K per block; ties
+// go to fewer splits (less workspace traffic). With an EC, fused if it fits, else split.
+KernelConfig batch_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num_sms) {
+  const int KU = std::max(1, w.K_pad / static_cast<int>(kGpuKUnit));
+  KernelConfig best;
+  best.kernel = Kernel::kBatch;
+  best.tg = M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  best.nt = 2;
+  double best_score = -1;
+  for (int warps : {8, 4})
+    for (int nt : {2, 1}) {
+      KernelConfig c = best;
+      c.warps = warps;
+      c.nt = nt;
+      const int per_sm =
+          std::max(1, detail::batch_blocks_per_sm<__half>(nt, c.tg, w.group != 0, warps * 32, batch_smem(c, ec)));
+      const int slots = per_sm * num_sms, tiles = batch_tiles(c, w);
+      for (int splits = 1; splits <= std::max(1, KU / 4); ++splits) {
+        const int blocks = tiles * splits, waves = (blocks + slots - 1) / slots;
+        const double score = static_cast<double>(blocks) / (static_cast<double>(waves) * slots);
+        if (score > best_score + 1e-9) {
+          best_score = score;
+          best = c;
+          best.splits = splits;
+        }
+      }
+    }
+  best.ec = EcMode::kFused;
+  if (ec && !fused_fits<__half>(best, M, w, ec)) best.ec = EcMode::kSplit;
+  return best;
+}
+}  // namespace
+
 KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num_sms, bool x_vec) {
   KernelConfig c;
   const int KU = std::max(1, w.K_pad / static_cast<int>(kGpuKUnit));
+  if (M > 8 && M <= 128 && x_vec && w4a16_batch()) return batch_heuristic(M, w, ec, num_sms);
   if (M > 64 && x_vec) {
     c.kernel = Kernel::kPrefill;
     c.bm = M <= 128 ? 64 : 128;
@@ -551,10 +624,11 @@ KernelConfig W4A16Dispatcher::select(Act act, const void* x, int64_t ldx, int M,
       const int need = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
       if (c.tg > need && c.nt * need <= 8) c.tg = need;
     }
+    if (c.kernel == Kernel::kBatch) c.tg = std::min(c.tg, M <= 16 ? 2 : M <= 32 ? 4 : 8);
     const bool usable = c.kernel == Kernel::kDequant ? w4a16_config_ok(c, x, ldx, M, w, ec) &&
                                                             dequant_fits(c.rows, M, w, ec)
                                                       : w4a16_config_ok(c, x, ldx, M, w, ec);
-    if (usable) {
+    if (usable && !(c.kernel == Kernel::kBatch && !w4a16_batch())) {
       if (from_cache) *from_cache = true;
       return c;
     }
@@ -649,6 +723,23 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
         }
       }
   }
+  if (vec && M > 8 && w4a16_batch())  // the batch kernel: 8 tg tokens per launch (chunks beyond 64)
+    for (int nt : {1, 2, 4})
+      for (int warps : {4, 8})
+        for (int splits : {1, 2, 3, 4, 6, 8, 12, 16}) {
+          if (splits > 1 && KU / splits < 2) continue;  // a pipeline of one unit
+          for (EcMode m : {EcMode::kFused, EcMode::kSplit}) {
+            if (!ec && m == EcMode::kSplit) continue;
+            KernelConfig c;
+            c.kernel = Kernel::kBatch;
+            c.nt = nt;
+            c.tg = M <= 16 ? 2 : M <= 32 ? 4 : 8;
+            c.warps = warps;
+            c.splits = splits;
+            c.ec = m;
+            cands.push_back(c);
+          }
+        }
   if (vec && M >= 16)
     for (int bm : {64, 128}) {
       KernelConfig c;
@@ -674,7 +765,8 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
   std::vector<KernelConfig> ok;
   for (const KernelConfig& c : cands)  // fused candidates only where they really run fused
     if (w4a16_config_ok(c, x, ldx, M, w, ec) &&
-        !(ec && c.kernel == Kernel::kDecode && c.ec == EcMode::kFused && !fused_fits<__half>(c, M, w, ec)))
+        !(ec && (c.kernel == Kernel::kDecode || c.kernel == Kernel::kBatch) && c.ec == EcMode::kFused &&
+          !fused_fits<__half>(c, M, w, ec)))
       ok.push_back(c);
   return ok;
 }

@@ -4,6 +4,7 @@
 #include <mutex>
 
 #include "cuda/pdl_launch.cuh"
+#include "cuda/w4a16_batch.cuh"
 #include "cuda/w4a16_kernels.cuh"
 
 namespace spear::cuda::detail {
@@ -73,6 +74,52 @@ int decode_blocks_per_sm(int nt, int tg, bool grouped, bool bulk, int threads, s
   return 0;
 }
 #undef SPEAR_DEC_ALL
+
+// ---- batch kernel (Kernel::kBatch): NT in {1, 2, 4}, TG in {2, 4, 8} --------------------
+template <typename T, int NT, int TG, bool GROUPED>
+static cudaError_t batch_inst(const DecodeParams& p, int grid, int threads, size_t smem, cudaStream_t s) {
+  auto kern = w4_batch_kernel<T, NT, TG, GROUPED>;
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [&] { attr_err = allow_big_smem(kern); });
+  if (attr_err != cudaSuccess) return attr_err;
+  return launch_pdl(kern, dim3(grid), dim3(threads), smem, s, p);
+}
+
+template <typename T, int NT, int TG, bool GROUPED>
+static int batch_occ(int threads, size_t smem) {
+  auto kern = w4_batch_kernel<T, NT, TG, GROUPED>;
+  static std::once_flag once;
+  std::call_once(once, [&] { allow_big_smem(kern); });
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, smem) != cudaSuccess) return 0;
+  return n;
+}
+
+#define SPEAR_BATCH_ALL(F, ...)                                                                         \
+  if (tg == 2 && nt == 1) return grouped ? F<T, 1, 2, true>(__VA_ARGS__) : F<T, 1, 2, false>(__VA_ARGS__); \
+  if (tg == 2 && nt == 2) return grouped ? F<T, 2, 2, true>(__VA_ARGS__) : F<T, 2, 2, false>(__VA_ARGS__); \
+  if (tg == 2 && nt == 4) return grouped ? F<T, 4, 2, true>(__VA_ARGS__) : F<T, 4, 2, false>(__VA_ARGS__); \
+  if (tg == 4 && nt == 1) return grouped ? F<T, 1, 4, true>(__VA_ARGS__) : F<T, 1, 4, false>(__VA_ARGS__); \
+  if (tg == 4 && nt == 2) return grouped ? F<T, 2, 4, true>(__VA_ARGS__) : F<T, 2, 4, false>(__VA_ARGS__); \
+  if (tg == 4 && nt == 4) return grouped ? F<T, 4, 4, true>(__VA_ARGS__) : F<T, 4, 4, false>(__VA_ARGS__); \
+  if (tg == 8 && nt == 1) return grouped ? F<T, 1, 8, true>(__VA_ARGS__) : F<T, 1, 8, false>(__VA_ARGS__); \
+  if (tg == 8 && nt == 2) return grouped ? F<T, 2, 8, true>(__VA_ARGS__) : F<T, 2, 8, false>(__VA_ARGS__); \
+  if (tg == 8 && nt == 4) return grouped ? F<T, 4, 8, true>(__VA_ARGS__) : F<T, 4, 8, false>(__VA_ARGS__);
+
+template <typename T>
+cudaError_t launch_batch(const DecodeParams& p, int nt, int tg, bool grouped, int grid, int threads, size_t smem,
+                         cudaStream_t s) {
+  SPEAR_BATCH_ALL(batch_inst, p, grid, threads, smem, s)
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+int batch_blocks_per_sm(int nt, int tg, bool grouped, int threads, size_t smem) {
+  SPEAR_BATCH_ALL(batch_occ, threads, smem)
+  return 0;
+}
+#undef SPEAR_BATCH_ALL
 
 template <typename T>
 cudaError_t launch_ec_u(const DecodeParams& p, int tg, int grid_x, int grid_y, int threads, cudaStream_t s) {

@@ -3,7 +3,7 @@
 // asymmetric and symmetric, odd M/N/K, poisoned outputs (every element written, nothing
 // past N touched), the EC with a per-token gate (per-coordinate and the full r x r one)
 // checked token by token, every kernel
-// (decode, prefill, dequantize + cuBLAS), EC mode (fused, split) and the dispatcher. Skips without a GPU.
+// (decode, batch, prefill, dequantize + cuBLAS), EC mode (fused, split) and the dispatcher. Skips without a GPU.
 #include <gtest/gtest.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -209,6 +209,35 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
       c.ec = EcMode::kFused;
       cases.push_back({c});
     }
+    if (p.K % 8 == 0 && M > 8) {  // the batch kernel: each nt, 4 and 8 warps, split-K, fused and split EC
+      const int btg = M <= 16 ? 2 : M <= 32 ? 4 : 8;
+      for (EcMode m : {EcMode::kFused, EcMode::kSplit}) {
+        if (!ec && m == EcMode::kSplit) continue;
+        KernelConfig c;
+        c.kernel = Kernel::kBatch;
+        c.ec = m;
+        c.tg = btg;
+        c.nt = 2;
+        cases.push_back({c});
+        c.nt = 1;
+        c.warps = 4;
+        c.splits = 3;
+        cases.push_back({c});
+        c.nt = 4;
+        c.warps = 8;
+        c.splits = 2;
+        cases.push_back({c});
+      }
+      if (M > 16) {  // a tile smaller than M: chunks of 16 tokens
+        KernelConfig c;
+        c.kernel = Kernel::kBatch;
+        c.tg = 2;
+        c.nt = 2;
+        c.splits = 2;
+        c.ec = EcMode::kFused;
+        cases.push_back({c});
+      }
+    }
     if (p.K % 8 == 0 && M >= 16)
       for (int bm : {64, 128}) {
         KernelConfig c;
@@ -365,6 +394,12 @@ TEST(W4A16Gpu, RejectsBadArguments) {
   bulk_tg4.tg = 4;
   EXPECT_FALSE(w4a16_config_ok(bulk_tg4, nullptr, 8, 32, w, nullptr));
   EXPECT_FALSE(KernelConfig::parse("decode nt=x", &parsed));
+  ASSERT_TRUE(KernelConfig::parse("batch nt=4 tg=8 warps=4 splits=3 ec=fused", &parsed));
+  EXPECT_EQ(parsed.kernel, Kernel::kBatch);
+  EXPECT_EQ(parsed.str(), "batch nt=4 tg=8 warps=4 splits=3 ec=fused");
+  KernelConfig batch_tg1 = parsed;  // the batch kernel's token tile is 16, 32 or 64
+  batch_tg1.tg = 1;
+  EXPECT_FALSE(w4a16_config_ok(batch_tg1, nullptr, 8, 32, w, nullptr));
   ASSERT_TRUE(KernelConfig::parse("dequant rows=4096 ec=split", &parsed));
   EXPECT_EQ(parsed.kernel, Kernel::kDequant);
   EXPECT_EQ(parsed.str(), "dequant rows=4096 ec=split");
