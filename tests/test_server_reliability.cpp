@@ -455,7 +455,7 @@ TEST(ServerReliability, ManySmallJsonValuesAreRefusedBeforeTheDom) {
       std::snprintf(hex, sizeof hex, "%zx\r\n", n);
       wire.append(hex).append(body, i, n).append("\r\n");
     }
-    return wire + "0\r\n\r\n";
+    return wire.append("0\r\n\r\n");
   };
   auto request = [&](const std::string& body, Framing f) {
     switch (f) {
