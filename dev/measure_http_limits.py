@@ -6,13 +6,17 @@
           bomb; bodies that parse into many small JSON values) a fresh server is started,
           warmed up with one normal request, VmHWM is reset (/proc/PID/clear_refs = 5,
           the peak is then the current RSS) and read back after the hostile request is
-          answered. peak - rss_before must stay within 2 x --max-body-mb.
+          answered. peak - rss_before must stay within 2 x --max-body-mb. With --repeat N
+          the same request is sent N times to that server, each measured the same way
+          (a process's later large requests meet a heap the earlier ones shaped), and
+          "retained_mb" is what the process holds after the last answer over the RSS
+          before the first.
   slow    128 slow clients do not delay a normal request by more than 100 ms. The latency
           of a normal completion (max_tokens 2) is measured alone, then while 128
           connections trickle header lines (one every 50 ms each).
 
   python3 dev/measure_http_limits.py [--spear build/spear] [--model models/stories260K-hf]
-                                     [--max-body-mb 8] [rss] [slow]
+                                     [--max-body-mb 8] [--repeat 1] [rss] [slow]
 Prints one line per case and a JSON summary; exits 1 if a target is missed.
 """
 import argparse
@@ -170,30 +174,38 @@ def run_rss(args):
             request(srv.port, post("/v1/completions", NORMAL))  # warm up
             pid = srv.p.pid
             model_rss = kb(pid, "VmRSS")
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            before = kb(pid, "VmHWM")
-            t0 = time.time()
-            status, body = request(srv.port, req)
-            took = time.time() - t0
-            time.sleep(0.2)
-            peak = kb(pid, "VmHWM")
-            code = ""
-            try:
-                code = json.loads(body)["error"].get("code", "")
-            except Exception:
-                pass
-            grow = (peak - before) / 1024
-            within = grow <= 2 * args.max_body_mb
-            ok &= within
-            r = {"case": name, "wire_bytes": wire, "decoded_bytes": decoded, "status": status, "code": code,
-                 "seconds": round(took, 3), "rss_before_mb": round(before / 1024, 1),
-                 "peak_mb": round(peak / 1024, 1), "growth_mb": round(grow, 1),
-                 "bound_mb": 2 * args.max_body_mb, "within": within, "model_rss_mb": round(model_rss / 1024, 1)}
-            results.append(r)
-            print(f"{name:34s} wire {wire / 2**20:7.2f} MB  -> {status} {code:26s} {took:6.2f} s  "
-                  f"RSS {before / 1024:6.1f} -> {peak / 1024:6.1f} MB (+{grow:5.1f}, bound +{2 * args.max_body_mb})"
-                  f"{'' if within else '  OVER'}", flush=True)
+            first_before = None
+            for rep in range(args.repeat):
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                before = kb(pid, "VmHWM")
+                if first_before is None:
+                    first_before = before
+                t0 = time.time()
+                status, body = request(srv.port, req)
+                took = time.time() - t0
+                time.sleep(0.2)
+                peak = kb(pid, "VmHWM")
+                code = ""
+                try:
+                    code = json.loads(body)["error"].get("code", "")
+                except Exception:
+                    pass
+                grow = (peak - before) / 1024
+                within = grow <= 2 * args.max_body_mb
+                ok &= within
+                r = {"case": name, "wire_bytes": wire, "decoded_bytes": decoded, "status": status, "code": code,
+                     "seconds": round(took, 3), "rss_before_mb": round(before / 1024, 1),
+                     "peak_mb": round(peak / 1024, 1), "growth_mb": round(grow, 1),
+                     "bound_mb": 2 * args.max_body_mb, "within": within, "model_rss_mb": round(model_rss / 1024, 1)}
+                if args.repeat > 1:
+                    r["repeat"] = rep + 1
+                    r["retained_mb"] = round((kb(pid, "VmRSS") - first_before) / 1024, 1)
+                results.append(r)
+                more = f"  #{rep + 1}, retained +{r['retained_mb']:.1f} MB" if args.repeat > 1 else ""
+                print(f"{name:34s} wire {wire / 2**20:7.2f} MB  -> {status} {code:26s} {took:6.2f} s  "
+                      f"RSS {before / 1024:6.1f} -> {peak / 1024:6.1f} MB (+{grow:5.1f}, bound +{2 * args.max_body_mb})"
+                      f"{'' if within else '  OVER'}{more}", flush=True)
         finally:
             srv.stop()
     return ok, results
@@ -254,6 +266,7 @@ def main():
     ap.add_argument("--spear", default=os.path.join(ROOT, "build", "spear"))
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "stories260K-hf"))
     ap.add_argument("--max-body-mb", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=1, help="rss: send each hostile request this many times")
     ap.add_argument("what", nargs="*", default=["rss", "slow"])
     args = ap.parse_args()
     summary, ok = {"max_body_mb": args.max_body_mb}, True

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -174,6 +175,24 @@ void HttpServer::start() {
   Listener& svr = impl_->svr;
   svr.set_payload_max_length(opt_.max_body_bytes);  // SocketFront enforces it first
   svr.set_write_timeout(opt_.write_timeout_s, 0);
+  // cpp-httplib appends a body to Request::body 4 KiB at a time, so the string doubles
+  // its way up, freeing each smaller buffer. Once glibc's mmap threshold has been
+  // raised (it follows the largest block freed, e.g. a framer buffer or an earlier
+  // request's body), those steps are carved from the malloc arena and stay resident
+  // after the free: ~1x the body more at the peak (8 MB on the 8 MiB limit,
+  // docs/BENCHMARKS.md). The pre-routing handler runs after the head is parsed and
+  // before the body is read (Server::routing), so the body's final size is reserved
+  // here. Every request it sees comes from the framer with an exact Content-Length
+  // within the limit. The handler is handed a const Request; the object is the
+  // library's own non-const local, so writing its body's capacity is well defined.
+  svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response&) {
+    const std::string cl = req.get_header_value("Content-Length");
+    uint64_t n = 0;
+    const auto [end, ec] = std::from_chars(cl.data(), cl.data() + cl.size(), n);
+    if (ec == std::errc() && end == cl.data() + cl.size() && n > 0 && n <= opt_.max_body_bytes)
+      const_cast<httplib::Request&>(req).body.reserve(static_cast<size_t>(n));
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
 
   auto authorized = [this](const httplib::Request& req, httplib::Response& res) {
     if (opt_.api_key.empty()) return true;

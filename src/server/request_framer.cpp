@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <exception>
 #include <string_view>
 
 namespace spear::server {
@@ -40,6 +41,17 @@ bool has_ctl(const std::string& s) {
 // Joins repeated headers as one comma-separated list (RFC 9110 5.3).
 void append_list(std::string& acc, const std::string& value) {
   acc += (acc.empty() ? "" : ",") + value;
+}
+
+// Reserves room for a body of unknown size up to the limit (a chunked body, an
+// inflated one). Only address space: pages count once written. Should the allocator
+// refuse (a strict overcommit policy, a large --max-body-mb), the string grows by
+// appends as it would without the reservation.
+void reserve_bound(std::string& s, size_t n) {
+  try {
+    s.reserve(n);
+  } catch (const std::exception&) {  // bad_alloc, length_error
+  }
 }
 
 }  // namespace
@@ -145,6 +157,15 @@ RequestFramer::State RequestFramer::feed(std::string& in) {
         if (body_.size() + size > lim_.max_body_bytes)
           return fail(413, "payload_too_large",
                       "the request body is larger than " + std::to_string(lim_.max_body_bytes) + " bytes");
+        // The whole bound at the first chunk rather than growth by appends. A string
+        // that doubles its way up holds the old and the new buffer at each step (1.5x
+        // the body near the limit; a body refused at the limit peaked at 2x), may lack
+        // the room for the head at the end (one more copy), and frees each step: glibc
+        // answers the free of a large mmapped block by raising its mmap threshold to
+        // that size, after which blocks of up to that size come from malloc arenas,
+        // where what is freed stays resident (docs/BENCHMARKS.md, issue 14).
+        if (body_.capacity() < lim_.max_body_bytes)
+          reserve_bound(body_, lim_.max_body_bytes + (inflate_ ? 0 : head_room_));
         length_ = body_.size() + size;  // where this chunk ends
         phase_ = Phase::ChunkData;
         continue;
@@ -233,14 +254,17 @@ RequestFramer::State RequestFramer::head_complete() {
   if (has_length_ && length_ > lim_.max_body_bytes)
     return fail(413, "payload_too_large",
                 "the request body is larger than " + std::to_string(lim_.max_body_bytes) + " bytes");
+  // Room for the head that finish() puts in front of the body handed on: the request
+  // line and its CRLF, the kept headers, "Content-Length: " with at most 20 digits and
+  // the blank line.
+  head_room_ = request_line_.size() + head_.size() + 64;
   if (chunked_) {
     phase_ = Phase::ChunkSize;
     return State::NeedMore;
   }
   if (has_length_ && length_ > 0) {
-    // Room for the head that finish() puts in front (the request line, the kept
-    // headers and Content-Length: at most the head limit and a few bytes).
-    body_.reserve(static_cast<size_t>(length_) + lim_.max_head_bytes + 64);
+    // A compressed body is not handed on (what it inflates to is): no head room.
+    body_.reserve(static_cast<size_t>(length_) + (inflate_ ? 0 : head_room_));
     phase_ = Phase::Body;
     return State::NeedMore;
   }
@@ -252,7 +276,10 @@ RequestFramer::State RequestFramer::finish() {
     z_stream zs{};
     if (inflateInit2(&zs, 15 + 32) != Z_OK)  // gzip or zlib, detected from the header
       return fail(500, "internal_error", "cannot start the inflater");
+    // Reserved once up to the limit, with room for the head (why: ChunkSize); the
+    // check below keeps it from growing past the reservation.
     std::string out;
+    reserve_bound(out, lim_.max_body_bytes + head_room_);
     char buf[16384];
     zs.next_in = reinterpret_cast<Bytef*>(body_.data());
     zs.avail_in = static_cast<uInt>(body_.size());
@@ -276,8 +303,10 @@ RequestFramer::State RequestFramer::finish() {
     if (!ok) return fail(400, "bad_request", "the compressed request body is corrupt or truncated");
     body_ = std::move(out);
   }
-  // The head goes in front of the body in its own buffer (reserved with room for it
-  // when the length was known), so a large body is not held twice here.
+  // The head goes in front of the body in the body's own buffer: each body buffer was
+  // reserved with head_room_ to spare (unless the allocator refused a bound), so this
+  // moves the bytes in place rather than copying them into a new buffer (a large body
+  // is not held twice here).
   std::string head = request_line_ + "\r\n" + head_ + "Content-Length: " + std::to_string(body_.size()) +
                      "\r\n\r\n";
   body_.insert(0, head);

@@ -19,6 +19,10 @@
 // without Transfer-Encoding, Content-Encoding, Expect and Content-Length, then
 // "Content-Length: N" and exactly N body bytes. Bytes after the request (a pipelined
 // next request) stay in the caller's buffer for the next call.
+// Memory: each body buffer is reserved once (a Content-Length body: its length; a
+// chunked or inflated one: the limit, as address space that counts only once written)
+// with room for the head, which is then put in front in place; nothing is grown by
+// appends or copied into a second buffer (why growth costs RSS: ChunkSize in the .cpp).
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -73,8 +77,9 @@ class RequestFramer {
   size_t head_bytes_ = 0, headers_ = 0;
   bool has_length_ = false, chunked_ = false, inflate_ = false, expect_continue_ = false;
   bool continue_taken_ = false;
-  uint64_t length_ = 0;       // Content-Length, or the current chunk's size
-  std::string body_;
+  uint64_t length_ = 0;       // Content-Length, or where the current chunk ends
+  size_t head_room_ = 0;      // what finish() puts in front of the body, at most
+  std::string body_;          // the body (compressed: as received), reserved once
   std::string out_;
   int status_ = 0;
   std::string code_, message_;
