@@ -138,7 +138,7 @@ heuristic)  # the dispatcher without a table (what ppl/generate/serve get untune
 batch)  # the batch kernel (M = 9..128): bench-latency with it and without it (SPEAR_W4A16_BATCH=0), same build, same run
   for nb in 1 0; do
     v=w4,w4ec-full; [ $nb = 1 ] && v=fp16,w4,w4ec-full
-    SPEAR_W4A16_BATCH=$nb SPEAR_W4A16_CACHE=/tmp/w4a16-batch$nb.txt timeout 240 $B/spear bench-latency \
+    SPEAR_W4A16_BATCH=$nb SPEAR_W4A16_CACHE=/tmp/w4a16-batch$nb.txt timeout 200 $B/spear bench-latency \
       --config llama-2-7b,llama-3.2-1b --variants $v --batches 1,8,16,32,64 --contexts 512 --prefill 512 --autotune \
       --md "$OUT/batch$nb.md" --json "$OUT/batch$nb.json" >"$OUT/batch$nb.log" 2>&1
     echo "bench-latency SPEAR_W4A16_BATCH=$nb rc=$?"; sed -n 1,40p "$OUT/batch$nb.md"
