@@ -143,6 +143,13 @@ batch)  # the batch kernel (M = 9..128): bench-latency with it and without it (S
       --md "$OUT/batch$nb.md" --json "$OUT/batch$nb.json" >"$OUT/batch$nb.log" 2>&1
     echo "bench-latency SPEAR_W4A16_BATCH=$nb rc=$?"; sed -n 1,40p "$OUT/batch$nb.md"
   done ;;
+batch-quick)  # the same at 7B and 1B, W4 and W4+EC (full gate), batch 1/16/32/64 and a 128-token prefill (M = 128)
+  for nb in 1 0; do
+    SPEAR_W4A16_BATCH=$nb SPEAR_W4A16_CACHE=/tmp/w4a16-bq$nb.txt timeout 110 $B/spear bench-latency \
+      --config llama-2-7b,llama-3.2-1b --variants w4,w4ec-full --batches 1,16,32,64 --contexts 512 --prefill 128 \
+      --autotune --md "$OUT/bq$nb.md" --json "$OUT/bq$nb.json" >"$OUT/bq$nb.log" 2>&1
+    echo "bench-latency SPEAR_W4A16_BATCH=$nb rc=$?"; sed -n 1,30p "$OUT/bq$nb.md"
+  done ;;
 kernels)
   [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;
