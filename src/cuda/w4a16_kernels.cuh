@@ -175,6 +175,10 @@ __device__ __forceinline__ void a_warp_item(const DecodeParams& p, int item, con
   if (lane == 0) atomicAdd(&p.ctrl[1], 1u);
 }
 
+// ---- helpers of the batch kernel (w4a16_batch.cuh) -----------------------------------
+// (The decode and prefill kernels below have the same steps written inline, as they last ran
+// on the GPU; they move onto these helpers once the batch kernel has run there.)
+
 // Fused EC: the first a_blocks blocks of the grid hold the A items, one per warp (item =
 // block + a_blocks * warp): A fetched before griddepcontrol.wait, x and the mma after it;
 // done long before the weight blocks reach their epilogue. True when this block was one of
@@ -455,7 +459,21 @@ __global__ void __launch_bounds__(256) w4_decode_kernel(const DecodeParams p) {
   // The next kernel may start (it runs its own prologue, then waits for our completion
   // before it reads x, y or the workspace).
   grid_dep_launch();
-  if (fused_a_block<T, TG>(p)) return;
+  if (p.ec == 1 && static_cast<int>(blockIdx.x) < p.a_blocks) {
+    // Fused EC: the first a_blocks blocks hold the A items, one per warp (item = block +
+    // a_blocks * warp): A fetched before griddepcontrol.wait, x and the mma after it; done
+    // long before the weight blocks reach their epilogue.
+    const int a_item_id = blockIdx.x + p.a_blocks * (tid >> 5);
+    if (a_item_id >= p.nA) {
+      grid_dep_wait();
+      return;
+    }
+    uint4 av[2][4];
+    a_warp_load(p, a_item_id, av);
+    grid_dep_wait();
+    a_warp_item<T, TG>(p, a_item_id, av);
+    return;
+  }
   const int item = blockIdx.x - (p.ec == 1 ? p.a_blocks : 0);
   for (int i = tid; i < ROWS * TM; i += blockDim.x) red[i] = 0.f;
   // (made visible by the __syncthreads after the weight stream)
@@ -731,10 +749,40 @@ __global__ void __launch_bounds__(256, 1) w4_prefill_kernel(const PrefillParams 
       }
     }
   }
-  const int nb_w = nb0 + wn * 4, t_w = m0 + wm * (BM / 4);  // this warp's first row block and token
-  // split-K: partial sums into ws_y; the tile's last block continues
-  if (p.splits > 1 && !split_k_reduce(acc, nb_w, t_w, p.N, p.M, p.N_pad, p.ws_y, &p.ws_cnt[blockIdx.x], p.splits))
-    return;
+  if (p.splits > 1) {  // split-K: partial sums into ws_y; the tile's last block continues
+    __shared__ unsigned s_last_split;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int tg = 0; tg < TGW; ++tg)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = (nb0 + wn * 4 + i) * 16 + g + (e >> 1) * 8;
+          const int t = m0 + wm * (BM / 4) + tg * 8 + 2 * q + (e & 1);
+          if (n < p.N && t < p.M) atomicAdd(&p.ws_y[static_cast<int64_t>(t) * p.N_pad + n], acc[i][tg][e]);
+        }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_last_split = atomicAdd(&p.ws_cnt[blockIdx.x], 1u) == static_cast<unsigned>(p.splits - 1);
+    __syncthreads();
+    if (!s_last_split) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int tg = 0; tg < TGW; ++tg)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = (nb0 + wn * 4 + i) * 16 + g + (e >> 1) * 8;
+          const int t = m0 + wm * (BM / 4) + tg * 8 + 2 * q + (e & 1);
+          if (n < p.N && t < p.M) {
+            float* cell = &p.ws_y[static_cast<int64_t>(t) * p.N_pad + n];
+            acc[i][tg][e] = __ldcg(cell);
+            __stcg(cell, 0.f);
+          }
+        }
+    if (tid == 0) p.ws_cnt[blockIdx.x] = 0u;
+  }
   if (p.ec) {  // y += B v with v = gamma(u) * u, as r_pad/16 more k16 steps of mma
     T* vs = reinterpret_cast<T*>(smem);  // (BM, r_pad + 8) in T; +8 staggers banks
     const int ldv = p.r_pad + 8;
@@ -748,11 +796,39 @@ __global__ void __launch_bounds__(256, 1) w4_prefill_kernel(const PrefillParams 
       vs[t * ldv + j] = Traits<T>::from_f(v);
     }
     __syncthreads();
-    ec_bv_mma<T, 4, TGW>(acc, static_cast<const T*>(p.ec_b), vs, ldv, nb_w, wm * (BM / 4), NB, p.r_pad);
+    const T* B = static_cast<const T*>(p.ec_b);
+    for (int jt = 0; jt < p.r_pad / 16; ++jt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int nb = nb0 + wn * 4 + i;
+        if (nb >= NB) continue;
+        const T* b0 = B + static_cast<int64_t>(nb * 16 + g) * p.r_pad + jt * 16 + 2 * q;
+        const T* b1 = b0 + 8 * p.r_pad;
+        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(b0), *reinterpret_cast<const uint32_t*>(b1),
+                               *reinterpret_cast<const uint32_t*>(b0 + 8), *reinterpret_cast<const uint32_t*>(b1 + 8)};
+#pragma unroll
+        for (int tg = 0; tg < TGW; ++tg) {
+          const T* vr = vs + (wm * (BM / 4) + tg * 8 + g) * ldv + jt * 16 + 2 * q;
+          mma16816<T>(acc[i][tg], a, *reinterpret_cast<const uint32_t*>(vr),
+                      *reinterpret_cast<const uint32_t*>(vr + 8));
+        }
+      }
+    }
   }
   T* y = static_cast<T*>(p.y);
-  for_cells(acc, nb_w, t_w, p.N, p.M,
-            [&](int n, int t, float& v) { y[static_cast<int64_t>(t) * p.ldy + n] = Traits<T>::from_f(v); });
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int n0 = (nb0 + wn * 4 + i) * 16 + g;
+#pragma unroll
+    for (int tg = 0; tg < TGW; ++tg) {
+      const int t0 = m0 + wm * (BM / 4) + tg * 8 + 2 * q;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = n0 + (e >> 1) * 8, t = t0 + (e & 1);
+        if (n < p.N && t < p.M) y[static_cast<int64_t>(t) * p.ldy + n] = Traits<T>::from_f(acc[i][tg][e]);
+      }
+    }
+  }
 }
 
 // Programmatic dependent launch of the decode kernel (w4a16_set_pdl; default on unless

@@ -123,6 +123,7 @@ void reference(const Problem& p, const Host& h, const std::vector<double>& x, in
 struct Case {
   KernelConfig cfg;
   bool use_dispatcher = false;
+  bool batch_on = false;  // the dispatcher with the batch kernel among its choices (w4a16_set_batch)
 };
 
 void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
@@ -260,6 +261,7 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
       cases.push_back({c});
     }
     cases.push_back({KernelConfig{}, true});
+    cases.push_back({KernelConfig{}, true, true});
 
     // Plain W4 (no EC) once, to isolate the EC contribution.
     std::vector<uint16_t> y0(static_cast<size_t>(M) * ldy);
@@ -269,7 +271,9 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
       CK(cudaDeviceSynchronize());
       CK(cudaMemcpy(y0.data(), dy0, ybytes, cudaMemcpyDeviceToHost));
     }
+    const bool batch_default = w4a16_batch();
     for (const Case& cs : cases) {
+      w4a16_set_batch(cs.use_dispatcher ? cs.batch_on : batch_default);
       const std::string cname = cs.use_dispatcher ? "dispatcher:" + disp.select(act, dx, ldx, M, h.w, ec).str()
                                                   : cs.cfg.str();
       SCOPED_TRACE(cname);
@@ -320,6 +324,7 @@ void run_problem(const Problem& p, const std::vector<int>& Ms, uint32_t seed) {
                       ec ? (" ec-rel " + std::to_string(worst_ec)).c_str() : "");
       }
     }
+    w4a16_set_batch(batch_default);
     cudaFree(dx);
     cudaFree(dy);
     cudaFree(dy0);
