@@ -1,6 +1,8 @@
 // The GPU layouts of src/quant/gpu_layout.h, checked on the CPU (no GPU needed): bit-exact
 // against the canonical packing, and an emulation of the kernels' fragment reads
-// (lane, sub-tile, register, half -> row, k) that must reproduce QuantLinear::forward.
+// (lane, sub-tile, register, half -> row, k) that must reproduce QuantLinear::forward, and an
+// emulation of the batch kernel's whole data movement (its split of the grid, the shared-memory
+// stage layout of quant/gpu_batch_tiles.h, the fragment reads and mma.m16n8k16's operand maps).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "quant/gpu_batch_tiles.h"
 #include "quant/gpu_layout.h"
 #include "quant/quant_linear.h"
 #include "quant/rtn.h"
@@ -112,6 +115,105 @@ TEST(CudaRepack, FragmentEmulationMatchesQuantLinear) {
             }
       for (int64_t i = 0; i < M * N; ++i) ASSERT_NEAR(ye[i], y[i], 1e-4 * (1 + std::fabs(y[i])));
     }
+}
+
+// The batch kernel (src/cuda/w4a16_batch.cuh) emulated step by step on the CPU: for every
+// block (tile, K split), stage (unit) and warp, the stage's shared memory is filled as the
+// kernel's cp.async loops fill it (chunk -> offset functions of gpu_batch_tiles.h, zero fill
+// past N_pad, M and K), each lane reads its weight words and x chunks at the offsets the kernel
+// reads, and the warp's mma.m16n8k16 is assembled from the 32 lanes' registers with PTX's
+// operand maps (A: a_r half h = row g + 8 (r & 1), col 2q + 8 (r >> 1) + h; B: b0 = rows 2q,
+// 2q + 1, b1 = rows 2q + 8, 2q + 9, col g). The sum over blocks must be QuantLinear::forward.
+// What this cannot see: timing, the pipeline's synchronisation, the epilogue's atomics.
+TEST(CudaRepack, BatchKernelEmulationMatchesQuantLinear) {
+  namespace bt = batch_tiles;
+  struct Cfg {
+    int nt, warps, splits, tg;
+    int64_t group;
+  };
+  for (const Cfg cf : {Cfg{1, 4, 3, 8, -1}, Cfg{2, 8, 1, 8, 128}, Cfg{4, 4, 2, 4, -1}, Cfg{2, 4, 4, 2, 128}}) {
+    SCOPED_TRACE("nt=" + std::to_string(cf.nt) + " warps=" + std::to_string(cf.warps) +
+                 " splits=" + std::to_string(cf.splits) + " tg=" + std::to_string(cf.tg));
+    const int64_t N = 200, K = 392;  // N_pad 208 (13 row blocks), K_pad 512 (4 units)
+    const int TM = 8 * cf.tg, M = TM - 3;
+    QuantizedMatrix q = make(N, K, cf.group, false, 7);
+    GpuW4Layout l = repack_w4(q);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd;
+    std::vector<float> x(static_cast<size_t>(M) * K), y(static_cast<size_t>(M) * N);
+    for (auto& v : x) v = nd(rng);
+    QuantLinear(q).forward(x.data(), M, y.data());
+    const int NB = static_cast<int>(l.n_blocks()), KB = static_cast<int>(l.k_blocks()), KU = KB / 2;
+    const int rows = cf.nt * cf.warps, tiles = (NB + rows - 1) / rows;
+    std::vector<double> ye(static_cast<size_t>(M) * N, 0.0);
+    std::vector<unsigned char> wsm(static_cast<size_t>(cf.warps) * cf.nt * 1024);
+    std::vector<float> xsm(static_cast<size_t>(TM) * 128);  // x in halves: byte offset / 2
+    for (int tile = 0; tile < tiles; ++tile)
+      for (int ks = 0; ks < cf.splits; ++ks) {
+        const int nb0 = tile * rows;
+        for (int un = bt::split_begin(KU, ks, cf.splits); un < bt::split_begin(KU, ks + 1, cf.splits); ++un) {
+          // the stage, as load_w and load_x fill it
+          for (int c = 0; c < cf.warps * cf.nt * 64; ++c) {
+            const int rb = bt::w_chunk_rb(c), kb = bt::w_chunk_kb(c), ln = bt::w_chunk_lane(c);
+            const int nb = nb0 + rb;
+            unsigned char* dst = &wsm[bt::w_offset(rb, kb, ln)];
+            if (nb < NB)
+              std::memcpy(dst, &l.qweight[((static_cast<size_t>(nb) * KB + 2 * un + kb) * 32 + ln) * 16], 16);
+            else
+              std::memset(dst, 0, 16);
+          }
+          for (int c = 0; c < TM * 16; ++c) {
+            const int t = c >> 4, ch = c & 15, k = un * 128 + ch * 8;
+            for (int j = 0; j < 8; ++j)
+              xsm[bt::x_offset(t, ch) / 2 + j] = (t < M && k < K) ? x[static_cast<size_t>(t) * K + k + j] : 0.0f;
+          }
+          for (int warp = 0; warp < cf.warps; ++warp)
+            for (int i = 0; i < cf.nt; ++i) {
+              const int nb = nb0 + warp * cf.nt + i;
+              for (int h = 0; h < 2; ++h)
+                for (int s = 0; s < 4; ++s) {
+                  const int sp = s >> 1, s2 = s & 1;
+                  double A[16][16], B[16][64];
+                  for (int lane = 0; lane < 32; ++lane) {
+                    const int g = lane >> 2, qd = lane & 3;
+                    uint32_t word;
+                    std::memcpy(&word, &wsm[bt::w_offset(warp * cf.nt + i, h, lane) + 4 * s], 4);
+                    for (int r = 0; r < 4; ++r)
+                      for (int hh = 0; hh < 2; ++hh) {
+                        const int row = g + 8 * (r & 1), col = 2 * qd + 8 * (r >> 1) + hh;
+                        const int code = static_cast<int>((word >> (4 * r + 16 * hh)) & 0xfu);
+                        // the weight itself (exact scale): n, and the group of this unit's inputs
+                        const int64_t n = static_cast<int64_t>(nb) * 16 + row;
+                        const int64_t gi = l.group ? std::min<int64_t>((un * 128) / l.group, l.G - 1) : 0;
+                        A[row][col] = n < l.N_pad ? l.scales[gi * l.N_pad + n] *
+                                                        (code - static_cast<int>(l.zeros[gi * l.N_pad + n]))
+                                                  : 0.0;
+                      }
+                    for (int tg = 0; tg < cf.tg; ++tg) {
+                      const int t = tg * 8 + g;
+                      const float* chunk = &xsm[bt::x_offset(t, bt::x_chunk(h, qd, sp)) / 2];
+                      // b0 = word 2 s2 (halves 0, 1), b1 = word 2 s2 + 1
+                      B[2 * qd][t] = chunk[4 * s2];
+                      B[2 * qd + 1][t] = chunk[4 * s2 + 1];
+                      B[2 * qd + 8][t] = chunk[4 * s2 + 2];
+                      B[2 * qd + 9][t] = chunk[4 * s2 + 3];
+                    }
+                  }
+                  for (int row = 0; row < 16; ++row) {
+                    const int64_t n = static_cast<int64_t>(nb) * 16 + row;
+                    if (n >= N) continue;
+                    for (int t = 0; t < std::min(M, TM); ++t) {
+                      double d = 0;
+                      for (int c = 0; c < 16; ++c) d += A[row][c] * B[c][t];
+                      ye[static_cast<size_t>(t) * N + n] += d;
+                    }
+                  }
+                }
+            }
+        }
+      }
+    for (size_t i = 0; i < y.size(); ++i) ASSERT_NEAR(ye[i], y[i], 1e-4 * (1 + std::fabs(y[i]))) << "cell " << i;
+  }
 }
 
 TEST(CudaRepack, EcFactors) {

@@ -23,6 +23,7 @@
 //     grid, as in the decode kernel); B v is added as r_pad / 16 more k16 steps of mma in
 //     registers, as in the prefill kernel.
 #include "cuda/w4a16_kernels.cuh"
+#include "quant/gpu_batch_tiles.h"
 
 namespace spear::cuda::detail {
 
@@ -65,18 +66,18 @@ __global__ void __launch_bounds__(256, 1) w4_batch_kernel(const DecodeParams p) 
   const int WBYTES = batch_w_bytes(NT, nw), SBYTES = WBYTES + TM * 256;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const uint32_t sbase = smem_u32(smem);
-  const int u_begin = static_cast<int>(static_cast<int64_t>(p.KU) * ks / p.splits);
-  const int u_end = static_cast<int>(static_cast<int64_t>(p.KU) * (ks + 1) / p.splits);
+  namespace bt = spear::batch_tiles;  // the stage layout (quant/gpu_batch_tiles.h)
+  const int u_begin = bt::split_begin(p.KU, ks, p.splits), u_end = bt::split_begin(p.KU, ks + 1, p.splits);
   const int nu = u_end - u_begin;
 
-  // chunk c of the stage's weights: local row block c / 64, k-block (c / 32) & 1, lane c & 31
   auto load_w = [&](int slot, int un) {
     const uint32_t sw = sbase + slot * SBYTES;
     for (int c = tid; c < nw * NT * 64; c += nthreads) {
-      const int nb = nb0 + (c >> 6);
+      const int rb = bt::w_chunk_rb(c), kb = bt::w_chunk_kb(c), ln = bt::w_chunk_lane(c);
+      const int nb = nb0 + rb;
       const bool ok = nb < NB;
-      const uint4* src = p.qw + (static_cast<int64_t>(ok ? nb : 0) * p.KB + 2 * un + ((c >> 5) & 1)) * 32 + (c & 31);
-      cp_async16(sw + c * 16, src, ok);
+      const uint4* src = p.qw + (static_cast<int64_t>(ok ? nb : 0) * p.KB + 2 * un + kb) * 32 + ln;
+      cp_async16(sw + bt::w_offset(rb, kb, ln), src, ok);
     }
   };
   auto load_x = [&](int slot, int un) {
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(256, 1) w4_batch_kernel(const DecodeParams p) 
       const int k = un * 128 + ch * 8;
       const bool ok = t < p.M && k < p.K;  // K % 8 == 0 (x_vec): a chunk is all in or all out
       const T* src = ok ? x + static_cast<int64_t>(t) * p.ldx + k : x;
-      cp_async16(sx + t * 256 + ((ch ^ (t & 7)) << 4), src, ok);
+      cp_async16(sx + bt::x_offset(t, ch), src, ok);
     }
   };
 
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(256, 1) w4_batch_kernel(const DecodeParams p) 
     for (int h = 0; h < 2; ++h) {
       uint4 wv[NT];
 #pragma unroll
-      for (int i = 0; i < NT; ++i) wv[i] = lds128(sw + (((warp * NT + i) * 2 + h) * 32 + lane) * 16);
+      for (int i = 0; i < NT; ++i) wv[i] = lds128(sw + bt::w_offset(warp * NT + i, h, lane));
       // Lane (g, q)'s B operand of k-block h is x[token][64 h + 16 q .. + 16): chunks
       // 8 h + 2 q (sub-tiles 0, 1) and 8 h + 2 q + 1 (sub-tiles 2, 3); one chunk at a time
       // keeps 4 TG registers of x live instead of 8 TG.
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(256, 1) w4_batch_kernel(const DecodeParams p) 
 #pragma unroll
         for (int tg = 0; tg < TG; ++tg) {
           const int t = tg * 8 + g;
-          xv[tg] = lds128(sx + t * 256 + (((h * 8 + q * 2 + sp) ^ (t & 7)) << 4));
+          xv[tg] = lds128(sx + bt::x_offset(t, bt::x_chunk(h, q, sp)));
         }
 #pragma unroll
         for (int s2 = 0; s2 < 2; ++s2) {
