@@ -202,7 +202,7 @@ TEST(CudaRepack, BatchKernelEmulationMatchesQuantLinear) {
                   for (int row = 0; row < 16; ++row) {
                     const int64_t n = static_cast<int64_t>(nb) * 16 + row;
                     if (n >= N) continue;
-                    for (int t = 0; t < std::min(M, TM); ++t) {
+                    for (int t = 0; t < M; ++t) {
                       double d = 0;
                       for (int c = 0; c < 16; ++c) d += A[row][c] * B[c][t];
                       ye[static_cast<size_t>(t) * N + n] += d;

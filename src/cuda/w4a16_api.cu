@@ -55,6 +55,11 @@ constexpr int kFusedMaxM = 64;  // the decode kernel's largest token tile (tg = 
 
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 
+// 8-token groups that hold M tokens in one decode launch (at most 8: 64 tokens); the batch
+// kernel's token tile is at least 2 groups.
+int decode_tg(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
+int batch_tg(int M) { return std::max(2, decode_tg(M)); }
+
 struct WsLayout {
   unsigned* ctrl;
   unsigned* cnt;
@@ -186,7 +191,7 @@ DecodeParams decode_params(const void* x, int64_t ldx, int M, const W4Matrix& w,
 template <typename T>
 cudaError_t launch_split_u(DecodeParams d, float* u, cudaStream_t stream) {
   const int M = d.M, KU = d.KU;
-  const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  const int tg = decode_tg(M);
   const int mchunks = (M + tg * 8 - 1) / (tg * 8);
   const int a_tiles = d.r_pad / 16;
   int dev = 0, sms = 132;
@@ -502,7 +507,7 @@ KernelConfig batch_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num
   const int KU = std::max(1, w.K_pad / static_cast<int>(kGpuKUnit));
   KernelConfig best;
   best.kernel = Kernel::kBatch;
-  best.tg = M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  best.tg = batch_tg(M);
   best.nt = 2;
   double best_score = -1;
   for (int warps : {8, 4})
@@ -543,7 +548,7 @@ KernelConfig w4a16_heuristic(int M, const W4Matrix& w, const EcTerm* ec, int num
   // BENCHMARKS.md), as a rule: the register weight stream, two 16-row blocks per warp at
   // M <= 8 (one beyond), and split-K until the grid holds about three blocks per SM.
   c.kernel = Kernel::kDecode;
-  c.tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  c.tg = decode_tg(M);
   c.nt = c.tg == 1 ? 2 : 1;
   const int NB = std::max(1, w.N_pad / 16);
   const int NG = (NB + c.nt - 1) / c.nt;
@@ -623,10 +628,10 @@ KernelConfig W4A16Dispatcher::select(Act act, const void* x, int64_t ldx, int M,
   if (it != table_.end()) {
     KernelConfig c = it->second.cfg;
     if (c.kernel == Kernel::kDecode) {  // a bucket's tg may exceed what a smaller M needs
-      const int need = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+      const int need = decode_tg(M);
       if (c.tg > need && c.nt * need <= 8) c.tg = need;
     }
-    if (c.kernel == Kernel::kBatch) c.tg = std::min(c.tg, M <= 16 ? 2 : M <= 32 ? 4 : 8);
+    if (c.kernel == Kernel::kBatch) c.tg = std::min(c.tg, batch_tg(M));
     const bool usable = c.kernel == Kernel::kDequant ? w4a16_config_ok(c, x, ldx, M, w, ec) &&
                                                             dequant_fits(c.rows, M, w, ec)
                                                       : w4a16_config_ok(c, x, ldx, M, w, ec);
@@ -681,7 +686,7 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
   const int KU = w.K_pad / static_cast<int>(kGpuKUnit);
   const bool vec = x_vec_ok(x, ldx, w.K);
   if (M <= 64) {
-    const int tg = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+    const int tg = decode_tg(M);
     for (int nt : {1, 2, 4}) {
       if (nt * tg > 8) continue;
       for (int splits : {1, 2, 3, 4, 6, 8}) {
@@ -735,7 +740,7 @@ std::vector<KernelConfig> W4A16Dispatcher::candidates(const void* x, int64_t ldx
             KernelConfig c;
             c.kernel = Kernel::kBatch;
             c.nt = nt;
-            c.tg = M <= 16 ? 2 : M <= 32 ? 4 : 8;
+            c.tg = batch_tg(M);
             c.warps = warps;
             c.splits = splits;
             c.ec = m;

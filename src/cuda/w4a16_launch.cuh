@@ -1,7 +1,9 @@
 #pragma once
 // Launcher bodies, included once per activation type (w4a16_f16.cu, w4a16_bf16.cu) so the
 // two sets of kernel instantiations compile in parallel.
+#include <map>
 #include <mutex>
+#include <utility>
 
 #include "cuda/pdl_launch.cuh"
 #include "cuda/w4a16_batch.cuh"
@@ -86,13 +88,21 @@ static cudaError_t batch_inst(const DecodeParams& p, int grid, int threads, size
   return launch_pdl(kern, dim3(grid), dim3(threads), smem, s, p);
 }
 
+// Memoized per (threads, smem): the batch heuristic asks four instantiations on every
+// untuned select(), which runs per GEMM call outside CUDA graphs (mixed and prefill steps).
 template <typename T, int NT, int TG, bool GROUPED>
 static int batch_occ(int threads, size_t smem) {
   auto kern = w4_batch_kernel<T, NT, TG, GROUPED>;
   static std::once_flag once;
   std::call_once(once, [&] { allow_big_smem(kern); });
+  static std::mutex mu;
+  static std::map<std::pair<int, size_t>, int> seen;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(threads, smem);
+  if (auto it = seen.find(key); it != seen.end()) return it->second;
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, smem) != cudaSuccess) return 0;
+  seen[key] = n;
   return n;
 }
 
