@@ -150,6 +150,10 @@ batch-quick)  # the same at 7B and 1B, W4 and W4+EC (full gate), batch 1/16/32/6
       --autotune --md "$OUT/bq$nb.md" --json "$OUT/bq$nb.json" >"$OUT/bq$nb.log" 2>&1
     echo "bench-latency SPEAR_W4A16_BATCH=$nb rc=$?"; sed -n 1,30p "$OUT/bq$nb.md"
   done ;;
+sanitize)  # compute-sanitizer memcheck on the small W4A16 cases (every kernel incl. the batch kernel, with ECs)
+  timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck $B/spear_cuda_tests \
+    --gtest_filter='*OddShapes*:*IdentityGate*' >"$OUT/sanitizer.log" 2>&1
+  echo "compute-sanitizer rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED|Invalid" "$OUT/sanitizer.log" | head -8 ;;
 kernels)
   [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;
