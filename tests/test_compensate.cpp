@@ -205,7 +205,7 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
   const int64_t T = 7, B = 2;
   CalibData d = random_data(c, B, T, 6);
   Runner run(n);
-  const TeacherTargets targets(run, d, TargetOptions{});
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   auto loss = [&]() {
     return mean_kl(run, d, targets, ecs, B);  // mean over B*T positions
   };
@@ -238,7 +238,7 @@ TEST(Compensate, DiagonalGateGradientsMatchFiniteDifferences) {
   const int64_t T = 7, B = 2;
   CalibData d = random_data(c, B, T, 23);
   Runner run(n);
-  const TeacherTargets targets(run, d, TargetOptions{});
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   auto loss = [&]() { return mean_kl(run, d, targets, ecs, B); };
   std::vector<ECGrad> grads = e2e_grads(n, run, d, targets, ecs);
   // The full gradient has off-diagonal G entries; the diagonal gate drops exactly those.
@@ -296,7 +296,7 @@ TEST(Compensate, DiagonalGateTrainingStaysDiagonal) {
   }
   CalibData d = random_data(c, 4, 16, 26);
   Runner run(n);
-  const TeacherTargets targets(run, d, TargetOptions{});
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   const double before = mean_kl(run, d, targets, start, 4);
   for (GateKind gk : {GateKind::Diag, GateKind::Full}) {
     std::vector<std::optional<ECParams>> ecs = start;
@@ -552,7 +552,7 @@ TEST(Compensate, E2ETrainingLowersItsObjective) {
   }
   CalibData d = random_data(c, 4, 16, 11);
   Runner run(n);
-  const TeacherTargets targets(run, d, TargetOptions{});
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   const double before = mean_kl(run, d, targets, ecs, 4);
   TrainOptions o;
   o.epochs = 30;

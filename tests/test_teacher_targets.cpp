@@ -220,6 +220,7 @@ TEST(TeacherTargets, TopKWithZeroTailMass) {
 }
 
 TEST(TeacherTargets, ModesRoundTripAndFootprints) {
+  EXPECT_EQ(TargetOptions{}.mode, TargetMode::Recompute);  // the default (teacher_targets.h)
   for (TargetMode m : {TargetMode::Dense, TargetMode::TopK, TargetMode::Recompute})
     EXPECT_EQ(parse_target_mode(target_mode_name(m)), m);
   try {
@@ -260,6 +261,7 @@ TEST(TeacherTargets, MemoryCheckNamesTheModeAndItsFootprint) {
   Network net = Network::load_fp(t.dir);
   Runner run(net);
   TargetOptions o;
+  o.mode = TargetMode::Dense;
   o.max_gib = 1e-6;  // ~1 KiB: the dense targets (2 x 32 x 512 floats = 128 KiB) do not fit
   try {
     TeacherTargets tt(run, t.data, o);
@@ -355,6 +357,7 @@ TEST(TeacherTargets, DiagnoseRecomputeMatchesDense) {
   DiagnoseOptions o;
   o.probe_windows = 1;
   o.verbose = false;
+  o.targets.mode = TargetMode::Dense;
   const Diagnosis dense = diagnose(t.dir, t.q, t.data, o);
   o.targets.mode = TargetMode::Recompute;
   const Diagnosis rec = diagnose(t.dir, t.q, t.data, o);

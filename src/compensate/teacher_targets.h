@@ -30,8 +30,12 @@ std::string_view target_mode_name(TargetMode m);
 // The inverse of target_mode_name; throws spear::Error naming the accepted values.
 TargetMode parse_target_mode(std::string_view s);
 
+// The default is Recompute: bit for bit Dense's results in host memory independent of
+// windows × vocabulary, for about one FP forward more per window per epoch (+60% e2e training
+// time on mixlm-19m; Dense is the fastest where it fits, TopK as fast but approximate:
+// docs/BENCHMARKS.md, issue 12).
 struct TargetOptions {
-  TargetMode mode = TargetMode::Dense;
+  TargetMode mode = TargetMode::Recompute;
   int64_t top_k = 64;        // TopK: ids kept per position (at most the vocabulary)
   double max_gib = 16.0;     // stored targets above this are refused
 };
