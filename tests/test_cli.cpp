@@ -176,6 +176,22 @@ TEST(Cli, BadInputGivesOneClearError) {
   expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
                              "--calib " + data + " --gate diag --no-gate"),
                      "--no-gate contradicts --gate diag");
+  // Teacher targets (--targets, --target-top-k) for calibrate, diagnose and eval.
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --targets sparse"),
+                     "calibrate: --targets: unknown teacher targets 'sparse' (accepted: dense, topk, recompute)");
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --targets topk --target-top-k 0"),
+                     "calibrate: --target-top-k must be at least 1 (got 0)");
+  expect_clean_error(run_cli("calibrate --model " + model + " --quantized x.spear --out y.spear "
+                             "--calib " + data + " --targets recompute --target-top-k 16"),
+                     "calibrate: --target-top-k applies only to --targets topk (given --targets recompute)");
+  expect_clean_error(run_cli("diagnose --model " + model + " --quantized x.spear --calib " + data +
+                             " --targets TopK"),
+                     "diagnose: --targets: unknown teacher targets 'TopK'");
+  expect_clean_error(run_cli("eval --model " + model + " --data " + data + " --calib " + data +
+                             " --targets topk --target-top-k -3"),
+                     "eval: --target-top-k must be at least 1 (got -3)");
   expect_clean_error(run_cli("eval --model " + model + " --data " + data + " --calib " + data +
                              " --base hqq"),
                      "eval: --base: unknown quantization method 'hqq'");

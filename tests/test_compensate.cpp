@@ -135,7 +135,7 @@ TEST(Compensate, TrainingForwardMatchesEngine) {
 // The analytic gradients of the mean KL over the B windows of d, one pass as train_e2e
 // does it.
 std::vector<ECGrad> e2e_grads(const Network& n, const Runner& run, const CalibData& d,
-                              const std::vector<float>& targets,
+                              const TeacherTargets& targets,
                               const std::vector<std::optional<ECParams>>& ecs) {
   const ModelConfig& c = n.cfg;
   const int64_t T = d.ctx, B = d.windows, V = c.vocab_size;
@@ -149,7 +149,7 @@ std::vector<ECGrad> e2e_grads(const Network& n, const Runner& run, const CalibDa
     for (int64_t l = 0; l < c.num_layers; ++l)
       run.layer_forward(q_view(n, l, &ecs), l, x.data(), 1, T, &caches[l]);
     run.head_forward(x.data(), T, logits.data(), &rstd);
-    kl_rows(logits.data(), &targets[w * T * V], T, V, 1.0f / (B * T), logits.data());
+    targets.window(w).kl(logits.data(), 1.0f / (B * T), logits.data());
     run.head_backward(x.data(), rstd, logits.data(), T, dx.data());
     for (int64_t l = c.num_layers - 1; l >= 0; --l) {
       PerModule<ECGrad*> gp;
@@ -205,7 +205,7 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
   const int64_t T = 7, B = 2;
   CalibData d = random_data(c, B, T, 6);
   Runner run(n);
-  std::vector<float> targets = fp_targets(run, d);
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   auto loss = [&]() {
     return mean_kl(run, d, targets, ecs, B);  // mean over B*T positions
   };
@@ -238,7 +238,7 @@ TEST(Compensate, DiagonalGateGradientsMatchFiniteDifferences) {
   const int64_t T = 7, B = 2;
   CalibData d = random_data(c, B, T, 23);
   Runner run(n);
-  std::vector<float> targets = fp_targets(run, d);
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   auto loss = [&]() { return mean_kl(run, d, targets, ecs, B); };
   std::vector<ECGrad> grads = e2e_grads(n, run, d, targets, ecs);
   // The full gradient has off-diagonal G entries; the diagonal gate drops exactly those.
@@ -296,7 +296,7 @@ TEST(Compensate, DiagonalGateTrainingStaysDiagonal) {
   }
   CalibData d = random_data(c, 4, 16, 26);
   Runner run(n);
-  std::vector<float> targets = fp_targets(run, d);
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   const double before = mean_kl(run, d, targets, start, 4);
   for (GateKind gk : {GateKind::Diag, GateKind::Full}) {
     std::vector<std::optional<ECParams>> ecs = start;
@@ -552,7 +552,7 @@ TEST(Compensate, E2ETrainingLowersItsObjective) {
   }
   CalibData d = random_data(c, 4, 16, 11);
   Runner run(n);
-  std::vector<float> targets = fp_targets(run, d);
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Dense});
   const double before = mean_kl(run, d, targets, ecs, 4);
   TrainOptions o;
   o.epochs = 30;

@@ -33,6 +33,7 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`, or a GPTQ/AWQ/compressed-tensors W4 checkpoint directory")->required();
   cmd->add_option("--out,-o", o->out, "Output .spear with ECs")->required();
   add_calib_options(cmd, o->calib);
+  auto parse_targets = add_target_options(cmd, o->c.targets, "calibrate");
   cmd->add_option("--budget", o->c.budget, "EC bytes as a fraction of the quantized model's bytes")
       ->capture_default_str();
   cmd->add_option("--objective", o->objective, "static | block | e2e")->capture_default_str();
@@ -71,7 +72,8 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
-  cmd->callback([o] {
+  cmd->callback([o, parse_targets] {
+    parse_targets();
     o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
     o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
     o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);
@@ -128,6 +130,31 @@ void add_calib_options(CLI::App* cmd, CalibOptions& c) {
   cmd->add_option("--calib-ctx", c.ctx, "Tokens per calibration window")->capture_default_str();
   cmd->add_option("--calib-offset", c.offset, "Tokens to skip at the start of --calib")
       ->capture_default_str();
+}
+
+std::function<void()> add_target_options(CLI::App* cmd, TargetOptions& t, const std::string& where) {
+  struct Flags {
+    std::string mode;
+    int64_t top_k = 0;
+    CLI::Option* top_k_opt = nullptr;
+  };
+  auto f = std::make_shared<Flags>();
+  f->mode = target_mode_name(t.mode);
+  f->top_k = t.top_k;
+  cmd->add_option("--targets", f->mode,
+                  "Full-precision targets: dense (windows x ctx x vocab floats) | topk (top-K "
+                  "log-probs + tail mass per token) | recompute (FP forward re-run when needed)")
+      ->capture_default_str();
+  f->top_k_opt = cmd->add_option("--target-top-k", f->top_k, "Ids kept per token with --targets topk")
+                     ->capture_default_str();
+  return [f, &t, where] {
+    t.mode = parse_flag(where + ": --targets", f->mode, parse_target_mode);
+    SPEAR_CHECK(f->top_k_opt->count() == 0 || t.mode == TargetMode::TopK,
+                where + ": --target-top-k applies only to --targets topk (given --targets " + f->mode + ")");
+    SPEAR_CHECK(f->top_k >= 1, where + ": --target-top-k must be at least 1 (got " +
+                                   std::to_string(f->top_k) + ")");
+    t.top_k = f->top_k;
+  };
 }
 
 }  // namespace spear::cli

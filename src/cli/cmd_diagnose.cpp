@@ -31,6 +31,7 @@ void register_diagnose(CLI::App& app) {
   cmd->add_option("--model", o->model, "Full-precision model directory")->required();
   cmd->add_option("--quantized", o->quantized, ".spear from `spear quantize`, or a GPTQ/AWQ/compressed-tensors W4 checkpoint directory")->required();
   add_calib_options(cmd, o->calib);
+  auto parse_targets = add_target_options(cmd, o->d.targets, "diagnose");
   cmd->add_option("--out-dir", o->out_dir, "Where spear-heatmap.svg and spear-token-error.svg go")
       ->capture_default_str();
   cmd->add_option("--json", o->json, "Write the full diagnosis as JSON here");
@@ -42,7 +43,8 @@ void register_diagnose(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--no-validate", o->no_validate, "Skip measuring restoration gains");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
-  cmd->callback([o] {
+  cmd->callback([o, parse_targets] {
+    parse_targets();
     SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);

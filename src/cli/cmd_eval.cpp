@@ -41,6 +41,7 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--model", o->model, "Full-precision model directory")->required();
   cmd->add_option("--data", o->data, "Evaluation text")->required();
   add_calib_options(cmd, o->calib);
+  auto parse_targets = add_target_options(cmd, o->c.targets, "eval");
   cmd->add_option("--ctx", o->ctx, "Evaluation window")->capture_default_str();
   cmd->add_option("--max-windows", o->max_windows, "Score only the first N windows");
   cmd->add_option("--methods", o->methods, "fp,w4,static,spear[,ungated]")->capture_default_str();
@@ -70,7 +71,8 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--markdown", o->markdown, "Write the markdown table here");
   cmd->add_option("--workdir", o->workdir, "Keep the .spear artifacts in this directory");
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
-  cmd->callback([o] {
+  cmd->callback([o, parse_targets] {
+    parse_targets();
     namespace fs = std::filesystem;
     const QuantMethod base_method = parse_flag("eval: --base", o->base, parse_quant_method);
     o->c.objective = parse_flag("eval: --objective", o->objective, parse_calib_objective);

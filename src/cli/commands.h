@@ -3,6 +3,7 @@
 // runs the command and throws spear::Error on failure (main() prints it once).
 #include <CLI/CLI.hpp>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 
 namespace spear {
 struct CalibOptions;
+struct TargetOptions;
 }
 
 namespace spear::cli {
@@ -35,6 +37,10 @@ void add_device_option(CLI::App* cmd, std::string& device);
 void add_autotune_flag(CLI::App* cmd, bool& autotune);
 // --calib, --calib-windows, --calib-ctx, --calib-offset (compensate/calib_data.h).
 void add_calib_options(CLI::App* cmd, CalibOptions& c);
+// --targets dense|topk|recompute and --target-top-k K (compensate/teacher_targets.h). The
+// returned function parses the flags into t (errors prefixed "`where`: --targets: ..."); call
+// it first in the command's callback.
+std::function<void()> add_target_options(CLI::App* cmd, TargetOptions& t, const std::string& where);
 
 // Reads a whole text file; throws spear::Error naming it when it cannot.
 std::string read_text_file(const std::string& path);

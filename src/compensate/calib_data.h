@@ -5,7 +5,8 @@
 // Defaults: 256 windows of 512 tokens (131,072 tokens) from the start of the file; on
 // mixlm-19m the share of the perplexity gap recovered grew with every doubling of the
 // calibration text from 32 to 256 windows (the ECs overfit fewer tokens; docs/RESULTS.md).
-// The full-precision targets take windows x ctx x vocab floats (4 GiB on mixlm). For
+// Held dense, the full-precision targets take windows x ctx x vocab floats (4 GiB on
+// mixlm; compensate/teacher_targets.h has the bounded alternatives). For
 // mixlm-19m use WikiText-2 *validation* text (wiki.valid.tokens; PROVENANCE.md: no raw
 // validation split exists), never the test file that perplexity is reported on.
 #include <cstdint>

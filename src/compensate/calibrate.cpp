@@ -157,9 +157,18 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   };
 
   // 1. Targets: the full-precision next-token distributions of every window.
-  std::vector<float> targets = fp_targets(run, data);  // (windows, T, V)
+  const TeacherTargets targets(run, data, opt.targets);
   rep["seconds_targets"] = seconds_since(t0);
-  log("full-precision targets of %lld windows x %lld tokens", (long long)nw, (long long)T);
+  rep["targets"] = targets.describe();
+  {
+    const std::string mode(target_mode_name(opt.targets.mode));
+    log("full-precision targets of %lld windows x %lld tokens: %s, %.1f MiB stored", (long long)nw,
+        (long long)T, mode.c_str(), static_cast<double>(targets.stored_bytes()) / (1 << 20));
+  }
+  // The report's KLs are exact: top-K targets are replaced there by recomputed ones.
+  std::optional<TeacherTargets> recomputed;
+  if (opt.targets.mode == TargetMode::TopK) recomputed.emplace(run, data, TargetOptions{TargetMode::Recompute});
+  const TeacherTargets& exact = recomputed ? *recomputed : targets;
 
   const int64_t P = std::max<int64_t>(1, std::min(opt.probe_windows, nw));
   const int64_t S = std::max<int64_t>(1, std::min(opt.stat_windows, nw));
@@ -388,8 +397,8 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   const int64_t kl_windows = std::max<int64_t>(1, std::min(opt.report_windows, nw));
   {
     std::vector<std::optional<ECParams>> none(L * kNumModules);
-    rep["calib_kl_w4"] = mean_kl(run, data, targets, none, kl_windows);
-    rep["calib_kl_static"] = mean_kl(run, data, targets, res.static_ecs, kl_windows);
+    rep["calib_kl_w4"] = mean_kl(run, data, exact, none, kl_windows);
+    rep["calib_kl_static"] = mean_kl(run, data, exact, res.static_ecs, kl_windows);
   }
   log("static control: calibration KL %.5f (quantized %.5f)", rep["calib_kl_static"].get<double>(),
       rep["calib_kl_w4"].get<double>());
@@ -419,7 +428,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   for (auto& e : res.trained_ecs)
     if (e) e->round_to_fp16();
   rep["seconds_training"] = seconds_since(t_train);
-  rep["calib_kl_trained"] = mean_kl(run, data, targets, res.trained_ecs, kl_windows);
+  rep["calib_kl_trained"] = mean_kl(run, data, exact, res.trained_ecs, kl_windows);
   const std::string objective(calib_objective_name(opt.objective));
   log("trained (%s): calibration KL %.5f", objective.c_str(), rep["calib_kl_trained"].get<double>());
 
@@ -438,7 +447,9 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
                      {"epochs", opt.epochs},       {"batch", opt.batch},
                      {"lr", opt.lr},               {"lr_gate", opt.lr_gate},
                      {"sequential_static", opt.sequential_static},
-                     {"stat_windows", S},          {"guard_windows", opt.guard_windows},          {"report_windows", kl_windows}};
+                     {"stat_windows", S},          {"guard_windows", opt.guard_windows},          {"report_windows", kl_windows},
+                     {"targets", std::string(target_mode_name(opt.targets.mode))},
+                     {"target_top_k", targets.top_k()}};
   rep["calibration_data"] = data.meta;
   rep["seconds"] = seconds_since(t0);
   res.report = rep;

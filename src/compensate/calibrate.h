@@ -18,6 +18,11 @@
 //   "block"   each decoder layer's output ‖h_q − h_fp‖², layer after layer
 //   "e2e"     mean KL(P_fp ‖ P_q) of the next-token distribution over all positions of
 //             the calibration windows, backpropagated through the whole quantized model
+//
+// The full-precision distributions (the teacher targets) are held as the options say
+// (compensate/teacher_targets.h): dense, top-K or recomputed. The restoration gains and
+// e2e training use them as held (top-K: the top-K KL); the calibration KLs of the report
+// (calib_kl_*) are always the exact KL (top-K: against recomputed full distributions).
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -72,6 +77,7 @@ struct CalibrateOptions {
   int64_t stat_windows = 32;      // windows for the static control's second moments
   int64_t guard_windows = 4;      // held-out windows (after those) for the static guard's α; 0: off
   int64_t report_windows = 4;     // windows for the calibration KLs in the report
+  TargetOptions targets;          // how the full-precision distributions are held
   int64_t epochs = 3;
   int64_t batch = 4;              // windows per Adam step
   double lr = 0.02;               // A and B: step relative to each tensor's initial RMS

@@ -90,12 +90,13 @@ double spearman(const std::vector<double>& a, const std::vector<double>& b) {
 }
 
 std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
-                                      const std::vector<float>& targets, int64_t windows,
+                                      const TeacherTargets& targets, int64_t windows,
                                       double* base_kl) {
   const Network& net = run.net();
   const int64_t L = net.cfg.num_layers, D = net.cfg.hidden_size, V = net.cfg.vocab_size,
                 T = data.ctx;
   const int64_t P = std::max<int64_t>(1, std::min(windows, data.windows));
+  SPEAR_CHECK(targets.windows() == data.windows, "restoration_gains: the targets are of other windows");
   // The quantized stream at every layer's input, so that restoring a module in layer l
   // only re-runs layers l..L-1.
   std::vector<std::vector<float>> in(L);  // (P*T, dim) per layer
@@ -106,28 +107,34 @@ std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
     for (int64_t w = 0; w < P; ++w)
       run.layer_forward(q_view(net, l, nullptr), l, &x[w * T * D], 1, T, nullptr);
   }
-  auto kl_from = [&](int64_t l0, const LayerView* first) {
-    double kl = 0;
-    std::vector<float> xw, logits(T * V);  // (T, dim), (T, V)
-    for (int64_t w = 0; w < P; ++w) {
+  // Σ over windows of the KL: [0] the quantized model, [1 + i] module i restored. Windows
+  // are the outer loop (each window's targets are fetched once); every sum still adds its
+  // windows in order, so the values do not depend on the loop order.
+  std::vector<double> kl_sum(1 + L * kNumModules, 0.0);
+  std::vector<float> xw, logits(T * V);  // (T, dim), (T, V)
+  for (int64_t w = 0; w < P; ++w) {
+    const TargetWindow tw = targets.window(w);
+    auto kl_from = [&](int64_t l0, const LayerView* first) {
       xw.assign(in[l0].begin() + w * T * D, in[l0].begin() + (w + 1) * T * D);
       for (int64_t l = l0; l < L; ++l)
         run.layer_forward(l == l0 && first ? *first : q_view(net, l, nullptr), l, xw.data(), 1, T,
                           nullptr);
       run.head_forward(xw.data(), T, logits.data(), nullptr);
-      kl += kl_rows(logits.data(), &targets[w * T * V], T, V, 0.0f, nullptr);
-    }
-    return kl / static_cast<double>(P * T);
-  };
-  const double base = kl_from(0, nullptr);
+      return tw.kl(logits.data(), 0.0f, nullptr);
+    };
+    kl_sum[0] += kl_from(0, nullptr);
+    for (int64_t l = 0; l < L; ++l)
+      for (Module m : kAllModules) {
+        LayerView lv = q_view(net, l, nullptr);
+        lv.W[m] = net.fp[l].W[m].data();
+        kl_sum[1 + module_index(l, m)] += kl_from(l, &lv);
+      }
+  }
+  const double n = static_cast<double>(P * T);
+  const double base = kl_sum[0] / n;
   if (base_kl) *base_kl = base;
   std::vector<double> gain(L * kNumModules, 0.0);
-  for (int64_t l = 0; l < L; ++l)
-    for (Module m : kAllModules) {
-      LayerView lv = q_view(net, l, nullptr);
-      lv.W[m] = net.fp[l].W[m].data();
-      gain[module_index(l, m)] = std::max(0.0, base - kl_from(l, &lv));
-    }
+  for (int64_t i = 0; i < L * kNumModules; ++i) gain[i] = std::max(0.0, base - kl_sum[1 + i] / n);
   return gain;
 }
 
@@ -139,23 +146,23 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
   net.set_quantized(quantized.weights);
   Runner run(net);
   const ModelConfig& c = net.cfg;
-  const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows,
-                V = c.vocab_size, N = nw * T;
+  const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows, N = nw * T;
   Diagnosis d;
   d.tokens = N;
-  std::vector<float> targets = fp_targets(run, data);  // (windows, T, V) log-probs
-  std::vector<double> entropy(N);
-  for (int64_t t = 0; t < N; ++t) {
-    double h = 0;
-    for (int64_t v = 0; v < V; ++v) {
-      const double lp = targets[t * V + v];
-      h -= std::exp(lp) * lp;
-    }
-    entropy[t] = std::max(h, 1e-6);
-  }
+  // The entropy weighting is computed from the full distributions whatever the mode.
+  std::vector<double> entropy;  // (N)
+  const TeacherTargets targets(run, data, opt.targets, &entropy);
+  for (double& h : entropy) h = std::max(h, 1e-6);
+  d.targets = targets.describe();
   {
     std::vector<std::optional<ECParams>> none(L * kNumModules);
-    d.kl_w4 = mean_kl(run, data, targets, none, nw);
+    if (opt.targets.mode == TargetMode::TopK) {
+      // The reported KL is exact: against the recomputed full distributions.
+      const TeacherTargets exact(run, data, {TargetMode::Recompute});
+      d.kl_w4 = mean_kl(run, data, exact, none, nw);
+    } else {
+      d.kl_w4 = mean_kl(run, data, targets, none, nw);
+    }
   }
   if (opt.verbose) std::fprintf(stderr, "diagnose: targets and KL of the quantized model (%.0f s)\n", seconds_since(t0));
   std::vector<float> xf(N * D), xq;  // (N, dim) both residual streams
@@ -365,6 +372,7 @@ nlohmann::json diagnosis_json(const Diagnosis& d) {
            {{"uniform", d.spearman[0]}, {"entropy", d.spearman[1]}, {"error", d.spearman[2]}}},
           {"best_weighting", d.best_weighting},
           {"kl_w4", d.kl_w4},
+          {"targets", d.targets},
           {"tokens", d.tokens},
           {"seconds", d.seconds}};
 }

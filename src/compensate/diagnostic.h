@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
+#include "compensate/teacher_targets.h"
 #include "model/spear_artifact.h"
 
 namespace spear {
@@ -39,6 +40,7 @@ struct ModuleDiagnosis {
 struct DiagnoseOptions {
   bool validate = true;      // measure restoration gains and rank correlations
   int64_t probe_windows = 2; // windows for the restoration gains
+  TargetOptions targets;     // how the full-precision distributions are held
   bool verbose = true;
 };
 
@@ -46,7 +48,8 @@ struct Diagnosis {
   std::vector<ModuleDiagnosis> modules;  // layers*7, layer-major
   double spearman[3] = {0, 0, 0};        // damage vs restoration gain, per weighting
   std::string best_weighting = "entropy";
-  double kl_w4 = 0;                      // mean KL of the quantized model on the tokens
+  double kl_w4 = 0;                      // mean KL of the quantized model on the tokens (exact)
+  nlohmann::json targets;                // TeacherTargets::describe()
   int64_t tokens = 0;
   double seconds = 0;
 };
@@ -57,9 +60,10 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
 class Runner;
 // Measured restoration gain of every module (layers*7): mean KL(P_fp ‖ P_q) on the first
 // `windows` windows minus the same with that module alone at full precision (≥ 0).
-// targets: fp_targets() of data. *base_kl receives the quantized model's mean KL.
+// targets: of data (TopK: every KL is the top-K KL). Window after window, so Recompute
+// runs the FP forward once per window. *base_kl receives the quantized model's mean KL.
 std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
-                                      const std::vector<float>& targets, int64_t windows,
+                                      const TeacherTargets& targets, int64_t windows,
                                       double* base_kl);
 
 // Spearman rank correlation (average ranks for ties).

@@ -48,43 +48,6 @@ void restrict_gate_grads(std::vector<ECGrad>& grads, GateKind gate) {
   }
 }
 
-void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* z = logits + r * V;
-    double m = z[0];
-    for (int64_t i = 1; i < V; ++i) m = std::max(m, static_cast<double>(z[i]));
-    double s = 0;
-    for (int64_t i = 0; i < V; ++i) s += std::exp(z[i] - m);
-    const double lse = m + std::log(s);
-    for (int64_t i = 0; i < V; ++i) out[r * V + i] = static_cast<float>(z[i] - lse);
-  }
-}
-
-double kl_rows(const float* logits, const float* ref_logp, int64_t rows, int64_t V, float scale,
-               float* dlogits) {
-  double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* z = logits + r * V;
-    const float* lp = ref_logp + r * V;
-    double m = z[0];
-    for (int64_t i = 1; i < V; ++i) m = std::max(m, static_cast<double>(z[i]));
-    double s = 0;
-    for (int64_t i = 0; i < V; ++i) s += std::exp(z[i] - m);
-    const double lse = m + std::log(s);
-    double kl = 0;
-    for (int64_t i = 0; i < V; ++i) {
-      const double p = std::exp(static_cast<double>(lp[i]));
-      const double lq = z[i] - lse;
-      kl += p * (lp[i] - lq);
-      if (dlogits) dlogits[r * V + i] = static_cast<float>(scale * (std::exp(lq) - p));
-    }
-    total += kl;
-  }
-  return total;
-}
-
 ECAdam::ECAdam(const std::vector<std::optional<ECParams>>& ecs, double lr_rel, double lr_gate) {
   slots_.resize(ecs.size());
   auto rms = [](const std::vector<float>& v) {
@@ -131,29 +94,16 @@ void ECAdam::step(std::vector<std::optional<ECParams>>& ecs, const std::vector<E
   }
 }
 
-std::vector<float> fp_targets(const Runner& run, const CalibData& data) {
-  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
-  const double gib = static_cast<double>(data.windows) * T * V * 4 / (1 << 30);
-  SPEAR_CHECK(gib <= 16.0, "calibration: the full-precision targets would take " +
-                               std::to_string(gib) + " GiB; use fewer --calib-windows");
-  std::vector<float> out(data.windows * T * V);  // (windows, T, V)
-  std::vector<float> logits(T * V);              // (T, V)
-  for (int64_t w = 0; w < data.windows; ++w) {
-    run.forward(data.window(w), 1, T, false, nullptr, logits.data());
-    log_softmax_rows(logits.data(), T, V, &out[w * T * V]);
-  }
-  return out;
-}
-
-double mean_kl(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& targets,
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows) {
   const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  SPEAR_CHECK(targets.windows() == data.windows, "mean_kl: the targets are of other windows");
   windows = std::min(windows, data.windows);
   std::vector<float> logits(T * V);  // (T, V)
   double kl = 0;
   for (int64_t w = 0; w < windows; ++w) {
     run.forward(data.window(w), 1, T, true, &ecs, logits.data());
-    kl += kl_rows(logits.data(), &targets[w * T * V], T, V, 0.0f, nullptr);
+    kl += targets.window(w).kl(logits.data(), 0.0f, nullptr);
   }
   return kl / static_cast<double>(windows * T);
 }
@@ -174,8 +124,9 @@ double mean_nll(const Runner& run, const CalibData& data,
   return nll / static_cast<double>((w1 - w0) * (T - 1));
 }
 
-nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+nlohmann::json train_e2e(const Runner& run, const CalibData& data, const TeacherTargets& targets,
                          std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
+  SPEAR_CHECK(targets.windows() == data.windows, "train_e2e: the targets are of other windows");
   const auto t0 = std::chrono::steady_clock::now();
   const Network& net = run.net();
   const int64_t L = net.cfg.num_layers, D = net.cfg.hidden_size, V = net.cfg.vocab_size,
@@ -200,7 +151,8 @@ nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::ve
         for (int64_t l = 0; l < L; ++l)
           run.layer_forward(q_view(net, l, &ecs), l, x.data(), 1, T, &caches[l]);
         run.head_forward(x.data(), T, logits.data(), &hrstd);
-        ep_kl += kl_rows(logits.data(), &targets[w * T * V], T, V, scale, logits.data());
+        // Recompute: the FP forward of w runs here, before the student's logits are used.
+        ep_kl += targets.window(w).kl(logits.data(), scale, logits.data());
         run.head_backward(x.data(), hrstd, logits.data(), T, dx.data());
         for (int64_t l = L - 1; l >= 0; --l) {
           PerModule<ECGrad*> g;

@@ -11,6 +11,7 @@
 
 #include "compensate/calib_data.h"
 #include "compensate/network.h"
+#include "compensate/teacher_targets.h"
 
 namespace spear {
 
@@ -27,13 +28,6 @@ std::string_view gate_kind_name(GateKind g);
 GateKind parse_gate_kind(std::string_view s);
 // Zeroes the gate gradients that `gate` does not train (Diag: G's off-diagonal entries).
 void restrict_gate_grads(std::vector<ECGrad>& grads, GateKind gate);
-
-// Row-wise log-softmax of logits (rows, V) into out (rows, V).
-void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out);
-// Σ_rows KL(p_ref ‖ softmax(logits)) with p_ref given as log-probabilities; when dlogits
-// is given it receives scale · (softmax(logits) − p_ref), the gradient of scale · KL.
-double kl_rows(const float* logits, const float* ref_logp, int64_t rows, int64_t V, float scale,
-               float* dlogits);
 
 // Adam over the parameters of a set of ECs (bias-corrected, no weight decay).
 class ECAdam {
@@ -63,10 +57,9 @@ struct TrainOptions {
   bool verbose = true;
 };
 
-// FP next-token log-probabilities of every window: (windows, ctx, V).
-std::vector<float> fp_targets(const Runner& run, const CalibData& data);
-// Mean KL(P_fp ‖ P_q) per token over the given windows, with the ECs in place.
-double mean_kl(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+// Mean KL(P_fp ‖ P_q) per token over the first `windows` windows, with the ECs in place
+// (against TopK targets: the top-K KL, a lower bound).
+double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& targets,
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
 
 // Mean next-token NLL (nats) of the real text over windows [w0, w1), T − 1 predictions
@@ -76,7 +69,7 @@ double mean_nll(const Runner& run, const CalibData& data,
 
 // End to end: minimizes the mean KL over all positions of all windows. Returns a JSON
 // log (loss per epoch, seconds).
-nlohmann::json train_e2e(const Runner& run, const CalibData& data, const std::vector<float>& targets,
+nlohmann::json train_e2e(const Runner& run, const CalibData& data, const TeacherTargets& targets,
                          std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt);
 // Block-local: layer after layer, minimizes ‖h_q − h_fp‖² / ‖h_fp‖² of the layer's output
 // given the quantized path's input (ECs of earlier layers already trained).
