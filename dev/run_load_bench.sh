@@ -154,6 +154,17 @@ sanitize)  # compute-sanitizer memcheck on the small W4A16 cases (every kernel i
   timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool memcheck $B/spear_cuda_tests \
     --gtest_filter='*OddShapes*:*IdentityGate*' >"$OUT/sanitizer.log" 2>&1
   echo "compute-sanitizer rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED|Invalid" "$OUT/sanitizer.log" | head -8 ;;
+profile)  # ncu on single configs (bench_w4a16 --only/--run): the batch kernel at 7B gate+up M = 64 (the
+  # autotuned config, and split-K 2) and the decode kernel at M = 1, for where the time goes
+  prof() {  # LABEL ONLY CONFIG
+    timeout 120 ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SchedulerStats \
+      -k regex:'w4_(batch|decode)_kernel' --launch-skip 2 -c 1 $B/bench_w4a16 --only "$2" --run "$3" >"$OUT/ncu-$1.txt" 2>&1
+    echo "ncu $1 rc=$?"; grep -E "^  [a-zA-Z]|Duration|Throughput|Registers|Achieved Occupancy|Issue Slots|Stall|Executed Ipc" "$OUT/ncu-$1.txt" | head -30
+  }
+  prof batch64 7B:gate+up:64 "batch nt=2 tg=8 warps=8 splits=1"
+  prof batch64s2 7B:gate+up:64 "batch nt=2 tg=8 warps=8 splits=2"
+  prof decode1 7B:gate+up:1 "decode nt=2 tg=1 warps=4 splits=1" ;;
 kernels)
   [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;

@@ -12,9 +12,11 @@
 // Each reported decode or batch config is also checked against a reference config (decode nt=1,
 // register stream, split EC) on the same inputs: relative L2 difference in the log.
 //
-//   bench_w4a16 [--quick | --decode] [--md FILE] [--cache FILE]
+//   bench_w4a16 [--quick | --decode] [--only MODEL:GEMM:M] [--md FILE] [--cache FILE]
 //   --quick: M in {1, 16, 32, 64, 128, 512}, EC r = 32 at M in {1, 16, 64, 512}.
 //   --decode: M in {1, 16, 64}, EC r = 32 at M in {1, 16}, group-128 at M = 1 only.
+//   --only 7B:gate+up:64: that shape at that M only, in every table; with --run 'batch nt=2 tg=8
+//   warps=8 splits=1' only that config, launched 5 times (for ncu --launch-skip 2 -c 1).
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -235,7 +237,8 @@ struct Best {
 
 int main(int argc, char** argv) {
   bool quick = false, decode_only = false;
-  std::string md_path, cache_path;
+  std::string md_path, cache_path, only;  // only: "MODEL:GEMM:M" (e.g. 7B:gate+up:64), for ncu
+  std::string run_cfg;                    // with --only: launch this config 5 times, time nothing
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick"))
       quick = true;
@@ -245,6 +248,14 @@ int main(int argc, char** argv) {
       md_path = argv[++i];
     else if (!std::strcmp(argv[i], "--cache") && i + 1 < argc)
       cache_path = argv[++i];
+    else if (!std::strcmp(argv[i], "--only") && i + 1 < argc)
+      only = argv[++i];
+    else if (!std::strcmp(argv[i], "--run") && i + 1 < argc)
+      run_cfg = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: bench_w4a16 [--quick | --decode] [--only MODEL:GEMM:M [--run CONFIG]] [--md FILE] [--cache FILE]\n");
+      return 2;
+    }
   }
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
@@ -313,7 +324,7 @@ int main(int argc, char** argv) {
   CB(cublasSetWorkspace(blas, blas_ws, 64 << 20));
   CB(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
 
-  w4a16_set_batch(true);  // the batch kernel is a candidate here (opt-in elsewhere; the table shows it beside the rest)
+  w4a16_set_batch(true);  // a candidate here even under SPEAR_W4A16_BATCH=0 (the table shows it beside the rest)
   W4A16Dispatcher disp(cache_path);
   CK(disp.init());
   // The dequantize + cuBLAS path is a candidate at M >= 32 (its scratch: the largest shape
@@ -323,7 +334,7 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&dq_scratch, dq_bytes));
   disp.set_dequant(blas, dq_scratch, dq_bytes);
 
-  const std::vector<Shape> shapes = {
+  std::vector<Shape> shapes = {
       {"7B", "qkv", 4096, 12288}, {"7B", "o", 4096, 4096},     {"7B", "gate+up", 4096, 22016},
       {"7B", "down", 11008, 4096}, {"1B", "qkv", 2048, 3072},  {"1B", "o", 2048, 2048},
       {"1B", "gate+up", 2048, 16384}, {"1B", "down", 8192, 2048}};
@@ -341,6 +352,25 @@ int main(int argc, char** argv) {
     ec_Ms = {1, 16};
     ranks = {32};
     group_Ms = {1};
+  }
+  if (!run_cfg.empty() && only.empty()) {
+    std::fprintf(stderr, "bench_w4a16: --run needs --only MODEL:GEMM:M\n");
+    return 2;
+  }
+  if (!only.empty()) {  // one shape at one M in every table (a profiler's target)
+    const size_t a = only.find(':'), b = only.rfind(':');
+    const std::string model = only.substr(0, a), gemm = a < b ? only.substr(a + 1, b - a - 1) : "";
+    const int m = a < b ? std::atoi(only.c_str() + b + 1) : 0;
+    shapes.erase(std::remove_if(shapes.begin(), shapes.end(),
+                                [&](const Shape& s) { return model != s.model || gemm != s.name; }),
+                 shapes.end());
+    if (shapes.empty() || m < 1 || m > 2048) {
+      std::fprintf(stderr, "bench_w4a16: --only %s: want MODEL:GEMM:M with a shape of the table and 1 <= M <= 2048\n",
+                   only.c_str());
+      return 2;
+    }
+    Ms = ec_Ms = group_Ms = {m};
+    ranks = {32};
   }
   const size_t rot = 256ull << 20;
   const int max_m = 2048;
@@ -416,6 +446,19 @@ int main(int argc, char** argv) {
     void* ws;
     CK(cudaMalloc(&ws, wsb));
     CK(w4a16_workspace_init(ws, wsb, g_stream));
+    if (!run_cfg.empty()) {  // --run: the one config, no EC, 5 launches (ncu --launch-skip 2 -c 1)
+      KernelConfig c;
+      const int M = Ms[0];
+      if (!KernelConfig::parse(run_cfg, &c) || !w4a16_config_ok(c, x, s.K, M, set.w[0], nullptr)) {
+        std::fprintf(stderr, "bench_w4a16: --run '%s': not a config this shape can run\n", run_cfg.c_str());
+        return 2;
+      }
+      for (int i = 0; i < 5; ++i)
+        CK(disp.run_config(Act::kF16, x, s.K, M, set.w[i % copies], nullptr, y, s.N, c, ws, wsb, g_stream));
+      CK(cudaStreamSynchronize(g_stream));
+      std::printf("ran %s 5 times\n", c.str().c_str());
+      return 0;
+    }
     for (int M : Ms) {
       Best best, others;  // others: the fastest config of the kernels other than kBatch
       for (const KernelConfig& c : disp.candidates(x, s.K, M, set.w[0], nullptr)) {

@@ -125,9 +125,9 @@ void w4a16_set_pdl(bool on);
 bool w4a16_pdl();
 
 // The batch kernel (Kernel::kBatch) among the dispatcher's candidates and heuristic choices
-// (process-wide): opt-in, $SPEAR_W4A16_BATCH=1 or w4a16_set_batch(true), until it has run on a
-// GPU (docs/KERNELS.md); =0 leaves it out, so a benchmark can measure the step with and without
-// it in the same run. An explicit config runs whatever it names.
+// (process-wide): on by default; $SPEAR_W4A16_BATCH=0 or w4a16_set_batch(false) leaves it out,
+// so a benchmark can measure the step with and without it in the same run (docs/KERNELS.md).
+// An explicit config runs whatever it names.
 void w4a16_set_batch(bool on);
 bool w4a16_batch();
 

@@ -2,7 +2,8 @@
 // The batch kernel (Kernel::kBatch): batched decode and chunked prefill, 9..64 tokens per
 // launch. Each weight is read from HBM once per launch and dequantized once, and serves
 // every token of the launch from registers. Design and measurements: docs/KERNELS.md.
-// Not yet run on a GPU: the dispatcher uses it only with SPEAR_W4A16_BATCH=1 (w4a16.h).
+// First run on a GPU 2026-12-07 (H100: GPU tests, memcheck, bench_w4a16); on by default,
+// SPEAR_W4A16_BATCH=0 leaves it out of the dispatcher (w4a16.h).
 //
 // Why a third kernel: at M = 16..64 the decode kernel reads x per warp from L1/L2 (x
 // bytes per weight byte = M / 4 for one 16-row block: 16x at M = 64), and the prefill
