@@ -242,6 +242,7 @@ TEST(CalibGpu, LogitsAndKlMatchCpu) {
   float* fd = device_copy(fp_g);
   gpu.log_softmax_dev(fd, rows);
   gpu.kl_rows_dev(qd, fd, rows, kd);
+  ASSERT_EQ(cudaStreamSynchronize(gpu.stream()), cudaSuccess);  // a non-blocking stream
   ASSERT_EQ(cudaMemcpy(kr.data(), kd, rows * sizeof(double), cudaMemcpyDeviceToHost), cudaSuccess);
   kl_gpu = 0;
   for (double v : kr) kl_gpu += v;
