@@ -8,6 +8,7 @@
 #include <random>
 
 #include "compensate/calibrate.h"
+#include "compensate/diagnostic.h"
 #include "model/ec_layer.h"
 #include "compensate/ec_train.h"
 #include "compensate/network.h"
@@ -19,6 +20,7 @@
 #include "model/llama.h"
 #include "quant/quantized_linear_layer.h"
 #include "quant/rtn.h"
+#include "runtime/calib_device.h"
 
 namespace spear {
 namespace {
@@ -626,6 +628,100 @@ TEST(Compensate, OptionEnumsRoundTripTheirSpellings) {
   EXPECT_NE(message(parse_calib_objective, "").find("static, block, e2e"), std::string::npos);
   EXPECT_NE(message(parse_static_mode, "svd").find("'svd'"), std::string::npos);
   EXPECT_NE(message(parse_gate_kind, "tanh").find("full, diag, none"), std::string::npos);
+}
+
+// --device of calibrate / diagnose: cpu is the Runner itself (no backend object); cuda
+// without a usable GPU (or in a build without CUDA) is an error that says so.
+TEST(CalibDevice, CpuIsTheRunnerAndCudaWithoutAGpuIsAClearError) {
+  EXPECT_FALSE(calib_forward_factory(Device::Cpu));
+  std::string why;
+  if (device_available(Device::Cuda, &why)) GTEST_SKIP() << "a CUDA device is present here";
+  try {
+    calib_forward_factory(Device::Cuda);
+    ADD_FAILURE() << "--device cuda without a GPU did not throw";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("--device cuda"), std::string::npos) << m;
+  }
+}
+
+// The CPU backend of the forward-only algorithms is the Runner overload, bit for bit.
+TEST(CalibDevice, CpuForwardIsTheRunner) {
+  const Network n = random_network(77);
+  Runner run(n);
+  const CpuForward fwd(run);
+  CalibData data;
+  data.windows = 2;
+  data.ctx = 8;
+  std::mt19937_64 g(5);
+  for (int64_t i = 0; i < data.windows * data.ctx; ++i)
+    data.tokens.push_back(static_cast<int32_t>(g() % static_cast<uint64_t>(n.cfg.vocab_size)));
+  const TeacherTargets targets(run, data, TargetOptions{});
+  const std::vector<std::optional<ECParams>> none(n.cfg.num_layers * kNumModules);
+  const double a = mean_kl(run, data, targets, none, 2);
+  EXPECT_EQ(mean_kl(fwd, data, targets, none, 2), a);
+  EXPECT_GT(a, 0.0);
+  // The Runner-only forward it replaced: Runner::forward + the window's KL.
+  std::vector<float> logits(data.ctx * n.cfg.vocab_size);
+  double ref = 0;
+  for (int64_t w = 0; w < 2; ++w) {
+    run.forward(data.window(w), 1, data.ctx, true, &none, logits.data());
+    ref += targets.window(w).kl(logits.data(), 0.0f, nullptr);
+  }
+  EXPECT_EQ(a, ref / static_cast<double>(2 * data.ctx));
+}
+
+// restoration_gains through ForwardBackend gives, bit for bit, what the Runner-only code
+// before it did (kept here as the reference).
+TEST(CalibDevice, RestorationGainsThroughTheBackendAreTheRunnerOnes) {
+  const Network n = random_network(78);
+  Runner run(n);
+  const int64_t L = n.cfg.num_layers, D = n.cfg.hidden_size, V = n.cfg.vocab_size, T = 8, P = 2;
+  CalibData data;
+  data.windows = 3;
+  data.ctx = T;
+  std::mt19937_64 g(6);
+  for (int64_t i = 0; i < data.windows * T; ++i)
+    data.tokens.push_back(static_cast<int32_t>(g() % static_cast<uint64_t>(V)));
+  for (TargetMode mode : {TargetMode::Recompute, TargetMode::Dense}) {
+    TargetOptions to;
+    to.mode = mode;
+    const TeacherTargets targets(run, data, to);
+    double base = 0;
+    const std::vector<double> gain = restoration_gains(run, data, targets, P, &base);
+    // The reference: the loop of before, on Runner directly.
+    std::vector<std::vector<float>> in(L);
+    std::vector<float> x(P * T * D);
+    run.embed(data.tokens.data(), P * T, x.data());
+    for (int64_t l = 0; l < L; ++l) {
+      in[l] = x;
+      for (int64_t w = 0; w < P; ++w) run.layer_forward(q_view(n, l, nullptr), l, &x[w * T * D], 1, T, nullptr);
+    }
+    std::vector<double> kl_sum(1 + L * kNumModules, 0.0);
+    std::vector<float> xw, logits(T * V);
+    for (int64_t w = 0; w < P; ++w) {
+      const TargetWindow tw = targets.window(w);
+      auto kl_from = [&](int64_t l0, const LayerView* first) {
+        xw.assign(in[l0].begin() + w * T * D, in[l0].begin() + (w + 1) * T * D);
+        for (int64_t l = l0; l < L; ++l)
+          run.layer_forward(l == l0 && first ? *first : q_view(n, l, nullptr), l, xw.data(), 1, T, nullptr);
+        run.head_forward(xw.data(), T, logits.data(), nullptr);
+        return tw.kl(logits.data(), 0.0f, nullptr);
+      };
+      kl_sum[0] += kl_from(0, nullptr);
+      for (int64_t l = 0; l < L; ++l)
+        for (Module m : kAllModules) {
+          LayerView lv = q_view(n, l, nullptr);
+          lv.W[m] = n.fp[l].W[m].data();
+          kl_sum[1 + module_index(l, m)] += kl_from(l, &lv);
+        }
+    }
+    const double nrows = static_cast<double>(P * T);
+    EXPECT_EQ(base, kl_sum[0] / nrows);
+    ASSERT_EQ(gain.size(), static_cast<size_t>(L * kNumModules));
+    for (int64_t i = 0; i < L * kNumModules; ++i)
+      EXPECT_EQ(gain[i], std::max(0.0, kl_sum[0] / nrows - kl_sum[1 + i] / nrows)) << i;
+  }
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
+#include "runtime/calib_device.h"
 
 namespace spear::cli {
 
@@ -26,6 +27,7 @@ void register_calibrate(CLI::App& app) {
     std::string static_mode{static_mode_name(c.static_mode)};
     std::string static_refit{static_refit_name(c.static_refit)};
     std::string gate{gate_kind_name(c.gate)};
+    std::string device = "cpu";
     bool no_gate = false, quiet = false;
   };
   auto o = std::make_shared<Opts>();
@@ -71,9 +73,17 @@ void register_calibrate(CLI::App& app) {
                   "instead of fitting the static control");
   cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
+  cmd->add_option("--device", o->device,
+                  "cpu, or cuda: the forward-only phases (restoration gains, calibration KLs, "
+                  "--targets recompute's teacher targets) run on the GPU in fp32; statistics, "
+                  "static fits, guard and training stay on the CPU")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o, parse_targets] {
     parse_targets();
+    // First, so that a missing GPU is said before anything is loaded.
+    o->c.forward = calib_forward_factory(parse_device(o->device));
     o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
     o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
     o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);

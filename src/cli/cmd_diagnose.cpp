@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "model/hf_quantized.h"
 #include "model/spear_artifact.h"
+#include "runtime/calib_device.h"
 
 namespace spear::cli {
 
@@ -20,7 +21,7 @@ void register_diagnose(CLI::App& app) {
   auto* cmd = app.add_subcommand("diagnose", "Rank modules by quantization damage (weighted CKA), "
                                              "per-token error statistics, heatmap and histogram");
   struct Opts {
-    std::string model, quantized, out_dir = ".", json, weighting;
+    std::string model, quantized, out_dir = ".", json, weighting, device = "cpu";
     CalibOptions calib;
     DiagnoseOptions d;
     bool no_validate = false, quiet = false;
@@ -42,9 +43,15 @@ void register_diagnose(CLI::App& app) {
   cmd->add_option("--probe-windows", o->d.probe_windows, "Windows for the restoration gains")
       ->capture_default_str();
   cmd->add_flag("--no-validate", o->no_validate, "Skip measuring restoration gains");
+  cmd->add_option("--device", o->device,
+                  "cpu, or cuda: the quantized model's KL and the restoration gains run on the GPU "
+                  "in fp32; the statistics stay on the CPU")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
   cmd->callback([o, parse_targets] {
     parse_targets();
+    o->d.forward = calib_forward_factory(parse_device(o->device));
     SpearArtifact q = load_quantized_base(o->quantized);
     Tokenizer tok = Tokenizer::from_file((std::filesystem::path(o->model) / "tokenizer.json").string());
     CalibData data = load_calib(tok, o->calib);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 
 #include "compensate/diagnostic.h"
 #include "compensate/ec_train.h"
@@ -156,6 +157,16 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     std::fprintf(stderr, "\n");
   };
 
+  // The backend of the forward-only phases (restoration gains, calibration KLs).
+  std::unique_ptr<ForwardBackend> dev = opt.forward ? opt.forward(net) : nullptr;
+  const CpuForward cpu_fwd(run);
+  const ForwardBackend& fwd = dev ? *dev : static_cast<const ForwardBackend&>(cpu_fwd);
+  rep["device"] = std::string(fwd.device());
+  if (dev)
+    log("device %s: restoration gains and calibration KLs (teacher targets recomputed there with "
+        "--targets recompute); statistics, static fits, guard and training on the CPU",
+        std::string(fwd.device()).c_str());
+
   // 1. Targets: the full-precision next-token distributions of every window.
   const TeacherTargets targets(run, data, opt.targets);
   rep["seconds_targets"] = seconds_since(t0);
@@ -238,7 +249,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     double base_kl = 0;
     std::vector<double> gain = opt.restore_gains;
     if (gain.empty()) {
-      gain = restoration_gains(run, data, targets, P, &base_kl);
+      gain = restoration_gains(fwd, data, targets, P, &base_kl);
       rep["probe_kl_w4"] = base_kl;
     } else {
       SPEAR_CHECK(static_cast<int64_t>(gain.size()) == L * kNumModules,
@@ -397,8 +408,8 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   const int64_t kl_windows = std::max<int64_t>(1, std::min(opt.report_windows, nw));
   {
     std::vector<std::optional<ECParams>> none(L * kNumModules);
-    rep["calib_kl_w4"] = mean_kl(run, data, exact, none, kl_windows);
-    rep["calib_kl_static"] = mean_kl(run, data, exact, res.static_ecs, kl_windows);
+    rep["calib_kl_w4"] = mean_kl(fwd, data, exact, none, kl_windows);
+    rep["calib_kl_static"] = mean_kl(fwd, data, exact, res.static_ecs, kl_windows);
   }
   log("static control: calibration KL %.5f (quantized %.5f)", rep["calib_kl_static"].get<double>(),
       rep["calib_kl_w4"].get<double>());
@@ -428,7 +439,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   for (auto& e : res.trained_ecs)
     if (e) e->round_to_fp16();
   rep["seconds_training"] = seconds_since(t_train);
-  rep["calib_kl_trained"] = mean_kl(run, data, exact, res.trained_ecs, kl_windows);
+  rep["calib_kl_trained"] = mean_kl(fwd, data, exact, res.trained_ecs, kl_windows);
   const std::string objective(calib_objective_name(opt.objective));
   log("trained (%s): calibration KL %.5f", objective.c_str(), rep["calib_kl_trained"].get<double>());
 

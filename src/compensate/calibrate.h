@@ -33,6 +33,7 @@
 
 #include "compensate/calib_data.h"
 #include "compensate/ec_train.h"
+#include "compensate/forward_backend.h"
 #include "compensate/static_control.h"
 #include "model/spear_artifact.h"
 
@@ -91,6 +92,10 @@ struct CalibrateOptions {
   // control at their placement, skipping the statistics, the placement search and the
   // static fits (an ablation trains several variants from one static control).
   std::vector<std::optional<ECParams>> init_ecs;
+  // Where the forward-only phases run: the restoration gains, the reported calibration KLs
+  // and (Recompute) the teacher targets they compare to. Empty: the CPU (Runner). The
+  // statistics, static fits, the guard's NLL and the training (backward) stay on the CPU.
+  ForwardFactory forward;
   bool verbose = true;
 };
 

@@ -1,5 +1,7 @@
 #include "compensate/diagnostic.h"
 
+#include "compensate/forward_backend.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -89,38 +91,34 @@ double spearman(const std::vector<double>& a, const std::vector<double>& b) {
   return (saa > 0 && sbb > 0) ? sab / std::sqrt(saa * sbb) : 0.0;
 }
 
-std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
+std::vector<double> restoration_gains(const ForwardBackend& fwd, const CalibData& data,
                                       const TeacherTargets& targets, int64_t windows,
                                       double* base_kl) {
-  const Network& net = run.net();
-  const int64_t L = net.cfg.num_layers, D = net.cfg.hidden_size, V = net.cfg.vocab_size,
-                T = data.ctx;
+  using Acts = ForwardBackend::Acts;
+  const Network& net = fwd.net();
+  const int64_t L = net.cfg.num_layers, T = data.ctx;
   const int64_t P = std::max<int64_t>(1, std::min(windows, data.windows));
   SPEAR_CHECK(targets.windows() == data.windows, "restoration_gains: the targets are of other windows");
   // The quantized stream at every layer's input, so that restoring a module in layer l
   // only re-runs layers l..L-1.
-  std::vector<std::vector<float>> in(L);  // (P*T, dim) per layer
-  std::vector<float> x(P * T * D);
-  run.embed(data.tokens.data(), P * T, x.data());
+  std::vector<std::unique_ptr<Acts>> in(L);  // (P*T, dim) per layer
+  std::unique_ptr<Acts> x = fwd.embed(data.tokens.data(), P * T);
   for (int64_t l = 0; l < L; ++l) {
-    in[l] = x;
-    for (int64_t w = 0; w < P; ++w)
-      run.layer_forward(q_view(net, l, nullptr), l, &x[w * T * D], 1, T, nullptr);
+    in[l] = fwd.copy_rows(*x, 0, P * T);
+    for (int64_t w = 0; w < P; ++w) fwd.layer_forward(q_view(net, l, nullptr), l, *x, w * T, 1, T);
   }
+  x.reset();
   // Σ over windows of the KL: [0] the quantized model, [1 + i] module i restored. Windows
   // are the outer loop (each window's targets are fetched once); every sum still adds its
   // windows in order, so the values do not depend on the loop order.
   std::vector<double> kl_sum(1 + L * kNumModules, 0.0);
-  std::vector<float> xw, logits(T * V);  // (T, dim), (T, V)
   for (int64_t w = 0; w < P; ++w) {
-    const TargetWindow tw = targets.window(w);
+    const std::unique_ptr<ForwardBackend::WindowTargets> tw = fwd.window_targets(data, targets, w);
     auto kl_from = [&](int64_t l0, const LayerView* first) {
-      xw.assign(in[l0].begin() + w * T * D, in[l0].begin() + (w + 1) * T * D);
+      std::unique_ptr<Acts> xw = fwd.copy_rows(*in[l0], w * T, T);  // (T, dim)
       for (int64_t l = l0; l < L; ++l)
-        run.layer_forward(l == l0 && first ? *first : q_view(net, l, nullptr), l, xw.data(), 1, T,
-                          nullptr);
-      run.head_forward(xw.data(), T, logits.data(), nullptr);
-      return tw.kl(logits.data(), 0.0f, nullptr);
+        fwd.layer_forward(l == l0 && first ? *first : q_view(net, l, nullptr), l, *xw, 0, 1, T);
+      return fwd.window_kl(*xw, 0, T, *tw);
     };
     kl_sum[0] += kl_from(0, nullptr);
     for (int64_t l = 0; l < L; ++l)
@@ -138,6 +136,12 @@ std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
   return gain;
 }
 
+std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
+                                      const TeacherTargets& targets, int64_t windows,
+                                      double* base_kl) {
+  return restoration_gains(CpuForward(run), data, targets, windows, base_kl);
+}
+
 Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const CalibData& data,
                    const DiagnoseOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -145,6 +149,11 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
   Network net = Network::load_fp(dir);
   net.set_quantized(quantized.weights);
   Runner run(net);
+  // The forward-only measurements (the quantized model's KL, the restoration gains) run on
+  // opt.forward's backend where one is given (--device cuda), else on the CPU.
+  std::unique_ptr<ForwardBackend> gpu = opt.forward ? opt.forward(net) : nullptr;
+  const CpuForward cpu_fwd(run);
+  const ForwardBackend& fwd = gpu ? *gpu : static_cast<const ForwardBackend&>(cpu_fwd);
   const ModelConfig& c = net.cfg;
   const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows, N = nw * T;
   Diagnosis d;
@@ -159,9 +168,9 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
     if (opt.targets.mode == TargetMode::TopK) {
       // The reported KL is exact: against the recomputed full distributions.
       const TeacherTargets exact(run, data, {TargetMode::Recompute});
-      d.kl_w4 = mean_kl(run, data, exact, none, nw);
+      d.kl_w4 = mean_kl(fwd, data, exact, none, nw);
     } else {
-      d.kl_w4 = mean_kl(run, data, targets, none, nw);
+      d.kl_w4 = mean_kl(fwd, data, targets, none, nw);
     }
   }
   if (opt.verbose) std::fprintf(stderr, "diagnose: targets and KL of the quantized model (%.0f s)\n", seconds_since(t0));
@@ -226,7 +235,7 @@ Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const
     if (opt.verbose) std::fprintf(stderr, "diagnose: layer %lld/%lld (%.0f s)\n", (long long)l + 1, (long long)L, seconds_since(t0));
   }
   if (opt.validate) {
-    std::vector<double> gain = restoration_gains(run, data, targets, opt.probe_windows, nullptr);
+    std::vector<double> gain = restoration_gains(fwd, data, targets, opt.probe_windows, nullptr);
     for (size_t i = 0; i < gain.size(); ++i) d.modules[i].restore_gain = gain[i];
     double best = -2;
     for (int k = 0; k < 3; ++k) {

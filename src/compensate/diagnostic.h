@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
+#include "compensate/forward_backend.h"
 #include "compensate/teacher_targets.h"
 #include "model/spear_artifact.h"
 
@@ -41,6 +42,9 @@ struct DiagnoseOptions {
   bool validate = true;      // measure restoration gains and rank correlations
   int64_t probe_windows = 2; // windows for the restoration gains
   TargetOptions targets;     // how the full-precision distributions are held
+  // Where the forward-only measurements run (the KL of the quantized model, the restoration
+  // gains); empty: the CPU. The statistics and the targets' entropies stay on the CPU.
+  ForwardFactory forward;
   bool verbose = true;
 };
 
@@ -57,11 +61,14 @@ struct Diagnosis {
 Diagnosis diagnose(const std::string& dir, const SpearArtifact& quantized, const CalibData& data,
                    const DiagnoseOptions& opt);
 
-class Runner;
 // Measured restoration gain of every module (layers*7): mean KL(P_fp ‖ P_q) on the first
 // `windows` windows minus the same with that module alone at full precision (≥ 0).
 // targets: of data (TopK: every KL is the top-K KL). Window after window, so Recompute
 // runs the FP forward once per window. *base_kl receives the quantized model's mean KL.
+// On any forward backend (CPU or GPU); the Runner overload is CpuForward's.
+std::vector<double> restoration_gains(const ForwardBackend& fwd, const CalibData& data,
+                                      const TeacherTargets& targets, int64_t windows,
+                                      double* base_kl);
 std::vector<double> restoration_gains(const Runner& run, const CalibData& data,
                                       const TeacherTargets& targets, int64_t windows,
                                       double* base_kl);

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 
 #include "core/error.h"
 
@@ -94,18 +95,24 @@ void ECAdam::step(std::vector<std::optional<ECParams>>& ecs, const std::vector<E
   }
 }
 
-double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& targets,
+double mean_kl(const ForwardBackend& fwd, const CalibData& data, const TeacherTargets& targets,
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows) {
-  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  const Network& net = fwd.net();
+  const int64_t T = data.ctx;
   SPEAR_CHECK(targets.windows() == data.windows, "mean_kl: the targets are of other windows");
   windows = std::min(windows, data.windows);
-  std::vector<float> logits(T * V);  // (T, V)
   double kl = 0;
   for (int64_t w = 0; w < windows; ++w) {
-    run.forward(data.window(w), 1, T, true, &ecs, logits.data());
-    kl += targets.window(w).kl(logits.data(), 0.0f, nullptr);
+    std::unique_ptr<ForwardBackend::Acts> x = fwd.embed(data.window(w), T);  // (T, dim)
+    for (int64_t l = 0; l < net.cfg.num_layers; ++l) fwd.layer_forward(q_view(net, l, &ecs), l, *x, 0, 1, T);
+    kl += fwd.window_kl(*x, 0, T, *fwd.window_targets(data, targets, w));
   }
   return kl / static_cast<double>(windows * T);
+}
+
+double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& targets,
+               const std::vector<std::optional<ECParams>>& ecs, int64_t windows) {
+  return mean_kl(CpuForward(run), data, targets, ecs, windows);
 }
 
 double mean_nll(const Runner& run, const CalibData& data,

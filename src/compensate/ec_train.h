@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "compensate/calib_data.h"
+#include "compensate/forward_backend.h"
 #include "compensate/network.h"
 #include "compensate/teacher_targets.h"
 
@@ -59,6 +60,9 @@ struct TrainOptions {
 
 // Mean KL(P_fp ‖ P_q) per token over the first `windows` windows, with the ECs in place
 // (against TopK targets: the top-K KL, a lower bound).
+// On any forward backend (CPU or GPU); the Runner overload is CpuForward's.
+double mean_kl(const ForwardBackend& fwd, const CalibData& data, const TeacherTargets& targets,
+               const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
 double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& targets,
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
 

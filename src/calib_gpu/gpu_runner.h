@@ -1,0 +1,83 @@
+#pragma once
+// The calibration forward on the GPU (issue 12, first piece): Runner's layer_forward and
+// head_forward (compensate/network.h) in fp32 on one CUDA device, cuBLAS SGEMM in its
+// default (non-TF32) math, so that activations and logits agree with the CPU Runner to
+// float rounding (~1e-6 relative); the log-softmax of the teacher logits and the KL per
+// row on the device, so that mean_kl and the restoration gains never copy logits to the
+// host. It implements ForwardBackend, which those algorithms are written against; the
+// backward pass (training) is not here yet and stays on the CPU Runner.
+//
+// Memory: the shared tensors (embeddings, final norm, head, RoPE tables) are resident; the
+// per-layer weights of both paths (fp and q, float32) are resident when they fit in
+// `weight_fraction` of the free device memory at construction, else streamed: one layer
+// per path is held and a layer is uploaded when another is asked for. ECs (small, and
+// changing between calls) are uploaded on every layer_forward. Activations and scratch
+// are sized by the rows of the largest call (grown on demand).
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "compensate/forward_backend.h"
+#include "compensate/network.h"
+
+namespace spear::calib_gpu {
+
+// Whether a CUDA device is usable for calibration here; `why` says what is missing.
+bool gpu_calib_available(std::string* why = nullptr);
+
+class GpuRunner final : public ForwardBackend {
+ public:
+  // Throws spear::Error when no CUDA device is usable (naming why) or memory runs out.
+  explicit GpuRunner(const Network& net, int device = 0, double weight_fraction = 0.8);
+  ~GpuRunner() override;
+  GpuRunner(const GpuRunner&) = delete;
+  GpuRunner& operator=(const GpuRunner&) = delete;
+
+  // --- ForwardBackend (device activations)
+  const Network& net() const override { return net_; }
+  std::string_view device() const override { return "cuda"; }
+  std::unique_ptr<Acts> embed(const int32_t* tokens, int64_t rows) const override;
+  std::unique_ptr<Acts> copy_rows(const Acts& x, int64_t row0, int64_t rows) const override;
+  void layer_forward(const LayerView& lv, int64_t layer, Acts& x, int64_t row0, int64_t B,
+                     int64_t T) const override;
+  // Recompute targets: the FP forward of window w and its log-softmax, kept on the device.
+  // Dense / TopK targets: the host TargetWindow (window_kl then copies the logits back).
+  std::unique_ptr<WindowTargets> window_targets(const CalibData& data, const TeacherTargets& targets,
+                                                int64_t w) const override;
+  double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const override;
+
+  // --- the device API (raw device pointers, on stream())
+  cudaStream_t stream() const { return stream_; }
+  // x (rows, dim) device = embeddings of host tokens (rows); ids are range-checked.
+  void embed_dev(const int32_t* tokens, int64_t rows, float* x) const;
+  // One decoder layer in place on x (B*T, dim) device.
+  void layer_forward_dev(const LayerView& lv, int64_t layer, float* x, int64_t B, int64_t T) const;
+  // logits (rows, vocab) device = head(final_norm(x)), x (rows, dim) device.
+  void head_forward_dev(const float* x, int64_t rows, float* logits) const;
+  // Row KLs: kl (rows) device = KL(exp(ref_logp) ‖ softmax(logits)), both (rows, vocab) device.
+  void kl_rows_dev(const float* logits, const float* ref_logp, int64_t rows, double* kl) const;
+  // In place: logits (rows, vocab) device -> log-probabilities.
+  void log_softmax_dev(float* logits, int64_t rows) const;
+  // Runner::forward on the GPU: host tokens (B*T) -> host logits (B*T, vocab).
+  void forward(const int32_t* tokens, int64_t B, int64_t T, bool quantized,
+               const std::vector<std::optional<ECParams>>* ecs, float* logits) const;
+  bool weights_resident() const { return resident_; }
+  int64_t device_weight_bytes() const { return weight_bytes_; }
+
+ private:
+  struct Impl;
+  const Network& net_;
+  cudaStream_t stream_ = nullptr;
+  bool resident_ = false;
+  int64_t weight_bytes_ = 0;
+  std::unique_ptr<Impl> im_;
+};
+
+// The factory calibrate / diagnose take (CalibrateOptions::forward): a GpuRunner on device 0.
+ForwardFactory gpu_forward_factory();
+
+}  // namespace spear::calib_gpu
