@@ -1,10 +1,13 @@
 // spear serve --model PATH: the OpenAI-compatible server (src/server) in front of the
 // continuous-batching engine (src/engine).
+#include <malloc.h>
 #include <signal.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <cctype>
 #include <filesystem>
@@ -173,6 +176,17 @@ void register_serve(CLI::App& app) {
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+    // Blocks of 1 MiB and more (a request's body, its de-chunked or inflated copy) are
+    // mmapped, so freeing them gives the memory back. glibc's default threshold is
+    // dynamic: the free of an mmapped block raises it to that block's size (up to 32
+    // MiB), after which the next 8 MB bodies come from the serving threads' malloc
+    // arenas and stay there: +8 MB of RSS per large request, +161 MB after 20
+    // (docs/BENCHMARKS.md). The engine makes its allocations of 1 MiB and more once, not
+    // per step (mixlm-19m, bench-serve 64 x 64 tokens: 334 mmap calls pinned, 326 not).
+    // A threshold given in GLIBC_TUNABLES wins.
+    if (const char* t = std::getenv("GLIBC_TUNABLES"); !t || !std::strstr(t, "mmap_threshold"))
+      mallopt(M_MMAP_THRESHOLD, 1 << 20);
 
     std::string name = o->name;
     if (name.empty()) {

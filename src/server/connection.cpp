@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,6 +14,14 @@
 namespace spear::server {
 
 namespace {
+thread_local int serving_fd = -1;
+
+int port_of(const sockaddr_storage& a) {
+  if (a.ss_family == AF_INET) return ntohs(reinterpret_cast<const sockaddr_in&>(a).sin_port);
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6&>(a).sin6_port);
+  return -1;
+}
+
 bool endpoint(const sockaddr_storage& a, socklen_t len, std::string* ip, int* port) {
   char host[NI_MAXHOST], serv[NI_MAXSERV];
   if (getnameinfo(reinterpret_cast<const sockaddr*>(&a), len, host, sizeof host, serv, sizeof serv,
@@ -24,8 +33,21 @@ bool endpoint(const sockaddr_storage& a, socklen_t len, std::string* ip, int* po
 }
 }  // namespace
 
+ServingSocket::ServingSocket(int fd) : prev_(serving_fd) { serving_fd = fd; }
+ServingSocket::~ServingSocket() { serving_fd = prev_; }
+int ServingSocket::current() { return serving_fd; }
+
 ConnectionWatch::ConnectionWatch(const httplib::Request& req) {
   if (req.remote_port <= 0 || req.local_port <= 0) return;
+  if (serving_fd >= 0) {
+    // The front named this thread's socket; check that it is this request's peer.
+    sockaddr_storage peer{};
+    socklen_t pl = sizeof peer;
+    if (getpeername(serving_fd, reinterpret_cast<sockaddr*>(&peer), &pl) == 0 && port_of(peer) == req.remote_port) {
+      fd_ = serving_fd;
+      return;
+    }
+  }
   DIR* d = opendir("/proc/self/fd");
   if (!d) return;
   while (dirent* e = readdir(d)) {

@@ -1,10 +1,13 @@
 #pragma once
 // Noticing that a client has gone away while its request is still being worked on.
-// cpp-httplib (0.11) does not hand handlers their socket, so the socket is found
-// by its address pair (the request knows both ends) among this process's open
-// descriptors; a peek that reads end-of-stream then means the peer closed. This
-// catches a disconnect during queueing and prefill, before any byte is written;
-// a failed write catches it later too.
+// cpp-httplib (0.11) does not hand handlers their socket. SocketFront's worker
+// names it for the thread that serves the request (ServingSocket); without that the
+// socket is found by its address pair (the request knows both ends) among this
+// process's open descriptors, which costs a getpeername/getsockname and two
+// getnameinfo per open descriptor (every slow client's socket included). A peek
+// that reads end-of-stream then means the peer closed. This catches a disconnect
+// during queueing and prefill, before any byte is written; a failed write catches
+// it later too.
 #include <string>
 
 namespace httplib {
@@ -12,6 +15,19 @@ struct Request;
 }
 
 namespace spear::server {
+
+// The socket of the request this thread is serving, while it serves it.
+class ServingSocket {
+ public:
+  explicit ServingSocket(int fd);
+  ~ServingSocket();
+  ServingSocket(const ServingSocket&) = delete;
+  ServingSocket& operator=(const ServingSocket&) = delete;
+  static int current();  // -1 when none
+
+ private:
+  int prev_;
+};
 
 class ConnectionWatch {
  public:

@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "engine/engine_loop.h"
 #include "server/api_error.h"
+#include "server/connection.h"
 #include "server/httplib_config.h"
 #include "server/json_fields.h"
 #include "server/protocol.h"
@@ -348,6 +349,7 @@ void HttpServer::start() {
       svr.socket_fd(), fo,
       [this, write_ms](int fd, std::string& request, bool close) {
         FramedStream strm(fd, request, write_ms);
+        ServingSocket named(fd);  // ConnectionWatch finds the socket without a scan of every descriptor
         bool closed = false;
         const bool ok = impl_->svr.serve(strm, close || stopping_.load(), closed);
         return ok && !closed && !strm.failed();

@@ -16,7 +16,12 @@ namespace spear::server::jinja {
 namespace {
 [[noreturn]] void fail(const std::string& m) { throw std::runtime_error("jinja: " + m); }
 constexpr size_t kMaxOutput = 16u << 20;
-constexpr int64_t kMaxIterations = 1'000'000;
+// Loop iterations per render, all loops together. Each costs a scope and a `loop` dict
+// (~1 us; ~10 us under ASan): 1M let a model file's template of two nested
+// range(999) loops take ~1 s of a worker per chat request, 10 s under the fuzzer
+// (fuzz/README.md). 100k is ~100x what a real template needs at the message cap
+// (1024 messages, a few passes over them and their content parts).
+constexpr int64_t kMaxIterations = 100'000;
 // Counts one level of parser recursion for as long as it lives. A bracket level of an
 // expression passes four guards (ternary, or, not, unary), so 512 is ~128 brackets.
 struct NestGuard {

@@ -30,7 +30,7 @@
 //    transformers defines it; these names are `defined`)
 // Not supported (templates using them fail at load and the plain template is used):
 // macros, call blocks, include/import, filters and tests not listed, floats.
-// Limits: the output is capped at 16 MiB and loops at 1M iterations, so a template
+// Limits: the output is capped at 16 MiB and loops at 100k iterations (all loops of a render together), so a template
 // cannot be made to run away by a request; an expression holds at most 2048 tokens
 // and ~128 levels of brackets, and the template's tree (statements and expressions) nests at most 256 levels, values
 // at most 64, so neither a template (from a model file) nor a request can exhaust the
