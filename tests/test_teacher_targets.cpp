@@ -14,6 +14,8 @@
 #include <numeric>
 #include <random>
 
+#include <omp.h>
+
 #include "compensate/calibrate.h"
 #include "compensate/diagnostic.h"
 #include "compensate/network.h"
@@ -154,6 +156,36 @@ TEST(TeacherTargets, TopKKlMatchesFloat64ReferenceAndBoundsTheFullKl) {
       EXPECT_NEAR(got, kl_rows(z.data(), lp.data(), rows, V, 0.0f, nullptr), 1e-6 * full);
     }
   }
+}
+
+// The KL sums are the same double whatever the thread count: the row KLs are added in
+// row order (an OpenMP reduction adds per-thread partials in the order threads finish).
+TEST(TeacherTargets, KlSumsAreDeterministicAcrossThreadCounts) {
+  const int64_t rows = 67, V = 41, K = 7;
+  std::vector<float> lp, z;
+  random_rows(rows, V, 5, lp, z);
+  std::vector<int32_t> ids;
+  std::vector<float> klp, tail;
+  for (int64_t r = 0; r < rows; ++r) {
+    const TopKRow t = top_k_of(std::vector<float>(lp.begin() + r * V, lp.begin() + (r + 1) * V), K);
+    ids.insert(ids.end(), t.ids.begin(), t.ids.end());
+    klp.insert(klp.end(), t.logp.begin(), t.logp.end());
+    tail.push_back(t.tail_logp);
+  }
+  // The reference: one row per call, added in row order.
+  double dense_ref = 0, topk_ref = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    dense_ref += kl_rows(&z[r * V], &lp[r * V], 1, V, 0.0f, nullptr);
+    topk_ref += kl_topk_rows(&z[r * V], &ids[r * K], &klp[r * K], &tail[r], 1, V, K, 0.0f, nullptr);
+  }
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2, 3, 8}) {
+    omp_set_num_threads(threads);
+    EXPECT_EQ(kl_rows(z.data(), lp.data(), rows, V, 0.0f, nullptr), dense_ref) << threads << " threads";
+    EXPECT_EQ(kl_topk_rows(z.data(), ids.data(), klp.data(), tail.data(), rows, V, K, 0.0f, nullptr), topk_ref)
+        << threads << " threads";
+  }
+  omp_set_num_threads(saved);
 }
 
 TEST(TeacherTargets, TopKGradientMatchesFiniteDifferences) {

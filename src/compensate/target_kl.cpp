@@ -19,10 +19,21 @@ void log_softmax_rows(const float* logits, int64_t rows, int64_t V, float* out) 
   }
 }
 
+namespace {
+// Σ of the per-row KLs in row order: the same double whatever the thread count or the
+// order threads finish in (an OpenMP reduction combines partial sums in arrival order,
+// which made the same calibration differ in its last bits from run to run).
+double ordered_sum(const std::vector<double>& v) {
+  double total = 0;
+  for (double x : v) total += x;
+  return total;
+}
+}  // namespace
+
 double kl_rows(const float* logits, const float* ref_logp, int64_t rows, int64_t V, float scale,
                float* dlogits) {
-  double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
+  std::vector<double> row_kl(rows);  // (rows)
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const float* z = logits + r * V;
     const float* lp = ref_logp + r * V;
@@ -38,16 +49,16 @@ double kl_rows(const float* logits, const float* ref_logp, int64_t rows, int64_t
       kl += p * (lp[i] - lq);
       if (dlogits) dlogits[r * V + i] = static_cast<float>(scale * (std::exp(lq) - p));
     }
-    total += kl;
+    row_kl[r] = kl;
   }
-  return total;
+  return ordered_sum(row_kl);
 }
 
 double kl_topk_rows(const float* logits, const int32_t* ids, const float* logp,
                     const float* tail_logp, int64_t rows, int64_t V, int64_t K, float scale,
                     float* dlogits) {
-  double total = 0;
-#pragma omp parallel reduction(+ : total)
+  std::vector<double> row_kl(rows);  // (rows)
+#pragma omp parallel
   {
     std::vector<uint8_t> kept(V, 0);  // (V) 1 at the row's kept ids
     std::vector<double> qk(K);        // (K) student probabilities of the kept ids
@@ -79,7 +90,7 @@ double kl_topk_rows(const float* logits, const int32_t* ids, const float* logp,
       // the floor keeps KL_K finite (large) and the gradient below bounded.
       const double q_tail = std::max(s_tail / s, 1e-300);
       if (p_tail > 0) kl += p_tail * (tail_logp[r] - std::log(q_tail));
-      total += kl;
+      row_kl[r] = kl;
       if (dlogits) {
         float* d = dlogits + r * V;
         // Tail ids first (q_j (1 − p_T / q_T), with q_j / q_T ≤ 1), then the kept ids,
@@ -95,7 +106,7 @@ double kl_topk_rows(const float* logits, const int32_t* ids, const float* logp,
       for (int64_t k = 0; k < K; ++k) kept[id[k]] = 0;
     }
   }
-  return total;
+  return ordered_sum(row_kl);
 }
 
 }  // namespace spear

@@ -116,6 +116,9 @@ float* device_copy(const std::vector<float>& h) {
   float* d = nullptr;
   EXPECT_EQ(cudaMalloc(&d, h.size() * sizeof(float)), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  // From pageable memory cudaMemcpy may return before the DMA lands, and the runner's
+  // non-blocking stream does not wait for the legacy default stream.
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return d;
 }
 
