@@ -166,6 +166,6 @@ profile)  # ncu on single configs (bench_w4a16 --only/--run): the batch kernel a
   prof batch64s2 7B:gate+up:64 "batch nt=2 tg=8 warps=8 splits=2"
   prof decode1 7B:gate+up:1 "decode nt=2 tg=1 warps=4 splits=1" ;;
 kernels)
-  [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
+  [ -x $B/bench_w4a16 ] && timeout ${KERNELS_TIMEOUT:-300} $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;
 esac; done
