@@ -76,8 +76,9 @@ TEST(StopSignals, ASignalOnAThreadThatBlocksNothingReachesWait) {
             0);
 }
 
-// A signal sent before wait() is kept; wake() ends a wait without a signal; a signal
-// after the last wait() is ignored (the process goes on and exits normally).
+// A signal sent before wait(), with every thread blocking it, is kept (the signalfd);
+// wake() ends a wait without a signal; a signal after the last wait() is ignored (the
+// process goes on and exits normally).
 TEST(StopSignals, KeptUntilWaitWakeAndLateSignals) {
   EXPECT_EQ(in_child([] {
               StopSignals& s = StopSignals::install();
@@ -92,18 +93,18 @@ TEST(StopSignals, KeptUntilWaitWakeAndLateSignals) {
               sigemptyset(&set);
               sigaddset(&set, SIGTERM);
               pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
-              kill(getpid(), SIGTERM);  // handled, not fatal
+              kill(getpid(), SIGTERM);  // handled here, not fatal
               return 0;
             }),
             0);
 }
 
-// The thread in wait() takes the signal itself when no other thread can.
-TEST(StopSignals, TheWaitingThreadTakesTheSignal) {
+// A signal sent while wait() runs, with every thread blocking it, wakes it.
+TEST(StopSignals, ASignalEveryThreadBlocksReachesWait) {
   EXPECT_EQ(in_child([] {
               StopSignals& s = StopSignals::install();
               std::thread killer([] {
-                // Most likely while wait() runs; sent before, it is pending and the result is the same.
+                // Most likely while wait() polls; sent before, it is kept and the result is the same.
                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
                 kill(getpid(), SIGINT);
               });

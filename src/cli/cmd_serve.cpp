@@ -170,10 +170,10 @@ void register_serve(CLI::App& app) {
     }
 
     // SIGINT/SIGTERM stop the server in order (drain), whichever thread they land on:
-    // a handler, not only a mask (OpenBLAS's threads, started before main, block
-    // nothing; server/stop_signals.h). Installed before spear starts any thread, which
-    // then inherit the block; a signal that comes while loading stops the server once
-    // it is ready.
+    // a handler and a signalfd, not only a mask (OpenBLAS's threads, started before
+    // main, block nothing; server/stop_signals.h). Installed before spear starts any
+    // thread, which then inherit the block; a signal that comes while loading stops the
+    // server once it is ready.
     server::StopSignals& stop_signals = server::StopSignals::install();
 
     // Blocks of 1 MiB and more (a request's body, its de-chunked or inflated copy) are
