@@ -1,7 +1,6 @@
 // spear serve --model PATH: the OpenAI-compatible server (src/server) in front of the
 // continuous-batching engine (src/engine).
 #include <malloc.h>
-#include <signal.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +22,7 @@
 #include "server/chat_template.h"
 #include "server/generation_defaults.h"
 #include "server/http_server.h"
+#include "server/stop_signals.h"
 #include "tokenizer/tokenizer.h"
 
 namespace spear::cli {
@@ -169,13 +169,12 @@ void register_serve(CLI::App& app) {
       o->http.api_key = read_key_file(o->api_key_file);
     }
 
-    // SIGINT/SIGTERM are taken by this thread (sigwait) for an orderly stop; block
-    // them before any other thread exists so that none of those receives them.
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+    // SIGINT/SIGTERM stop the server in order (drain), whichever thread they land on:
+    // a handler and a signalfd, not only a mask (OpenBLAS's threads, started before
+    // main, block nothing; server/stop_signals.h). Installed before spear starts any
+    // thread, which then inherit the block; a signal that comes while loading stops the
+    // server once it is ready.
+    server::StopSignals& stop_signals = server::StopSignals::install();
 
     // Blocks of 1 MiB and more (a request's body, its de-chunked or inflated copy) are
     // mmapped, so freeing them gives the memory back. glibc's default threshold is
@@ -264,20 +263,18 @@ void register_serve(CLI::App& app) {
                  note.c_str(), gen_defaults.describe().c_str(), engine.cost_model_summary().c_str());
     std::fflush(stderr);
 
-    int sig = 0;
-    sigwait(&sigs, &sig);
+    const int sig = stop_signals.wait();
     std::fprintf(stderr, "spear: stopping (signal %d): no new connections; in-flight requests have %g s\n",
                  sig, o->shutdown_timeout_s);
     std::fflush(stderr);
     // A second signal cancels what is still in flight at once.
     std::atomic<bool> drained{false};
-    std::thread second([&http, &drained, sigs] {
-      int s2 = 0;
-      if (sigwait(&sigs, &s2) == 0 && !drained.load()) http.cancel_in_flight();
+    std::thread second([&http, &drained, &stop_signals] {
+      if (stop_signals.wait() != 0 && !drained.load()) http.cancel_in_flight();
     });
     http.drain(o->shutdown_timeout_s);
     drained.store(true);
-    pthread_kill(second.native_handle(), SIGTERM);  // ends its sigwait
+    stop_signals.wake();  // ends the second thread's wait
     second.join();
     engine.stop();
     std::fprintf(stderr, "spear: stopped\n");
