@@ -150,7 +150,7 @@ nlohmann::json train_e2e(GradBackend& grad, const CalibData& data, const Teacher
       const int64_t w0 = s * batch, w1 = std::min(nw, w0 + batch);
       const float scale = 1.0f / static_cast<float>((w1 - w0) * T);
       grad.begin_step(ecs);
-      for (int64_t w = w0; w < w1; ++w) ep_kl += grad.add_window(data, targets, w, scale);
+      grad.add_windows(data, targets, w0, w1, scale, &ep_kl);
       grad.end_step(grads);
       restrict_gate_grads(grads, opt.gate);
       adam.step(ecs, grads, schedule(step, total));

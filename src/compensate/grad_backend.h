@@ -26,6 +26,12 @@ class GradBackend {
   // targets) and returns KL_w.
   virtual double add_window(const CalibData& data, const TeacherTargets& targets, int64_t w,
                             float scale) = 0;
+  // add_window for windows [w0, w1), each window's KL added to *kl_sum in window order.
+  // The default calls add_window one window at a time; a backend may run them as one batch.
+  virtual void add_windows(const CalibData& data, const TeacherTargets& targets, int64_t w0,
+                           int64_t w1, float scale, double* kl_sum) {
+    for (int64_t w = w0; w < w1; ++w) *kl_sum += add_window(data, targets, w, scale);
+  }
   // The step's gradients: grads[i] (resized as ECGrad::zero_like) for every EC of the step,
   // other entries untouched.
   virtual void end_step(std::vector<ECGrad>& grads) = 0;

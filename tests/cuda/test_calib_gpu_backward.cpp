@@ -313,8 +313,9 @@ TEST(CalibGpuBackward, KlGradientMatchesCpu) {
   }
 }
 
-// The gradients of one Adam step's batch (3 windows), whole model, on the GPU (GpuGrad)
-// and on the CPU (CpuGrad, train_e2e's reference loop), for every teacher-target mode.
+// The gradients of one Adam step's batch (3 windows), whole model, on the GPU (GpuGrad,
+// window by window and as one batch) and on the CPU (CpuGrad, train_e2e's reference loop),
+// for every teacher-target mode.
 TEST(CalibGpuBackward, E2eGradientsMatchCpu) {
   REQUIRE_GPU();
   const Network& n = tiny_net();
@@ -344,7 +345,15 @@ TEST(CalibGpuBackward, E2eGradientsMatchCpu) {
     gg->end_step(rg);
     EXPECT_GT(kc, 0.0) << what;
     EXPECT_NEAR(kg, kc, 1e-4 * kc) << what << ": the batch's KL";
-    expect_grads_close(rg, rc, ecs, 1e-4, what);
+    expect_grads_close(rg, rc, ecs, 1e-4, what + ", window by window");
+    // The same step as one batch of 3 windows (train_e2e's call).
+    std::vector<ECGrad> rb(ecs.size());
+    double kb = 0;
+    gg->begin_step(ecs);
+    gg->add_windows(d, targets, 0, d.windows, scale, &kb);
+    gg->end_step(rb);
+    EXPECT_NEAR(kb, kc, 1e-4 * kc) << what << ": the batch's KL, batched";
+    expect_grads_close(rb, rc, ecs, 1e-4, what + ", batched");
   }
 }
 
