@@ -11,12 +11,16 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <fstream>
 #include <cmath>
 #include <optional>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "calib_gpu/gpu_grad.h"
 #include "calib_gpu/gpu_runner.h"
@@ -29,6 +33,7 @@
 #include "compensate/teacher_targets.h"
 #include "cuda/gpu_test_util.h"
 #include "quant/rtn.h"
+#include "test_paths.h"
 
 namespace spear {
 namespace {
@@ -470,6 +475,31 @@ TEST(CalibGpuBackward, CalibrateTrainsOnTheGpuLikeTheCpu) {
   const double kc = rc2.report["calib_kl_trained"].get<double>(), kg = rg.report["calib_kl_trained"].get<double>();
   EXPECT_NEAR(kg, kc, 2e-3 * kc) << "calibrate: trained calibration KL";
   EXPECT_LT(kg, rg.report["calib_kl_w4"].get<double>());
+}
+
+// `spear calibrate --device cuda` through the CLI: the report says the e2e training ran
+// on the GPU, and the trained KL is below the quantized model's.
+TEST(CalibGpuBackward, CliCalibrateDeviceCudaTrainsOnTheGpu) {
+  REQUIRE_GPU();
+  const test::TempDir dir("calib_gpu_backward_cli");
+  const std::string model = test::tiny_model_dir(), w4 = dir / "w4.spear", ec = dir / "ec.spear",
+                    rep = dir / "rep.json", log = dir / "stderr.txt";
+  const std::string data = test::data_dir() + "/tinystories/tinystories_val.txt";
+  const std::string cli = test::cli_path();
+  ASSERT_EQ(std::system((cli + " quantize --model " + model + " --out " + w4 + " >/dev/null 2>&1").c_str()), 0);
+  const int rc = std::system((cli + " calibrate --device cuda --model " + model + " --quantized " + w4 +
+                              " --calib " + data +
+                              " --calib-offset 300000 --calib-ctx 256 --calib-windows 6 --budget 0.05 --epochs 2"
+                              " --out " + ec + " --report-json " + rep + " >/dev/null 2>" + log)
+                                 .c_str());
+  std::ifstream lf(log);
+  const std::string err((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(rc, 0) << "spear calibrate --device cuda failed; its stderr:\n" << err;
+  const nlohmann::json r = nlohmann::json::parse(std::ifstream(rep));
+  EXPECT_EQ(r["device"], "cuda") << err;
+  EXPECT_EQ(r["training"]["device"], "cuda") << err;
+  EXPECT_NE(err.find("spear e2e [cuda]: epoch 2/2"), std::string::npos) << err;
+  EXPECT_LT(r["calib_kl_trained"].get<double>(), r["calib_kl_w4"].get<double>()) << err;
 }
 
 }  // namespace
