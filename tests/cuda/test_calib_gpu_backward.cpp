@@ -362,6 +362,33 @@ TEST(CalibGpuBackward, E2eGradientsMatchCpu) {
   }
 }
 
+// Streamed weights (one layer per path on the device, reloaded as the backward walks the
+// layers down) give the resident mode's gradients.
+TEST(CalibGpuBackward, StreamedWeightsGiveTheSameGradients) {
+  REQUIRE_GPU();
+  const Network& n = tiny_net();
+  Runner cpu(n);
+  GpuRunner resident(n);
+  GpuRunner streamed(n, 0, 0.0);
+  ASSERT_TRUE(resident.weights_resident());
+  ASSERT_FALSE(streamed.weights_resident());
+  const auto ecs = test_ecs(n, 81);
+  const CalibData d = random_data(n.cfg, 2, 32, 82);
+  TargetOptions to;
+  to.mode = TargetMode::Recompute;
+  const TeacherTargets targets(cpu, d, to);
+  std::vector<ECGrad> gr(ecs.size()), gs(ecs.size());
+  double kr = 0, ks = 0;
+  for (const GpuRunner* r : {&resident, &streamed}) {
+    const std::unique_ptr<GradBackend> gb = r->gradients();
+    gb->begin_step(ecs);
+    gb->add_windows(d, targets, 0, d.windows, 0.01f, r == &resident ? &kr : &ks);
+    gb->end_step(r == &resident ? gr : gs);
+  }
+  EXPECT_NEAR(ks, kr, 1e-9 * kr);
+  expect_grads_close(gs, gr, ecs, 1e-6, "streamed against resident weights");
+}
+
 // The GPU's gradient against central finite differences of the GPU's own mean KL
 // (mean_kl on the GpuRunner), every 5th entry of every EC tensor.
 TEST(CalibGpuBackward, GradientsMatchFiniteDifferences) {
