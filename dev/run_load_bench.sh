@@ -165,7 +165,25 @@ profile)  # ncu on single configs (bench_w4a16 --only/--run): the batch kernel a
   prof batch64 7B:gate+up:64 "batch nt=2 tg=8 warps=8 splits=1"
   prof batch64s2 7B:gate+up:64 "batch nt=2 tg=8 warps=8 splits=2"
   prof decode1 7B:gate+up:1 "decode nt=2 tg=1 warps=4 splits=1" ;;
+calib-gpu)  # issue 12: calibrate on the GPU against the host's 16 cores (mixlm, same settings, same run), the
+  # results' perplexity; then a Llama-3.2-1B-shaped checkpoint (random weights) calibrated on the GPU
+  for dev in ${CALIB_DEVS:-cuda cpu}; do
+    /usr/bin/time -f "calibrate $dev %e s, peak %M KB" timeout ${CALIB_TIMEOUT:-200} $B/spear calibrate --model $MIX \
+      --quantized $D/mixlm-w4.spear --calib $D/wiki.test.tokens --calib-offset 200000 --calib-windows 32 --epochs 1 \
+      --budget 0.02 --device $dev --report-json "$OUT/calib-$dev.json" --out /tmp/mixlm-ec-$dev.spear >"$OUT/calib-$dev.log" 2>&1
+    echo "calibrate $dev rc=$?"; tail -2 "$OUT/calib-$dev.log"
+    [ -f /tmp/mixlm-ec-$dev.spear ] && echo "ppl cuda mixlm-ec-$dev $($B/spear ppl --device cuda --model /tmp/mixlm-ec-$dev.spear \
+      --data $D/wiki.test.tokens --ctx 512 --max-windows 40 --json 2>>"$OUT/ppl.err")" | tee -a "$OUT/ppl.txt"
+  done
+  [ -n "$CALIB_NO_1B" ] && continue  # (CALIB_DEVS, CALIB_NO_1B: a shorter run)
+  CK1=/tmp/llama-3.2-1b-bf16
+  [ -d $CK1 ] || $B/spear make-checkpoint --config llama-3.2-1b --out $CK1 >"$OUT/make1b.log" 2>&1
+  [ -f /tmp/1b-w4.spear ] || $B/spear quantize --model $CK1 --out /tmp/1b-w4.spear >"$OUT/quantize1b.log" 2>&1
+  /usr/bin/time -f "calibrate 1b cuda %e s, peak %M KB" timeout ${CALIB1B_TIMEOUT:-240} $B/spear calibrate --model $CK1 \
+    --quantized /tmp/1b-w4.spear --calib $D/wiki.test.tokens --calib-windows 8 --epochs 1 --budget 0.01 --device cuda \
+    --report-json "$OUT/calib-1b.json" --out /tmp/1b-ec.spear >"$OUT/calib-1b.log" 2>&1
+  echo "calibrate 1b rc=$?"; tail -3 "$OUT/calib-1b.log" ;;
 kernels)
-  [ -x $B/bench_w4a16 ] && timeout 300 $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
+  [ -x $B/bench_w4a16 ] && timeout ${KERNELS_TIMEOUT:-300} $B/bench_w4a16 --quick --md "$OUT/bench_w4a16.md" --cache "$OUT/w4a16-cache.txt" >"$OUT/bench_w4a16.log" 2>&1
   echo "bench_w4a16 rc=$?"; tail -40 "$OUT/bench_w4a16.md" ;;
 esac; done

@@ -11,6 +11,8 @@
 #include "compensate/diagnostic.h"
 #include "model/ec_layer.h"
 #include "compensate/ec_train.h"
+#include "compensate/grad_backend.h"
+#include "compensate/forward_backend.h"
 #include "compensate/network.h"
 #include "compensate/quantize_model.h"
 #include "compensate/static_control.h"
@@ -215,6 +217,42 @@ TEST(Compensate, GradientsMatchFiniteDifferences) {
   const int checked =
       check_grads(ecs, grads, loss, [](const ECParams&, int, size_t) { return true; }, 3);
   EXPECT_GT(checked, 50);
+}
+
+// CpuGrad (train_e2e's GradBackend on the CPU, and CpuForward::gradients()) is the
+// reference loop above bit for bit, over two steps (buffers reused between them).
+TEST(Compensate, CpuGradIsTheReferenceLoop) {
+  Network n = random_network(8);
+  const ModelConfig& c = n.cfg;
+  std::mt19937_64 g(9);
+  std::vector<std::optional<ECParams>> ecs(c.num_layers * kNumModules);
+  ecs[module_index(0, Module::Q)] = random_ec(n.module_in(Module::Q), n.module_out(Module::Q), 2, true, g);
+  ecs[module_index(1, Module::Down)] = random_ec(n.module_in(Module::Down), n.module_out(Module::Down), 3, false, g);
+  const CalibData d = random_data(c, 2, 9, 10);
+  Runner run(n);
+  const TeacherTargets targets(run, d, TargetOptions{TargetMode::Recompute});
+  const std::vector<ECGrad> ref = e2e_grads(n, run, d, targets, ecs);
+  const CpuForward fwd(run);
+  const std::unique_ptr<GradBackend> gb = fwd.gradients();
+  EXPECT_EQ(gb->device(), "cpu");
+  for (int step = 0; step < 2; ++step) {
+    std::vector<ECGrad> got(ecs.size());
+    gb->begin_step(ecs);
+    double kl = 0;
+    if (step == 0)
+      for (int64_t w = 0; w < d.windows; ++w) kl += gb->add_window(d, targets, w, 1.0f / (d.windows * d.ctx));
+    else
+      gb->add_windows(d, targets, 0, d.windows, 1.0f / (d.windows * d.ctx), &kl);  // train_e2e's call
+    gb->end_step(got);
+    EXPECT_NEAR(kl / (d.windows * d.ctx), mean_kl(run, d, targets, ecs, d.windows), 1e-12);
+    for (size_t i = 0; i < ecs.size(); ++i) {
+      if (!ecs[i]) continue;
+      EXPECT_EQ(got[i].A, ref[i].A) << i;
+      EXPECT_EQ(got[i].B, ref[i].B) << i;
+      EXPECT_EQ(got[i].G, ref[i].G) << i;
+      EXPECT_EQ(got[i].c, ref[i].c) << i;
+    }
+  }
 }
 
 // The diagonal gate (--gate diag): G diagonal, its off-diagonal gradients dropped by

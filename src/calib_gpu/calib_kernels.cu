@@ -1,5 +1,7 @@
 #include "calib_gpu/calib_kernels.h"
 
+#include "calib_gpu/block_reduce.cuh"
+
 #include <cfloat>
 #include <cmath>
 
@@ -11,31 +13,6 @@ constexpr int kThreads = 256;
 
 int blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<int>((n + threads - 1) / threads);
-}
-
-// Block-wide sum / max of one value per thread (blockDim.x a multiple of 32, ≤ 1024).
-template <typename F>
-__device__ F block_sum(F v, F* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  __syncthreads();  // shared may still be read by a previous reduction
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  F t = 0;
-  for (int i = 0; i < nw; ++i) t += shared[i];
-  return t;
-}
-
-template <typename F>
-__device__ F block_max(F v, F* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  F t = shared[0];
-  for (int i = 1; i < nw; ++i) t = max(t, shared[i]);
-  return t;
 }
 
 __global__ void embed_kernel(const float* __restrict__ table, const int32_t* __restrict__ tok,

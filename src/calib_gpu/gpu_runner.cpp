@@ -7,57 +7,16 @@
 #include <string>
 #include <utility>
 
+#include "calib_gpu/calib_backward.h"
 #include "calib_gpu/calib_kernels.h"
+#include "calib_gpu/dev_buf.h"
+#include "calib_gpu/gpu_grad.h"
 #include "core/error.h"
 #include "model/rope.h"
 
 namespace spear::calib_gpu {
 
 namespace {
-
-void cuda_ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw Error(std::string("GPU calibration: ") + what + ": " + cudaGetErrorString(e));
-}
-
-void blas_ok(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS)
-    throw Error(std::string("GPU calibration: cuBLAS ") + what + " failed (status " +
-                std::to_string(static_cast<int>(s)) + ")");
-}
-
-// A device allocation, grown on demand (contents are not kept when it grows).
-class DevBuf {
- public:
-  DevBuf() = default;
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  ~DevBuf() {
-    if (p_) cudaFree(p_);
-  }
-  void ensure(size_t bytes) {
-    if (bytes <= bytes_) return;
-    if (p_) cuda_ok(cudaFree(p_), "cudaFree");
-    p_ = nullptr;
-    bytes_ = 0;
-    cuda_ok(cudaMalloc(&p_, bytes), ("cudaMalloc of " + std::to_string(bytes) + " bytes").c_str());
-    bytes_ = bytes;
-  }
-  float* f() const { return static_cast<float*>(p_); }
-  double* d() const { return static_cast<double*>(p_); }
-  int32_t* i() const { return static_cast<int32_t*>(p_); }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// Copies n floats of host memory into buf (grown to hold them), in stream order.
-void upload(DevBuf& buf, const float* host, int64_t n, cudaStream_t s) {
-  buf.ensure(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float));
-  if (n) cuda_ok(cudaMemcpyAsync(buf.f(), host, n * sizeof(float), cudaMemcpyHostToDevice, s), "upload");
-}
 
 // One decoder layer's weights on the device (one path).
 struct DevLayer {
@@ -94,21 +53,43 @@ bool gpu_calib_available(std::string* why) {
   return true;
 }
 
+// The device pointers a layer runs with, resolved from a LayerView.
+struct LayerDev {
+  const float* W[kNumModules] = {};  // (out, in) device per module
+  const float* attn_norm = nullptr;  // (dim) device
+  const float* ffn_norm = nullptr;   // (dim) device
+};
+
 struct GpuRunner::Impl {
+  const Network* net = nullptr;
+  bool resident = false;
+  cudaStream_t st = nullptr;
   cublasHandle_t blas = nullptr;
   DevBuf embed, head, final_norm;  // (vocab, dim), (vocab, dim), (dim)
   DevBuf cos, sin;                 // (max_pos, head_dim/2)
   int64_t rope_positions = 0;
   std::vector<DevLayer> fp, q;     // resident: one per layer; streamed: one slot each
   DevLayer foreign;                // host matrices of a LayerView that are not the Network's
-  // Scratch of one layer_forward, rows = B*T of the largest call.
-  DevBuf xn;        // (rows, dim) normed input of a block
-  DevBuf qb, kb, vb;  // (rows, q_dim), (rows, kv_dim), (rows, kv_dim)
-  DevBuf att;       // (rows, q_dim)
-  DevBuf proj;      // (rows, dim) O / Down output before the residual add
-  DevBuf g, u;      // (rows, hidden) gate / up, h = silu(g) ⊙ u in g
-  DevBuf ecA, ecB, ecG, ecc;  // one EC's (r, in), (out, r), (r, r), (r)
-  DevBuf z, a, s;   // (rows, r) EC codes, gate pre-activation, γ ⊙ z
+  GpuECSet view_ecs;               // (7) the host ECs of a LayerView, uploaded per call
+  // One layer's activations, rows = B*T of the largest call: what layer_forward computes
+  // and (recomputed) what layer_backward reads.
+  DevBuf xn1, xn2;    // (rows, dim) normed inputs of the attention and SwiGLU blocks
+  DevBuf qb, kb, vb;  // (rows, q_dim), (rows, kv_dim), (rows, kv_dim), after RoPE
+  DevBuf att;         // (rows, q_dim) attention output
+  DevBuf xmid;        // (rows, dim) residual stream between the blocks (backward only)
+  DevBuf proj;        // (rows, dim) O / Down output before the residual add
+  DevBuf g, u, h;     // (rows, hidden) gate, up, h = silu(g) ⊙ u
+  DevBuf z[kNumModules], gam[kNumModules], s[kNumModules];  // (rows, r) per EC: A x, γ, γ ⊙ z
+  DevBuf a;           // (rows, r) gate pre-activation z Gᵀ (forward scratch)
+  // Backward scratch.
+  DevBuf xw;          // (rows, dim) the recomputed layer's stream
+  DevBuf dh, dg, du;  // (rows, hidden)
+  DevBuf dxn;         // (rows, dim) gradient of a norm's output
+  DevBuf datt;        // (rows, q_dim)
+  DevBuf dq, dk, dv;  // (rows, q_dim), (rows, kv_dim), (rows, kv_dim)
+  DevBuf astats;      // (B*NH*T, 3) attention row statistics
+  DevBuf ds, da, dz;  // (rows, r) one EC's code gradients
+  DevBuf dxf;         // (rows, dim) gradient of the final-normed hidden states
   // Head, targets and whole-model forward.
   DevBuf xf;        // (rows, dim) final-normed hidden states
   DevBuf logits;    // (rows, vocab)
@@ -116,15 +97,214 @@ struct GpuRunner::Impl {
   DevBuf tokens;    // (rows) int32
   DevBuf xfwd;      // (rows, dim) forward()'s stream
 
+  // Row-major C (M, N) = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when tX; lda, ldb,
+  // ldc the row strides of the stored matrices.
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) const {
+    if (M == 0 || N == 0) return;
+    // Column-major, this is Cᵀ (N, M) = op(B)ᵀ · op(A)ᵀ on the same buffers.
+    blas_ok(cublasSgemm(blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                        static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
+                        static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C, static_cast<int>(ldc)),
+            "sgemm");
+  }
   // C (M, N) = X (M, K) · Wᵀ, W (N, K), all row-major; beta 0 or 1 (accumulate into C).
   void gemm_nt(const float* X, const float* W, float* C, int64_t M, int64_t K, int64_t N,
                float beta) const {
-    const float one = 1.0f;
-    // Column-major view: Cᵀ (N, M) = W (col-major K×N, transposed) · Xᵀ (col-major K×M).
-    blas_ok(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(M),
-                        static_cast<int>(K), &one, W, static_cast<int>(K), X, static_cast<int>(K),
-                        &beta, C, static_cast<int>(N)),
-            "sgemm");
+    gemm(false, true, M, N, K, 1.0f, X, K, W, K, beta, C, N);
+  }
+
+  // The device copy of layer l of one path, loaded into the streaming slot if needed.
+  DevLayer& path_layer(bool quantized, int64_t l) {
+    std::vector<DevLayer>& v = quantized ? q : fp;
+    const std::vector<FrozenLayer>& hst = quantized ? net->q : net->fp;
+    if (resident) return v[l];
+    DevLayer& d = v[0];
+    if (d.layer != l) {
+      d.layer = l;
+      const int64_t D = net->cfg.hidden_size;
+      upload(d.attn_norm, hst[l].attn_norm.data(), D, st);
+      upload(d.ffn_norm, hst[l].ffn_norm.data(), D, st);
+      for (Module m : kAllModules)
+        upload(d.W[static_cast<int>(m)], hst[l].W[m].data(), static_cast<int64_t>(hst[l].W[m].size()), st);
+    }
+    return d;
+  }
+
+  // lv's pointers on the device: the Network's own matrices (fp or q of layer l) from
+  // their device copies, any other host matrix uploaded into `foreign` for this call.
+  LayerDev resolve(const LayerView& lv, int64_t l) {
+    const ModelConfig& c = net->cfg;
+    LayerDev r;
+    for (Module m : kAllModules) {
+      const float* p = lv.W[m];
+      const int mi = static_cast<int>(m);
+      if (p == net->fp[l].W[m].data()) {
+        r.W[mi] = path_layer(false, l).W[mi].f();
+      } else if (!net->q.empty() && p == net->q[l].W[m].data()) {
+        r.W[mi] = path_layer(true, l).W[mi].f();
+      } else {
+        const ModuleShape sh = module_shape(c, m);
+        upload(foreign.W[mi], p, sh.out * sh.in, st);
+        r.W[mi] = foreign.W[mi].f();
+      }
+    }
+    const FrozenLayer* n = lv.norms;
+    if (n == &net->fp[l]) {
+      r.attn_norm = path_layer(false, l).attn_norm.f();
+      r.ffn_norm = path_layer(false, l).ffn_norm.f();
+    } else if (!net->q.empty() && n == &net->q[l]) {
+      r.attn_norm = path_layer(true, l).attn_norm.f();
+      r.ffn_norm = path_layer(true, l).ffn_norm.f();
+    } else {
+      upload(foreign.attn_norm, n->attn_norm.data(), c.hidden_size, st);
+      upload(foreign.ffn_norm, n->ffn_norm.data(), c.hidden_size, st);
+      r.attn_norm = foreign.attn_norm.f();
+      r.ffn_norm = foreign.ffn_norm.f();
+    }
+    return r;
+  }
+
+  // lv's host ECs on the device (view_ecs), per module.
+  PerModule<const DevEC*> view_ec_ptrs(const LayerView& lv) {
+    std::vector<const ECParams*> p(kNumModules);
+    for (Module m : kAllModules) p[static_cast<size_t>(m)] = lv.ec[m];
+    view_ecs.upload(p, st, /*with_grads=*/false);
+    return view_ecs.params(0);
+  }
+
+  // y (rows, out) = xin (rows, in) · Wᵀ + EC; the EC's z, γ and s = γ ⊙ z are kept in the
+  // module's buffers.
+  void linear_fwd(Module m, const float* W, const DevEC* ec, const float* xin, int64_t rows, int64_t in,
+                  int64_t out, float* y) {
+    gemm_nt(xin, W, y, rows, in, out, 0.0f);
+    if (!ec) return;
+    SPEAR_CHECK(ec->in == in && ec->out == out, "GPU calibration: an EC does not match its module");
+    const int mi = static_cast<int>(m);
+    const int64_t r = ec->rank;
+    float* zz = z[mi].floats(rows * r);
+    gemm_nt(xin, ec->A, zz, rows, in, r, 0.0f);  // z = x Aᵀ
+    const float* sv = zz;
+    if (ec->gated) {
+      float* aa = a.floats(rows * r);
+      gemm_nt(zz, ec->G, aa, rows, r, r, 0.0f);  // a = z Gᵀ
+      float* so = s[mi].floats(rows * r);
+      cuda_ok(ec_gate(zz, aa, ec->c, so, gam[mi].floats(rows * r), rows, r, st), "ec_gate");
+      sv = so;
+    }
+    gemm_nt(sv, ec->B, y, rows, r, out, 1.0f);  // y += s Bᵀ
+  }
+
+  // One decoder layer in place on x (B*T, dim); save_mid: also keep the residual stream
+  // between the blocks (xmid), which only the backward reads.
+  void layer_fwd(const LayerDev& w, const PerModule<const DevEC*>& ecs, float* x, int64_t B, int64_t T,
+                 bool save_mid) {
+    const ModelConfig& c = net->cfg;
+    const int64_t D = c.hidden_size, HD = c.head_dim, NH = c.num_heads, NKV = c.num_kv_heads,
+                  QD = c.q_dim(), KVD = c.kv_dim(), FF = c.intermediate_size, rows = B * T;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    auto W = [&](Module m) { return w.W[static_cast<int>(m)]; };
+    float* xn_a = xn1.floats(rows * D);
+    float* xn_f = xn2.floats(rows * D);
+    float* qq = qb.floats(rows * QD);
+    float* kk = kb.floats(rows * KVD);
+    float* vv = vb.floats(rows * KVD);
+    float* at = att.floats(rows * QD);
+    float* pr = proj.floats(rows * D);
+    float* gg = g.floats(rows * FF);
+    float* uu = u.floats(rows * FF);
+    float* hh = h.floats(rows * FF);
+    // Attention block: x += O(attn(rope(Q xn), rope(K xn), V xn)), xn = rmsnorm(x).
+    cuda_ok(rmsnorm_rows(x, w.attn_norm, xn_a, rows, D, eps, st), "rmsnorm");
+    linear_fwd(Module::Q, W(Module::Q), ecs[Module::Q], xn_a, rows, D, QD, qq);
+    linear_fwd(Module::K, W(Module::K), ecs[Module::K], xn_a, rows, D, KVD, kk);
+    linear_fwd(Module::V, W(Module::V), ecs[Module::V], xn_a, rows, D, KVD, vv);
+    cuda_ok(rope_rows(qq, rows, NH, HD, T, cos.f(), sin.f(), st), "rope q");
+    cuda_ok(rope_rows(kk, rows, NKV, HD, T, cos.f(), sin.f(), st), "rope k");
+    const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+    cuda_ok(causal_attention(qq, kk, vv, at, B, T, NH, NKV, HD, scale, st), "attention");
+    linear_fwd(Module::O, W(Module::O), ecs[Module::O], at, rows, QD, D, pr);
+    cuda_ok(add_inplace(x, pr, rows * D, st), "residual");
+    if (save_mid)
+      cuda_ok(cudaMemcpyAsync(xmid.floats(rows * D), x, rows * D * sizeof(float), cudaMemcpyDeviceToDevice, st),
+              "save residual");
+    // SwiGLU block: x += Down(silu(Gate xn) ⊙ Up xn), xn = rmsnorm(x).
+    cuda_ok(rmsnorm_rows(x, w.ffn_norm, xn_f, rows, D, eps, st), "rmsnorm");
+    linear_fwd(Module::Gate, W(Module::Gate), ecs[Module::Gate], xn_f, rows, D, FF, gg);
+    linear_fwd(Module::Up, W(Module::Up), ecs[Module::Up], xn_f, rows, D, FF, uu);
+    cuda_ok(swiglu(gg, uu, hh, rows * FF, st), "swiglu");
+    linear_fwd(Module::Down, W(Module::Down), ecs[Module::Down], hh, rows, FF, D, pr);
+    cuda_ok(add_inplace(x, pr, rows * D, st), "residual");
+  }
+
+  // linear_ec_backward on the device, the EC's z, γ, s from the last layer_fwd:
+  // dxin (rows, in) (+)= dy·W + the EC's input gradient; EC gradients accumulated into gr.
+  void linear_bwd(Module m, const float* W, const DevEC* ec, const DevECGrad* gr, const float* xin,
+                  const float* dy, int64_t rows, int64_t in, int64_t out, float* dxin, bool accumulate) {
+    gemm(false, false, rows, in, out, 1.0f, dy, out, W, in, accumulate ? 1.0f : 0.0f, dxin, in);  // dx = dy W
+    if (!ec) return;
+    SPEAR_CHECK(gr, "GPU calibration: layer_backward: an EC without a gradient buffer");
+    const int mi = static_cast<int>(m);
+    const int64_t r = ec->rank;
+    const float* zz = z[mi].f();                       // (rows, r)
+    const float* sv = ec->gated ? s[mi].f() : zz;      // (rows, r) γ ⊙ z
+    gemm(true, false, out, r, rows, 1.0f, dy, out, sv, r, 1.0f, gr->B, r);       // dB += dyᵀ s
+    float* dss = ds.floats(rows * r);
+    gemm(false, false, rows, r, out, 1.0f, dy, out, ec->B, r, 0.0f, dss, r);     // ds = dy B
+    const float* dzz = dss;
+    if (ec->gated) {
+      float* daa = da.floats(rows * r);
+      float* dzo = dz.floats(rows * r);
+      cuda_ok(ec_gate_backward(dss, zz, gam[mi].f(), daa, dzo, rows, r, st), "ec gate backward");
+      gemm(true, false, r, r, rows, 1.0f, daa, r, zz, r, 1.0f, gr->G, r);        // dG += daᵀ z
+      cuda_ok(col_sum_add(daa, gr->c, rows, r, st), "ec dc");                    // dc += Σ da
+      gemm(false, false, rows, r, r, 1.0f, daa, r, ec->G, r, 1.0f, dzo, r);      // dz += da G
+      dzz = dzo;
+    }
+    gemm(true, false, r, in, rows, 1.0f, dzz, r, xin, in, 1.0f, gr->A, in);      // dA += dzᵀ x
+    gemm(false, false, rows, in, r, 1.0f, dzz, r, ec->A, in, 1.0f, dxin, in);    // dx += dz A
+  }
+
+  // Runner::layer_backward, the layer's internals recomputed from x_in.
+  void layer_bwd(const LayerDev& w, const PerModule<const DevEC*>& ecs, const PerModule<const DevECGrad*>& grads,
+                 const float* x_in, float* dx, int64_t B, int64_t T) {
+    const ModelConfig& c = net->cfg;
+    const int64_t D = c.hidden_size, HD = c.head_dim, NH = c.num_heads, NKV = c.num_kv_heads,
+                  QD = c.q_dim(), KVD = c.kv_dim(), FF = c.intermediate_size, rows = B * T;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    auto W = [&](Module m) { return w.W[static_cast<int>(m)]; };
+    float* x = xw.floats(rows * D);
+    cuda_ok(cudaMemcpyAsync(x, x_in, rows * D * sizeof(float), cudaMemcpyDeviceToDevice, st), "copy layer input");
+    layer_fwd(w, ecs, x, B, T, /*save_mid=*/true);
+    float* dhh = dh.floats(rows * FF);
+    float* dgg = dg.floats(rows * FF);
+    float* duu = du.floats(rows * FF);
+    float* dxx = dxn.floats(rows * D);
+    float* dat = datt.floats(rows * QD);
+    float* dqq = dq.floats(rows * QD);
+    float* dkk = dk.floats(rows * KVD);
+    float* dvv = dv.floats(rows * KVD);
+    auto bwd = [&](Module m, const float* xin, const float* dy, int64_t in, int64_t out, float* dxin, bool acc) {
+      linear_bwd(m, W(m), ecs[m], grads[m], xin, dy, rows, in, out, dxin, acc);
+    };
+    // SwiGLU block: x_out = x_mid + Down(silu(g) ⊙ u).
+    bwd(Module::Down, h.f(), dx, FF, D, dhh, false);
+    cuda_ok(swiglu_backward(g.f(), u.f(), dhh, dgg, duu, rows * FF, st), "swiglu backward");
+    bwd(Module::Gate, xn2.f(), dgg, D, FF, dxx, false);
+    bwd(Module::Up, xn2.f(), duu, D, FF, dxx, true);
+    cuda_ok(rmsnorm_backward_rows(xmid.f(), w.ffn_norm, dxx, dx, rows, D, eps, true, st), "rmsnorm backward");
+    // Attention block: x_mid = x_in + O(attn(rope(Q xn1), rope(K xn1), V xn1)).
+    bwd(Module::O, att.f(), dx, QD, D, dat, false);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+    cuda_ok(causal_attention_backward(qb.f(), kb.f(), vb.f(), att.f(), dat, dqq, dkk, dvv,
+                                      astats.floats(rows * NH * 3), B, T, NH, NKV, HD, scale, st),
+            "attention backward");
+    cuda_ok(rope_backward_rows(dqq, rows, NH, HD, T, cos.f(), sin.f(), st), "rope backward q");
+    cuda_ok(rope_backward_rows(dkk, rows, NKV, HD, T, cos.f(), sin.f(), st), "rope backward k");
+    bwd(Module::Q, xn1.f(), dqq, D, QD, dxx, false);
+    bwd(Module::K, xn1.f(), dkk, D, KVD, dxx, true);
+    bwd(Module::V, xn1.f(), dvv, D, KVD, dxx, true);
+    cuda_ok(rmsnorm_backward_rows(x_in, w.attn_norm, dxx, dx, rows, D, eps, true, st), "rmsnorm backward");
   }
 };
 
@@ -136,6 +316,8 @@ GpuRunner::GpuRunner(const Network& net, int device, double weight_fraction)
   cuda_ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   blas_ok(cublasCreate(&im_->blas), "create");
   blas_ok(cublasSetStream(im_->blas, stream_), "set stream");
+  im_->net = &net_;
+  im_->st = stream_;
   // Plain fp32 SGEMM: no TF32 tensor cores (they would cost ~1e-3 relative).
   blas_ok(cublasSetMathMode(im_->blas, CUBLAS_DEFAULT_MATH), "set math mode");
   const ModelConfig& c = net.cfg;
@@ -157,6 +339,7 @@ GpuRunner::GpuRunner(const Network& net, int device, double weight_fraction)
   size_t free_b = 0, total_b = 0;
   cuda_ok(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
   resident_ = static_cast<double>(need) <= weight_fraction * static_cast<double>(free_b);
+  im_->resident = resident_;
   const int64_t slots = resident_ ? c.num_layers : 1;
   im_->fp.resize(slots);
   im_->q.resize(net.q.empty() ? 0 : slots);
@@ -197,103 +380,46 @@ void GpuRunner::embed_dev(const int32_t* tokens, int64_t rows, float* x) const {
 }
 
 void GpuRunner::layer_forward_dev(const LayerView& lv, int64_t l, float* x, int64_t B, int64_t T) const {
+  layer_forward_dev(lv, l, im_->view_ec_ptrs(lv), x, B, T);
+}
+
+void GpuRunner::layer_forward_dev(const LayerView& lv, int64_t l, const PerModule<const DevEC*>& ecs, float* x,
+                                  int64_t B, int64_t T) const {
   const ModelConfig& c = net_.cfg;
-  const int64_t D = c.hidden_size, HD = c.head_dim, NH = c.num_heads, NKV = c.num_kv_heads,
-                QD = c.q_dim(), KVD = c.kv_dim(), FF = c.intermediate_size, rows = B * T;
   SPEAR_CHECK(l >= 0 && l < c.num_layers, "GPU calibration: layer out of range");
   SPEAR_CHECK(T <= im_->rope_positions, "GPU calibration: window longer than the model's context");
-  if (rows == 0) return;
-  Impl& I = *im_;
-  const cudaStream_t st = stream_;
-  const size_t F = sizeof(float);
-
-  // The device copy of the layer of one path, loaded into the streaming slot if needed.
-  auto path_layer = [&](bool quantized) -> DevLayer& {
-    std::vector<DevLayer>& v = quantized ? I.q : I.fp;
-    const std::vector<FrozenLayer>& h = quantized ? net_.q : net_.fp;
-    if (resident_) return v[l];
-    DevLayer& d = v[0];
-    if (d.layer != l) {
-      d.layer = l;
-      upload(d.attn_norm, h[l].attn_norm.data(), D, st);
-      upload(d.ffn_norm, h[l].ffn_norm.data(), D, st);
-      for (Module m : kAllModules)
-        upload(d.W[static_cast<int>(m)], h[l].W[m].data(), static_cast<int64_t>(h[l].W[m].size()), st);
-    }
-    return d;
-  };
-  auto weight = [&](Module m) -> const float* {
-    const float* p = lv.W[m];
-    if (p == net_.fp[l].W[m].data()) return path_layer(false).W[static_cast<int>(m)].f();
-    if (!net_.q.empty() && p == net_.q[l].W[m].data()) return path_layer(true).W[static_cast<int>(m)].f();
-    const ModuleShape sh = module_shape(c, m);
-    upload(I.foreign.W[static_cast<int>(m)], p, sh.out * sh.in, st);
-    return I.foreign.W[static_cast<int>(m)].f();
-  };
-  auto norm = [&](bool ffn) -> const float* {
-    const FrozenLayer* n = lv.norms;
-    if (n == &net_.fp[l]) return ffn ? path_layer(false).ffn_norm.f() : path_layer(false).attn_norm.f();
-    if (!net_.q.empty() && n == &net_.q[l])
-      return ffn ? path_layer(true).ffn_norm.f() : path_layer(true).attn_norm.f();
-    DevBuf& b = ffn ? I.foreign.ffn_norm : I.foreign.attn_norm;
-    upload(b, ffn ? n->ffn_norm.data() : n->attn_norm.data(), D, st);
-    return b.f();
-  };
-  // y (rows, out) = xin (rows, in) · Wᵀ + EC.
-  auto linear = [&](Module m, const float* xin, int64_t in, int64_t out, float* y) {
-    I.gemm_nt(xin, weight(m), y, rows, in, out, 0.0f);
-    const ECParams* ec = lv.ec[m];
-    if (!ec) return;
-    SPEAR_CHECK(ec->in == in && ec->out == out, "GPU calibration: an EC does not match its module");
-    const int64_t r = ec->rank;
-    upload(I.ecA, ec->A.data(), r * in, st);
-    upload(I.ecB, ec->B.data(), out * r, st);
-    I.z.ensure(rows * r * F);
-    I.gemm_nt(xin, I.ecA.f(), I.z.f(), rows, in, r, 0.0f);  // z = x Aᵀ
-    const float* s = I.z.f();
-    if (ec->gated) {
-      upload(I.ecG, ec->G.data(), r * r, st);
-      upload(I.ecc, ec->c.data(), r, st);
-      I.a.ensure(rows * r * F);
-      I.s.ensure(rows * r * F);
-      I.gemm_nt(I.z.f(), I.ecG.f(), I.a.f(), rows, r, r, 0.0f);  // a = z Gᵀ
-      cuda_ok(ec_gate(I.z.f(), I.a.f(), I.ecc.f(), I.s.f(), nullptr, rows, r, st), "ec_gate");
-      s = I.s.f();
-    }
-    I.gemm_nt(s, I.ecB.f(), y, rows, r, out, 1.0f);  // y += s Bᵀ
-  };
-
-  I.xn.ensure(rows * D * F);
-  I.qb.ensure(rows * QD * F);
-  I.kb.ensure(rows * KVD * F);
-  I.vb.ensure(rows * KVD * F);
-  I.att.ensure(rows * QD * F);
-  I.proj.ensure(rows * D * F);
-  I.g.ensure(rows * FF * F);
-  I.u.ensure(rows * FF * F);
-  const float eps = static_cast<float>(c.rms_norm_eps);
-
-  // Attention block: x += O(attn(rope(Q xn), rope(K xn), V xn)), xn = rmsnorm(x).
-  cuda_ok(rmsnorm_rows(x, norm(false), I.xn.f(), rows, D, eps, st), "rmsnorm");
-  linear(Module::Q, I.xn.f(), D, QD, I.qb.f());
-  linear(Module::K, I.xn.f(), D, KVD, I.kb.f());
-  linear(Module::V, I.xn.f(), D, KVD, I.vb.f());
-  cuda_ok(rope_rows(I.qb.f(), rows, NH, HD, T, I.cos.f(), I.sin.f(), st), "rope q");
-  cuda_ok(rope_rows(I.kb.f(), rows, NKV, HD, T, I.cos.f(), I.sin.f(), st), "rope k");
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
-  cuda_ok(causal_attention(I.qb.f(), I.kb.f(), I.vb.f(), I.att.f(), B, T, NH, NKV, HD, scale, st),
-          "attention");
-  linear(Module::O, I.att.f(), QD, D, I.proj.f());
-  cuda_ok(add_inplace(x, I.proj.f(), rows * D, st), "residual");
-  // SwiGLU block: x += Down(silu(Gate xn) ⊙ Up xn), xn = rmsnorm(x).
-  cuda_ok(rmsnorm_rows(x, norm(true), I.xn.f(), rows, D, eps, st), "rmsnorm");
-  linear(Module::Gate, I.xn.f(), D, FF, I.g.f());
-  linear(Module::Up, I.xn.f(), D, FF, I.u.f());
-  cuda_ok(swiglu(I.g.f(), I.u.f(), I.g.f(), rows * FF, st), "swiglu");
-  linear(Module::Down, I.g.f(), FF, D, I.proj.f());
-  cuda_ok(add_inplace(x, I.proj.f(), rows * D, st), "residual");
+  if (B * T == 0) return;
   // The EC and foreign-weight buffers are refilled by the next call from pageable host
   // memory in stream order; nothing else to wait for here.
+  im_->layer_fwd(im_->resolve(lv, l), ecs, x, B, T, /*save_mid=*/false);
+}
+
+void GpuRunner::layer_backward_dev(const LayerView& lv, int64_t l, const PerModule<const DevEC*>& ecs,
+                                   const float* x_in, float* dx, int64_t B, int64_t T,
+                                   const PerModule<const DevECGrad*>& grads) const {
+  const ModelConfig& c = net_.cfg;
+  SPEAR_CHECK(l >= 0 && l < c.num_layers, "GPU calibration: layer out of range");
+  SPEAR_CHECK(T <= im_->rope_positions, "GPU calibration: window longer than the model's context");
+  SPEAR_CHECK(c.head_dim <= 256, "GPU calibration: the attention backward supports head_dim <= 256, not " +
+                                     std::to_string(c.head_dim));
+  if (B * T == 0) return;
+  im_->layer_bwd(im_->resolve(lv, l), ecs, grads, x_in, dx, B, T);
+}
+
+void GpuRunner::head_backward_dev(const float* x, const float* dlogits, int64_t rows, float* dx) const {
+  const ModelConfig& c = net_.cfg;
+  const int64_t D = c.hidden_size, V = c.vocab_size;
+  if (rows == 0) return;
+  float* dxf = im_->dxf.floats(rows * D);  // (rows, dim)
+  im_->gemm(false, false, rows, D, V, 1.0f, dlogits, V, im_->head.f(), D, 0.0f, dxf, D);  // dlogits · head
+  cuda_ok(rmsnorm_backward_rows(x, im_->final_norm.f(), dxf, dx, rows, D, static_cast<float>(c.rms_norm_eps),
+                                false, stream_),
+          "final norm backward");
+}
+
+void GpuRunner::kl_grad_rows_dev(const float* logits, const float* ref_logp, int64_t rows, float scale,
+                                 double* kl, float* dlogits) const {
+  cuda_ok(kl_grad_rows(logits, ref_logp, kl, dlogits, scale, rows, net_.cfg.vocab_size, stream_), "kl_grad_rows");
 }
 
 void GpuRunner::head_forward_dev(const float* x, int64_t rows, float* logits) const {
@@ -415,6 +541,81 @@ double GpuRunner::window_kl(const Acts& x, int64_t row0, int64_t T, const Window
   for (double v : kl) s += v;
   return s;
 }
+
+double GpuRunner::window_kl_backward_dev(const float* x, int64_t T, const WindowTargets& t, float scale,
+                                         float* dx) const {
+  const auto* gt = dynamic_cast<const GpuTargets*>(&t);
+  SPEAR_CHECK(gt, "GpuRunner: targets of another backend");
+  const int64_t V = net_.cfg.vocab_size;
+  float* logits = im_->logits.floats(T * V);  // (T, V) logits, then scale · dKL/dlogits in place
+  head_forward_dev(x, T, logits);
+  double kl = 0;
+  if (gt->host) {
+    std::vector<float> h(T * V);  // (T, V) host logits, then their gradient
+    cuda_ok(cudaMemcpyAsync(h.data(), logits, T * V * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+            "logits download");
+    cuda_ok(cudaStreamSynchronize(stream_), "window_kl_backward");
+    kl = gt->host->kl(h.data(), scale, h.data());
+    cuda_ok(cudaMemcpyAsync(logits, h.data(), T * V * sizeof(float), cudaMemcpyHostToDevice, stream_),
+            "dlogits upload");
+    head_backward_dev(x, logits, T, dx);
+    cuda_ok(cudaStreamSynchronize(stream_), "window_kl_backward");  // before h goes
+    return kl;
+  }
+  im_->klrow.ensure(static_cast<size_t>(std::max<int64_t>(T, 1)) * sizeof(double));
+  double* klr = im_->klrow.d();  // (T)
+  kl_grad_rows_dev(logits, gt->logp.f(), T, scale, klr, logits);
+  head_backward_dev(x, logits, T, dx);
+  std::vector<double> kr(T);  // (T)
+  cuda_ok(cudaMemcpyAsync(kr.data(), klr, T * sizeof(double), cudaMemcpyDeviceToHost, stream_), "kl download");
+  cuda_ok(cudaStreamSynchronize(stream_), "window_kl_backward");
+  for (double v : kr) kl += v;
+  return kl;
+}
+
+void GpuRunner::layer_backward(const LayerView& lv, int64_t layer, const float* x_in, float* dx, int64_t B,
+                               int64_t T, const PerModule<ECGrad*>& grads) const {
+  const int64_t n = B * T * net_.cfg.hidden_size;
+  DevBuf xd, dxd;  // (B*T, dim) each
+  upload(xd, x_in, n, stream_);
+  upload(dxd, dx, n, stream_);
+  std::vector<const ECParams*> p(kNumModules);
+  for (Module m : kAllModules) {
+    p[static_cast<size_t>(m)] = lv.ec[m];
+    SPEAR_CHECK(!lv.ec[m] || grads[m], "GpuRunner::layer_backward: an EC without a gradient buffer");
+  }
+  GpuECSet set;
+  set.upload(p, stream_, /*with_grads=*/true);
+  layer_backward_dev(lv, layer, set.params(0), xd.f(), dxd.f(), B, T, set.grads(0));
+  cuda_ok(cudaMemcpyAsync(dx, dxd.f(), n * sizeof(float), cudaMemcpyDeviceToHost, stream_), "dx download");
+  std::vector<ECGrad> g(kNumModules);
+  set.download_grads(g, stream_);  // synchronizes
+  for (Module m : kAllModules) {
+    if (!lv.ec[m]) continue;
+    ECGrad& out = *grads[m];
+    const ECGrad& got = g[static_cast<size_t>(m)];
+    auto add = [](std::vector<float>& to, const std::vector<float>& from) {
+      SPEAR_CHECK(to.size() == from.size(), "GpuRunner::layer_backward: a gradient buffer not sized by zero_like");
+      for (size_t i = 0; i < to.size(); ++i) to[i] += from[i];
+    };
+    add(out.A, got.A);
+    add(out.B, got.B);
+    add(out.G, got.G);
+    add(out.c, got.c);
+  }
+}
+
+void GpuRunner::head_backward(const float* x, const float* dlogits, int64_t rows, float* dx) const {
+  const int64_t D = net_.cfg.hidden_size, V = net_.cfg.vocab_size;
+  DevBuf xd, dld, dxd;  // (rows, dim), (rows, vocab), (rows, dim)
+  upload(xd, x, rows * D, stream_);
+  upload(dld, dlogits, rows * V, stream_);
+  head_backward_dev(xd.f(), dld.f(), rows, dxd.floats(rows * D));
+  cuda_ok(cudaMemcpyAsync(dx, dxd.f(), rows * D * sizeof(float), cudaMemcpyDeviceToHost, stream_), "dx download");
+  cuda_ok(cudaStreamSynchronize(stream_), "head_backward");
+}
+
+std::unique_ptr<GradBackend> GpuRunner::gradients() const { return std::make_unique<GpuGrad>(*this); }
 
 ForwardFactory gpu_forward_factory() {
   return [](const Network& n) -> std::unique_ptr<ForwardBackend> { return std::make_unique<GpuRunner>(n); };

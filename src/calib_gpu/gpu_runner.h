@@ -4,8 +4,13 @@
 // default (non-TF32) math, so that activations and logits agree with the CPU Runner to
 // float rounding (~1e-6 relative); the log-softmax of the teacher logits and the KL per
 // row on the device, so that mean_kl and the restoration gains never copy logits to the
-// host. It implements ForwardBackend, which those algorithms are written against; the
-// backward pass (training) is not here yet and stays on the CPU Runner.
+// host. It implements ForwardBackend, which those algorithms are written against.
+//
+// The backward pass (issue 12, second piece): layer_backward_dev / head_backward_dev mirror
+// Runner::layer_backward / head_backward (input gradients and EC gradients, every gate
+// kind), recomputing a layer's internals from its input (only the layer inputs of a
+// window are kept by the caller, so memory is one layer's activations); gradients()
+// gives the GradBackend (calib_gpu/gpu_grad.h) that train_e2e runs on the GPU with.
 //
 // Memory: the shared tensors (embeddings, final norm, head, RoPE tables) are resident; the
 // per-layer weights of both paths (fp and q, float32) are resident when they fit in
@@ -21,6 +26,7 @@
 
 #include <cuda_runtime.h>
 
+#include "calib_gpu/gpu_ec_set.h"
 #include "compensate/forward_backend.h"
 #include "compensate/network.h"
 
@@ -49,13 +55,45 @@ class GpuRunner final : public ForwardBackend {
   std::unique_ptr<WindowTargets> window_targets(const CalibData& data, const TeacherTargets& targets,
                                                 int64_t w) const override;
   double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const override;
+  // A GpuGrad over this runner (train_e2e on the GPU).
+  std::unique_ptr<GradBackend> gradients() const override;
 
   // --- the device API (raw device pointers, on stream())
   cudaStream_t stream() const { return stream_; }
   // x (rows, dim) device = embeddings of host tokens (rows); ids are range-checked.
   void embed_dev(const int32_t* tokens, int64_t rows, float* x) const;
-  // One decoder layer in place on x (B*T, dim) device.
+  // One decoder layer in place on x (B*T, dim) device, with lv's (host) ECs.
   void layer_forward_dev(const LayerView& lv, int64_t layer, float* x, int64_t B, int64_t T) const;
+  // The same with device ECs (per module, nullptr = none); lv.ec is ignored.
+  void layer_forward_dev(const LayerView& lv, int64_t layer, const PerModule<const DevEC*>& ecs, float* x,
+                         int64_t B, int64_t T) const;
+  // Runner::layer_backward on the GPU. x_in (B*T, dim) device: the layer's input (its
+  // internals are recomputed from it); dx (B*T, dim) device: in dL/d(layer output), out
+  // dL/d(layer input). grads: per module with an EC (ecs, device; lv.ec is ignored),
+  // accumulated into.
+  void layer_backward_dev(const LayerView& lv, int64_t layer, const PerModule<const DevEC*>& ecs,
+                          const float* x_in, float* dx, int64_t B, int64_t T,
+                          const PerModule<const DevECGrad*>& grads) const;
+  // Runner::head_backward: dx (rows, dim) device = dL/dx for the x (rows, dim) device given
+  // to head_forward_dev, from dlogits (rows, vocab) device.
+  void head_backward_dev(const float* x, const float* dlogits, int64_t rows, float* dx) const;
+  // kl (rows) device = KL(exp(ref_logp) ‖ softmax(logits)) per row and dlogits (rows,
+  // vocab) device = scale · (softmax(logits) − exp(ref_logp)); dlogits may be logits.
+  void kl_grad_rows_dev(const float* logits, const float* ref_logp, int64_t rows, float scale, double* kl,
+                        float* dlogits) const;
+  // The head of the e2e objective for one window: x (T, dim) device its final hidden
+  // states; returns Σ_rows KL against t (window_targets') and sets dx (T, dim) device =
+  // scale · ∂KL/∂x through the head and the final norm (TargetWindow::kl's gradient, then
+  // head_backward). Recompute targets stay on the device; Dense / TopK: the logits go to
+  // the host for the KL and its gradient comes back.
+  double window_kl_backward_dev(const float* x, int64_t T, const WindowTargets& t, float scale,
+                                float* dx) const;
+  // Host mirrors of the backward (host pointers, synchronous; for tests): x_in, dx
+  // (B*T, dim) as layer_backward_dev, with lv.ec's ECs; grads (sized by zero_like) added into.
+  void layer_backward(const LayerView& lv, int64_t layer, const float* x_in, float* dx, int64_t B,
+                      int64_t T, const PerModule<ECGrad*>& grads) const;
+  // x (rows, dim), dlogits (rows, vocab) -> dx (rows, dim), all host.
+  void head_backward(const float* x, const float* dlogits, int64_t rows, float* dx) const;
   // logits (rows, vocab) device = head(final_norm(x)), x (rows, dim) device.
   void head_forward_dev(const float* x, int64_t rows, float* logits) const;
   // Row KLs: kl (rows) device = KL(exp(ref_logp) ‖ softmax(logits)), both (rows, vocab) device.

@@ -163,8 +163,9 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   const ForwardBackend& fwd = dev ? *dev : static_cast<const ForwardBackend&>(cpu_fwd);
   rep["device"] = std::string(fwd.device());
   if (dev)
-    log("device %s: restoration gains and calibration KLs (teacher targets recomputed there with "
-        "--targets recompute); statistics, static fits, guard and training on the CPU",
+    log("device %s: restoration gains, calibration KLs and e2e training (forward and backward; "
+        "teacher targets recomputed there with --targets recompute); statistics, static fits, guard, "
+        "block training and Adam on the CPU",
         std::string(fwd.device()).c_str());
 
   // 1. Targets: the full-precision next-token distributions of every window.
@@ -432,7 +433,9 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   to.verbose = opt.verbose;
   const auto t_train = std::chrono::steady_clock::now();
   if (!placement.empty() && opt.objective == CalibObjective::E2e) {
-    rep["training"] = train_e2e(run, data, targets, res.trained_ecs, to);
+    // On the forward backend's device: the CPU Runner (CpuGrad), or the GPU (GpuGrad).
+    const std::unique_ptr<GradBackend> grad = fwd.gradients();
+    rep["training"] = train_e2e(*grad, data, targets, res.trained_ecs, to);
   } else if (!placement.empty() && opt.objective == CalibObjective::Block) {
     rep["training"] = train_block(run, data, res.trained_ecs, to);
   }

@@ -92,9 +92,10 @@ struct CalibrateOptions {
   // control at their placement, skipping the statistics, the placement search and the
   // static fits (an ablation trains several variants from one static control).
   std::vector<std::optional<ECParams>> init_ecs;
-  // Where the forward-only phases run: the restoration gains, the reported calibration KLs
-  // and (Recompute) the teacher targets they compare to. Empty: the CPU (Runner). The
-  // statistics, static fits, the guard's NLL and the training (backward) stay on the CPU.
+  // Where the restoration gains, the reported calibration KLs, (Recompute) the teacher
+  // targets they compare to and the e2e training's forward and backward run (its
+  // gradients(): Adam stays on the host). Empty: the CPU (Runner). The statistics, static
+  // fits, the guard's NLL and block training stay on the CPU.
   ForwardFactory forward;
   bool verbose = true;
 };

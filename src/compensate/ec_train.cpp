@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <string>
 
 #include "core/error.h"
 
@@ -131,53 +132,44 @@ double mean_nll(const Runner& run, const CalibData& data,
   return nll / static_cast<double>((w1 - w0) * (T - 1));
 }
 
-nlohmann::json train_e2e(const Runner& run, const CalibData& data, const TeacherTargets& targets,
+nlohmann::json train_e2e(GradBackend& grad, const CalibData& data, const TeacherTargets& targets,
                          std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
   SPEAR_CHECK(targets.windows() == data.windows, "train_e2e: the targets are of other windows");
   const auto t0 = std::chrono::steady_clock::now();
-  const Network& net = run.net();
-  const int64_t L = net.cfg.num_layers, D = net.cfg.hidden_size, V = net.cfg.vocab_size,
-                T = data.ctx, nw = data.windows;
+  const int64_t T = data.ctx, nw = data.windows;
   const int64_t batch = std::max<int64_t>(1, std::min(opt.batch, nw));
   const int64_t steps_per_epoch = (nw + batch - 1) / batch, total = steps_per_epoch * opt.epochs;
+  const std::string device(grad.device());
   ECAdam adam(ecs, opt.lr, opt.lr_gate);
   std::vector<ECGrad> grads(ecs.size());
-  std::vector<LayerCache> caches(L);
-  std::vector<float> x(T * D), dx(T * D), logits(T * V), hrstd;  // (T, dim), (T, V)
   nlohmann::json log = nlohmann::json::array();
   int64_t step = 0;
   for (int64_t ep = 0; ep < opt.epochs; ++ep) {
     double ep_kl = 0;
     for (int64_t s = 0; s < steps_per_epoch; ++s, ++step) {
-      for (size_t i = 0; i < ecs.size(); ++i)
-        if (ecs[i]) grads[i].zero_like(*ecs[i]);
       const int64_t w0 = s * batch, w1 = std::min(nw, w0 + batch);
       const float scale = 1.0f / static_cast<float>((w1 - w0) * T);
-      for (int64_t w = w0; w < w1; ++w) {
-        run.embed(data.window(w), T, x.data());
-        for (int64_t l = 0; l < L; ++l)
-          run.layer_forward(q_view(net, l, &ecs), l, x.data(), 1, T, &caches[l]);
-        run.head_forward(x.data(), T, logits.data(), &hrstd);
-        // Recompute: the FP forward of w runs here, before the student's logits are used.
-        ep_kl += targets.window(w).kl(logits.data(), scale, logits.data());
-        run.head_backward(x.data(), hrstd, logits.data(), T, dx.data());
-        for (int64_t l = L - 1; l >= 0; --l) {
-          PerModule<ECGrad*> g;
-          for (Module m : kAllModules)
-            if (ecs[module_index(l, m)]) g[m] = &grads[module_index(l, m)];
-          run.layer_backward(q_view(net, l, &ecs), l, caches[l], dx.data(), 1, T, g);
-        }
-      }
+      grad.begin_step(ecs);
+      grad.add_windows(data, targets, w0, w1, scale, &ep_kl);
+      grad.end_step(grads);
       restrict_gate_grads(grads, opt.gate);
       adam.step(ecs, grads, schedule(step, total));
     }
     const double kl = ep_kl / static_cast<double>(nw * T);
     log.push_back({{"epoch", ep + 1}, {"train_kl", kl}, {"seconds", seconds_since(t0)}});
     if (opt.verbose)
-      std::fprintf(stderr, "spear e2e: epoch %lld/%lld  mean KL on calibration windows %.5f  (%.0f s)\n",
-                   (long long)ep + 1, (long long)opt.epochs, kl, seconds_since(t0));
+      std::fprintf(stderr, "spear e2e%s: epoch %lld/%lld  mean KL on calibration windows %.5f  (%.0f s)\n",
+                   device == "cpu" ? "" : (" [" + device + "]").c_str(), (long long)ep + 1,
+                   (long long)opt.epochs, kl, seconds_since(t0));
   }
-  return {{"objective", "e2e"}, {"epochs", log}, {"steps", total}, {"seconds", seconds_since(t0)}};
+  return {{"objective", "e2e"}, {"device", device}, {"epochs", log}, {"steps", total},
+          {"seconds", seconds_since(t0)}};
+}
+
+nlohmann::json train_e2e(const Runner& run, const CalibData& data, const TeacherTargets& targets,
+                         std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt) {
+  CpuGrad grad(run);
+  return train_e2e(grad, data, targets, ecs, opt);
 }
 
 nlohmann::json train_block(const Runner& run, const CalibData& data,

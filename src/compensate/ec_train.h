@@ -11,6 +11,7 @@
 
 #include "compensate/calib_data.h"
 #include "compensate/forward_backend.h"
+#include "compensate/grad_backend.h"
 #include "compensate/network.h"
 #include "compensate/teacher_targets.h"
 
@@ -72,7 +73,11 @@ double mean_nll(const Runner& run, const CalibData& data,
                 const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1);
 
 // End to end: minimizes the mean KL over all positions of all windows. Returns a JSON
-// log (loss per epoch, seconds).
+// log (loss per epoch, seconds, device). The forward and backward of each window run on
+// `grad`'s backend (CPU Runner or GPU); Adam runs on the host either way.
+nlohmann::json train_e2e(GradBackend& grad, const CalibData& data, const TeacherTargets& targets,
+                         std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt);
+// The same on the CPU Runner (CpuGrad).
 nlohmann::json train_e2e(const Runner& run, const CalibData& data, const TeacherTargets& targets,
                          std::vector<std::optional<ECParams>>& ecs, const TrainOptions& opt);
 // Block-local: layer after layer, minimizes ‖h_q − h_fp‖² / ‖h_fp‖² of the layer's output

@@ -2,7 +2,8 @@
 // The forward-only operations that the calibration's measurements are written against
 // (mean_kl, restoration_gains, the teacher targets they compare to), so that the same
 // algorithm runs on the CPU (CpuForward, over Runner) or on a GPU (calib_gpu/GpuRunner,
-// issue 12) without being written twice. Training (the backward pass) stays on Runner.
+// issue 12) without being written twice. Training's gradient (the backward pass) is a
+// GradBackend (compensate/grad_backend.h) that a backend makes with gradients().
 //
 // Activations live where the backend computes (host memory for the CPU, device memory
 // for the GPU) behind the opaque Acts; the algorithms only embed, copy rows, run layers
@@ -13,6 +14,7 @@
 #include <string_view>
 
 #include "compensate/calib_data.h"
+#include "compensate/grad_backend.h"
 #include "compensate/network.h"
 #include "compensate/teacher_targets.h"
 
@@ -52,6 +54,9 @@ class ForwardBackend {
   // Σ over the T rows [row0, row0 + T) of x (final hidden states, before the final norm) of
   // KL(P_fp ‖ softmax(head(norm(x)))) against t (TopK targets: the top-K KL).
   virtual double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const = 0;
+  // The e2e objective's gradient on this backend (train_e2e); it keeps a reference to the
+  // backend, which must outlive it.
+  virtual std::unique_ptr<GradBackend> gradients() const = 0;
 };
 
 // Makes the backend of a calibration run from its Network (which must outlive it).
@@ -70,6 +75,7 @@ class CpuForward final : public ForwardBackend {
   std::unique_ptr<WindowTargets> window_targets(const CalibData& data, const TeacherTargets& targets,
                                                 int64_t w) const override;
   double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const override;
+  std::unique_ptr<GradBackend> gradients() const override { return std::make_unique<CpuGrad>(run_); }
 
  private:
   const Runner& run_;

@@ -78,7 +78,9 @@ struct WsLayout {
     u_fused = reinterpret_cast<float*>(b + off);
     off += align256(sizeof(float) * kFusedMaxM * r_pad);
     ws_y = reinterpret_cast<float*>(b + off);
-    off += align256(sizeof(float) * kFusedMaxM * static_cast<size_t>(w.N_pad));
+    // (M, N_pad) for the decode and prefill kernels; the batch kernel's tiles in fragment
+    // order cover up to 16 * 4 * 8 - 16 rows past N_pad (NT = 4, 8 warps)
+    off += align256(sizeof(float) * kFusedMaxM * (static_cast<size_t>(w.N_pad) + 512));
     u_split = reinterpret_cast<float*>(b + off);
     fixed_bytes = off;
   }

@@ -18,8 +18,11 @@
 //   * weights and x move through a kBatchStages-deep cp.async pipeline of 128-input units
 //     (the block's weights for the first stages are issued before griddepcontrol.wait, so
 //     they stream while the previous kernel drains);
-//   * split-K across blocks (fp32 partial sums in the workspace, the last block of a tile
-//     finishes) fills the GPU when N / (16 NT warps) tiles are fewer than the SMs;
+//   * split-K across blocks fills the GPU when N / (16 NT warps) tiles are fewer than the
+//     SMs; the splits of a tile add up in order through the workspace (split_k_serial), so
+//     a split costs one coalesced fp32 store and load of the tile per split, and the result
+//     is the same bits on every run (fp32 atomics cost ~15 us at 7B gate+up M = 64 on the
+//     H100, and their order changed the last bits from run to run);
 //   * the EC: split (u given) or fused (A items on blocks of their own at the front of the
 //     grid, as in the decode kernel); B v is added as r_pad / 16 more k16 steps of mma in
 //     registers, as in the prefill kernel.
@@ -44,6 +47,54 @@ __host__ __device__ constexpr int batch_smem_bytes(int nt, int tg, int warps, in
   const int pipe = kBatchStages * batch_stage_bytes(nt, tg, warps);
   const int ep = r_pad ? tg * 8 * (r_pad * 4 + (r_pad + 8) * 2) : 0;
   return pipe > ep ? pipe : ep;
+}
+
+// Split-K, in order: split ks of a tile waits until the splits before it have added their
+// partial sums into the tile's slice of ws_y (the counter reads ks), adds its own, and
+// passes the running sum on; the last split takes the total into acc and gets true (it
+// finishes the tile), after zeroing the slice and the counter for the next call. The sum is
+// ((p0 + p1) + p2) + ... whichever block runs first, so the output bits do not depend on
+// timing. The slice is the block's accumulators in fragment order, float4 j = (i, tg) of
+// thread tid at (j * threads + tid): every store and load is one coalesced 16-byte access.
+// Token groups past M are neither stored nor loaded. A block waits only for blocks of lower
+// index (ks - 1 of the same tile), which the scheduler has started before it.
+// Every thread of the block must call it.
+template <int NI, int TGN>
+__device__ __forceinline__ bool split_k_serial(float (&acc)[NI][TGN][4], int M, float* ws_tile, unsigned* cnt, int ks,
+                                               int splits) {
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const bool last = ks == splits - 1;
+  if (tid == 0)
+    while (ld_acquire(cnt) != static_cast<unsigned>(ks)) __nanosleep(20);
+  __syncthreads();
+  float4* slice = reinterpret_cast<float4*>(ws_tile);
+#pragma unroll
+  for (int i = 0; i < NI; ++i)
+#pragma unroll
+    for (int tg = 0; tg < TGN; ++tg) {
+      if (tg * 8 >= M) continue;  // uniform over the block
+      float4* cell = slice + (i * TGN + tg) * nth + tid;
+      float (&a)[4] = acc[i][tg];
+      if (ks > 0) {
+        const float4 r = __ldcg(cell);
+        a[0] = r.x + a[0];
+        a[1] = r.y + a[1];
+        a[2] = r.z + a[2];
+        a[3] = r.w + a[3];
+      }
+      if (!last)
+        __stcg(cell, make_float4(a[0], a[1], a[2], a[3]));
+      else if (ks > 0)
+        __stcg(cell, make_float4(0.f, 0.f, 0.f, 0.f));
+    }
+  if (last) {
+    if (tid == 0) *cnt = 0u;  // the next launch waits for this grid to complete
+    return true;
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) atomicExch(cnt, static_cast<unsigned>(ks + 1));
+  return false;
 }
 
 // DecodeParams fields used: x, ldx (x_vec required), y, ldy, M (<= TM), N, K, qw, scales,
@@ -198,7 +249,10 @@ __global__ void __launch_bounds__(256, 1) w4_batch_kernel(const DecodeParams p) 
     }
   }
   // split-K: partial sums into ws_y; the tile's last block continues
-  if (p.splits > 1 && !split_k_reduce(acc, nbw, 0, p.N, p.M, p.N_pad, p.ws_y, &p.ws_cnt[tile], p.splits)) return;
+  if (p.splits > 1 &&
+      !split_k_serial(acc, p.M, p.ws_y + static_cast<int64_t>(tile) * (NT * TG * 4) * nthreads, &p.ws_cnt[tile], ks,
+                      p.splits))
+    return;
   if (p.ec) {  // y += B v, v = gamma(u) * u (TM, r_pad), as r_pad / 16 more k16 steps
     __shared__ unsigned s_seen;
     float* vf = reinterpret_cast<float*>(smem);                        // (TM, r_pad) fp32

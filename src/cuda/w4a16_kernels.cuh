@@ -19,7 +19,8 @@ struct DecodeParams {
   const uint8_t* zeros;
   int N_pad, KB, KU, upg;  // k-blocks (64), units (128), units per group
   int NG, splits;          // 16*nt-row groups, K splits
-  float* ws_y;             // (M, N_pad) split-K partial sums (zero between calls)
+  float* ws_y;             // split-K partial sums (zero between calls): decode/prefill (M, N_pad),
+                           // batch per tile in fragment order (split_k_serial)
   unsigned* ws_cnt;        // (NG) split-K arrival counters (zero between calls)
   int ec;                  // 0 none, 1 fused, 2 u given
   const uint4* ec_a;
@@ -237,31 +238,6 @@ __device__ __forceinline__ void for_cells(float (&acc)[NI][TGN][4], int nb_base,
         const int n = (nb_base + i) * 16 + g + (e >> 1) * 8, t = t_base + tg * 8 + 2 * q + (e & 1);
         if (n < N && t < M) f(n, t, acc[i][tg][e]);
       }
-}
-
-// Split-K over blocks: every block adds its partial sums into ws_y (fp32 (M, N_pad), zero
-// between calls) and counts itself on its tile's counter; the last of the tile's `splits`
-// blocks takes the totals back into acc, zeroes ws_y's cells and the counter, and gets true
-// (it finishes the tile); the others get false. Every thread of the block must call it.
-template <int NI, int TGN>
-__device__ __forceinline__ bool split_k_reduce(float (&acc)[NI][TGN][4], int nb_base, int t_base, int N, int M,
-                                               int N_pad, float* ws_y, unsigned* cnt, int splits) {
-  __shared__ unsigned s_last;
-  for_cells(acc, nb_base, t_base, N, M,
-            [&](int n, int t, float& v) { atomicAdd(&ws_y[static_cast<int64_t>(t) * N_pad + n], v); });
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(cnt, 1u) == static_cast<unsigned>(splits - 1);
-  __syncthreads();
-  if (!s_last) return false;
-  __threadfence();
-  for_cells(acc, nb_base, t_base, N, M, [&](int n, int t, float& v) {
-    float* cell = &ws_y[static_cast<int64_t>(t) * N_pad + n];
-    v = __ldcg(cell);
-    __stcg(cell, 0.f);
-  });
-  if (threadIdx.x == 0) *cnt = 0u;
-  return true;
 }
 
 constexpr int kBulkStages = 8;  // mbarriers per block in the bulk-copy variant
