@@ -113,25 +113,9 @@ __global__ void attn_bwd_q_kernel(const float* __restrict__ q, const float* __re
     doi[e] = drow[e];
   }
   __syncthreads();
-  // The forward's probabilities, computed as attention_kernel does.
-  float mx = -FLT_MAX;
-  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
-    const float* kj = k + (b * T + j) * KVD + kvh * HD;  // (HD)
-    float d = 0.0f;
-    for (int64_t e = 0; e < HD; ++e) d += qi[e] * kj[e];
-    d *= scale;
-    p[j] = d;
-    mx = fmaxf(mx, d);
-  }
-  mx = block_max(mx, red);
-  float s = 0.0f;
-  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
-    const float e = expf(p[j] - mx);
-    p[j] = e;
-    s += e;
-  }
-  s = block_sum(s, red);
-  const float inv = 1.0f / s;
+  // The forward's probabilities, by the same code as attention_kernel.
+  float mx;
+  const float inv = causal_row_probs(qi, k, b, T, i, KVD, kvh, HD, scale, p, red, &mx);
   float dd = 0.0f;
   for (int64_t e = threadIdx.x; e < HD; e += blockDim.x) dd += doi[e] * orow[e];
   dd = block_sum(dd, red);

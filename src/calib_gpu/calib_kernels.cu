@@ -66,24 +66,8 @@ __global__ void attention_kernel(const float* __restrict__ q, const float* __res
   const float* qrow = q + (b * T + i) * QD + h * HD;  // (HD)
   for (int64_t e = threadIdx.x; e < HD; e += blockDim.x) qi[e] = qrow[e];
   __syncthreads();
-  float mx = -FLT_MAX;
-  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
-    const float* kj = k + (b * T + j) * KVD + kvh * HD;  // (HD)
-    float d = 0.0f;
-    for (int64_t e = 0; e < HD; ++e) d += qi[e] * kj[e];
-    d *= scale;
-    p[j] = d;
-    mx = fmaxf(mx, d);
-  }
-  mx = block_max(mx, red);
-  float s = 0.0f;
-  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
-    const float e = expf(p[j] - mx);
-    p[j] = e;
-    s += e;
-  }
-  s = block_sum(s, red);  // its __syncthreads also publishes p
-  const float inv = 1.0f / s;
+  float mx;
+  const float inv = causal_row_probs(qi, k, b, T, i, KVD, kvh, HD, scale, p, red, &mx);  // publishes p
   float* orow = att + (b * T + i) * QD + h * HD;  // (HD)
   for (int64_t e = threadIdx.x; e < HD; e += blockDim.x) {
     float acc = 0.0f;
