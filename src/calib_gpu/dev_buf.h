@@ -47,6 +47,11 @@ class DevBuf {
     ensure(static_cast<size_t>(n > 0 ? n : 1) * sizeof(float));
     return f();
   }
+  // Grown to hold n doubles (at least one).
+  double* doubles(int64_t n) {
+    ensure(static_cast<size_t>(n > 0 ? n : 1) * sizeof(double));
+    return d();
+  }
   float* f() const { return static_cast<float*>(p_); }
   double* d() const { return static_cast<double*>(p_); }
   int32_t* i() const { return static_cast<int32_t*>(p_); }
@@ -56,6 +61,25 @@ class DevBuf {
   void* p_ = nullptr;
   size_t bytes_ = 0;
 };
+
+// Row-major C (M, N) = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when tX; lda, ldb, ldc
+// the row strides of the stored matrices. Column-major, this is Cᵀ (N, M) = op(B)ᵀ · op(A)ᵀ
+// on the same buffers. T: float (SGEMM) or double (DGEMM).
+template <typename T>
+void gemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+             int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const cublasOperation_t oa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  if constexpr (sizeof(T) == sizeof(float))
+    blas_ok(cublasSgemm(h, ob, oa, m, n, k, &alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C,
+                        static_cast<int>(ldc)),
+            "sgemm");
+  else
+    blas_ok(cublasDgemm(h, ob, oa, m, n, k, &alpha, B, static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C,
+                        static_cast<int>(ldc)),
+            "dgemm");
+}
 
 // Copies n floats of host memory into buf (grown to hold them), in stream order.
 inline void upload(DevBuf& buf, const float* host, int64_t n, cudaStream_t s) {

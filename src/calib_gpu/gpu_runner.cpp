@@ -11,6 +11,8 @@
 #include "calib_gpu/calib_kernels.h"
 #include "calib_gpu/dev_buf.h"
 #include "calib_gpu/gpu_grad.h"
+#include "calib_gpu/gpu_static.h"
+#include "calib_gpu/static_kernels.h"
 #include "core/error.h"
 #include "model/rope.h"
 
@@ -96,17 +98,31 @@ struct GpuRunner::Impl {
   DevBuf klrow;     // (rows) double
   DevBuf tokens;    // (rows) int32
   DevBuf xfwd;      // (rows, dim) forward()'s stream
+  DevBuf nll_tok;   // (T) int32 window_nll's tokens
+  // The static control (made on first use).
+  std::unique_ptr<GpuStatic> statics;
+  DevWhitening wh;                // the site being fitted
+  DevBuf fsite[kNumSites];        // (T, width) one window's FP site inputs (layer_moments)
 
-  // Row-major C (M, N) = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when tX; lda, ldb,
-  // ldc the row strides of the stored matrices.
+  const GpuStatic& static_control() {
+    if (!statics) statics = std::make_unique<GpuStatic>(blas, st);
+    return *statics;
+  }
+  // Module `s`'s input in the last layer_fwd: (rows, site_width).
+  const float* site_input(Site s) const {
+    switch (s) {
+      case Site::AttnIn: return xn1.f();
+      case Site::AttnOut: return att.f();
+      case Site::FfnIn: return xn2.f();
+      case Site::DownIn: return h.f();
+    }
+    throw Error("GPU calibration: invalid site");
+  }
+
+  // Row-major C (M, N) = alpha · op(A) · op(B) + beta · C (gemm_rm, SGEMM).
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) const {
-    if (M == 0 || N == 0) return;
-    // Column-major, this is Cᵀ (N, M) = op(B)ᵀ · op(A)ᵀ on the same buffers.
-    blas_ok(cublasSgemm(blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
-                        static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B,
-                        static_cast<int>(ldb), A, static_cast<int>(lda), &beta, C, static_cast<int>(ldc)),
-            "sgemm");
+    gemm_rm(blas, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
   // C (M, N) = X (M, K) · Wᵀ, W (N, K), all row-major; beta 0 or 1 (accumulate into C).
   void gemm_nt(const float* X, const float* W, float* C, int64_t M, int64_t K, int64_t N,
@@ -613,6 +629,87 @@ void GpuRunner::head_backward(const float* x, const float* dlogits, int64_t rows
   head_backward_dev(xd.f(), dld.f(), rows, dxd.floats(rows * D));
   cuda_ok(cudaMemcpyAsync(dx, dxd.f(), rows * D * sizeof(float), cudaMemcpyDeviceToHost, stream_), "dx download");
   cuda_ok(cudaStreamSynchronize(stream_), "head_backward");
+}
+
+double GpuRunner::window_nll(const Acts& x, int64_t row0, int64_t T, const int32_t* tokens) const {
+  const GpuActs& a = gpu(x);
+  SPEAR_CHECK(row0 >= 0 && row0 + T <= a.rows, "GpuRunner: rows out of range");
+  const int64_t D = net_.cfg.hidden_size, V = net_.cfg.vocab_size;
+  for (int64_t t = 0; t < T; ++t)
+    SPEAR_CHECK(tokens[t] >= 0 && tokens[t] < V, "token id outside the vocabulary");
+  float* logp = im_->logits.floats(T * V);  // (T, V) logits, then log-probabilities
+  head_forward_dev(a.x.f() + row0 * D, T, logp);
+  log_softmax_dev(logp, T);
+  im_->nll_tok.ensure(static_cast<size_t>(std::max<int64_t>(T, 1)) * sizeof(int32_t));
+  cuda_ok(cudaMemcpyAsync(im_->nll_tok.i(), tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+          "token upload");
+  double* out = im_->klrow.doubles(1);
+  cuda_ok(next_token_nll(logp, im_->nll_tok.i(), T, V, out, stream_), "next_token_nll");
+  double nll = 0;
+  cuda_ok(cudaMemcpyAsync(&nll, out, sizeof(double), cudaMemcpyDeviceToHost, stream_), "nll download");
+  cuda_ok(cudaStreamSynchronize(stream_), "window_nll");
+  return nll;
+}
+
+namespace {
+struct GpuMoments final : ForwardBackend::Moments {
+  DevSiteStats st[kNumSites];
+};
+}  // namespace
+
+std::unique_ptr<ForwardBackend::Moments> GpuRunner::layer_moments(
+    int64_t l, Acts& xf_a, Acts& xq_a, int64_t nw, int64_t T, const std::vector<std::optional<ECParams>>* ecs,
+    unsigned sites) const {
+  GpuActs& xf = gpu(xf_a);
+  GpuActs& xq = gpu(xq_a);
+  SPEAR_CHECK(nw * T <= xf.rows && nw * T <= xq.rows, "GpuRunner: rows out of range");
+  SPEAR_CHECK(!net_.q.empty(), "GpuRunner: the static control needs the quantized path");
+  const int64_t D = net_.cfg.hidden_size;
+  const GpuStatic& gs = im_->static_control();
+  auto mo = std::make_unique<GpuMoments>();
+  mo->sites = sites;
+  auto each_site = [&](auto&& fn) {
+    for (int s = 0; s < kNumSites; ++s)
+      if (sites & (1u << s)) fn(static_cast<Site>(s), s);
+  };
+  each_site([&](Site s, int si) { gs.reset(mo->st[si], site_width(net_.cfg, s)); });
+  const LayerView fv = fp_view(net_, l), qv = q_view(net_, l, ecs);
+  for (int64_t w = 0; w < nw; ++w) {
+    layer_forward_dev(fv, l, xf.x.f() + w * T * D, 1, T);
+    each_site([&](Site s, int si) {  // keep the FP inputs: the quantized pass reuses the buffers
+      const int64_t n = T * site_width(net_.cfg, s);
+      cuda_ok(cudaMemcpyAsync(im_->fsite[si].floats(n), im_->site_input(s), n * sizeof(float),
+                              cudaMemcpyDeviceToDevice, stream_),
+              "keep site input");
+    });
+    layer_forward_dev(qv, l, xq.x.f() + w * T * D, 1, T);
+    each_site([&](Site s, int si) { gs.add(mo->st[si], im_->fsite[si].f(), im_->site_input(s), T); });
+  }
+  mo->tokens = nw * T;
+  return mo;
+}
+
+std::vector<StaticFit> GpuRunner::fit_site(const Moments& mo, int64_t l, Site s,
+                                           const std::vector<std::pair<Module, int64_t>>& mods, double damp,
+                                           StaticMode mode) const {
+  const auto* gm = dynamic_cast<const GpuMoments*>(&mo);
+  SPEAR_CHECK(gm, "GpuRunner: moments of another backend");
+  const int si = static_cast<int>(s);
+  SPEAR_CHECK(mo.sites & (1u << si), "GpuRunner: no moments at this site");
+  SPEAR_CHECK(!net_.q.empty(), "GpuRunner: the static control needs the quantized path");
+  const GpuStatic& gs = im_->static_control();
+  std::vector<StaticFit> fits;
+  if (mods.empty()) return fits;
+  gs.whiten(gm->st[si], damp, im_->wh);
+  for (const auto& [m, rank] : mods) {
+    SPEAR_CHECK(module_site(m) == s, "GpuRunner: a module of another site");
+    const int mi = static_cast<int>(m);
+    // Both slots stay valid together: fp and q have one streaming slot each.
+    const float* W = im_->path_layer(false, l).W[mi].f();
+    const float* Q = im_->path_layer(true, l).W[mi].f();
+    fits.push_back(gs.fit(W, Q, net_.module_out(m), net_.module_in(m), gm->st[si], im_->wh, rank, mode));
+  }
+  return fits;
 }
 
 std::unique_ptr<GradBackend> GpuRunner::gradients() const { return std::make_unique<GpuGrad>(*this); }

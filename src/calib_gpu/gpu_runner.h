@@ -55,6 +55,16 @@ class GpuRunner final : public ForwardBackend {
   std::unique_ptr<WindowTargets> window_targets(const CalibData& data, const TeacherTargets& targets,
                                                 int64_t w) const override;
   double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const override;
+  // The logits and their log-softmax on the device; the NLL summed there.
+  double window_nll(const Acts& x, int64_t row0, int64_t T, const int32_t* tokens) const override;
+  // The static control on the device (calib_gpu/gpu_static.h): the moments stay there and
+  // only each fit's factors come back.
+  std::unique_ptr<Moments> layer_moments(int64_t layer, Acts& xf, Acts& xq, int64_t nw, int64_t T,
+                                         const std::vector<std::optional<ECParams>>* ecs,
+                                         unsigned sites) const override;
+  std::vector<StaticFit> fit_site(const Moments& mo, int64_t layer, Site s,
+                                  const std::vector<std::pair<Module, int64_t>>& mods, double damp,
+                                  StaticMode mode) const override;
   // A GpuGrad over this runner (train_e2e on the GPU).
   std::unique_ptr<GradBackend> gradients() const override;
 

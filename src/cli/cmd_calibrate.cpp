@@ -74,10 +74,10 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
   cmd->add_option("--device", o->device,
-                  "cpu, or cuda: the restoration gains, calibration KLs, --targets recompute's "
-                  "teacher targets and the e2e training's forward and backward run on the GPU in "
-                  "fp32 (Adam on the host); statistics, static fits, guard and --objective block "
-                  "stay on the CPU")
+                  "cpu, or cuda: the static control's statistics and fits (float64), its guard, "
+                  "the restoration gains, calibration KLs, --targets recompute's teacher targets "
+                  "and the e2e training's forward and backward run on the GPU (fp32 forward; Adam "
+                  "on the host); --objective block stays on the CPU")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");

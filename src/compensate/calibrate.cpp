@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <memory>
 
 #include "compensate/diagnostic.h"
@@ -21,36 +22,12 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-int64_t site_width(const ModelConfig& c, Site s) {
-  switch (s) {
-    case Site::AttnOut: return c.q_dim();
-    case Site::DownIn: return c.intermediate_size;
-    default: return c.hidden_size;
-  }
-}
-
-// Statistics of one layer: runs the full-precision layer on xf and the quantized one
-// (with `ecs`) on xq, window by window, pairing their site inputs. Only the sites whose
-// bit is set in `sites` are accumulated. Advances both streams.
-void layer_stats(const Runner& run, int64_t l, int64_t nw, int64_t T, std::vector<float>& xf,
-                 std::vector<float>& xq, const std::vector<std::optional<ECParams>>* ecs,
-                 SiteStats stats[kNumSites], unsigned sites = (1u << kNumSites) - 1) {
-  const Network& net = run.net();
-  const int64_t D = net.cfg.hidden_size;
-  for (int s = 0; s < kNumSites; ++s)
-    if (sites & (1u << s)) stats[s].reset(site_width(net.cfg, static_cast<Site>(s)));
-  std::vector<float> fsite[kNumSites];  // (T, width) the FP inputs of this window
-  SiteTap keep = [&](Site s, const float* x, int64_t rows, int64_t cols) {
-    if (sites & (1u << static_cast<int>(s))) fsite[static_cast<int>(s)].assign(x, x + rows * cols);
-  };
-  SiteTap pair = [&](Site s, const float* x, int64_t rows, int64_t) {
-    if (sites & (1u << static_cast<int>(s)))
-      stats[static_cast<int>(s)].add(fsite[static_cast<int>(s)].data(), x, rows);
-  };
-  for (int64_t w = 0; w < nw; ++w) {
-    run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr, keep);
-    run.layer_forward(q_view(net, l, ecs), l, &xq[w * T * D], 1, T, nullptr, pair);
-  }
+// The modules of `s` with their ranks (rank_of[module], 0: skip), for fit_site.
+std::vector<std::pair<Module, int64_t>> site_modules(int s, const std::function<int64_t(Module)>& rank_of) {
+  std::vector<std::pair<Module, int64_t>> mods;
+  for (Module m : kAllModules)
+    if (static_cast<int>(module_site(m)) == s && rank_of(m) > 0) mods.push_back({m, rank_of(m)});
+  return mods;
 }
 
 }  // namespace
@@ -163,8 +140,8 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   const ForwardBackend& fwd = dev ? *dev : static_cast<const ForwardBackend&>(cpu_fwd);
   rep["device"] = std::string(fwd.device());
   if (dev)
-    log("device %s: restoration gains, calibration KLs and e2e training (forward and backward; "
-        "teacher targets recomputed there with --targets recompute); statistics, static fits, guard, "
+    log("device %s: statistics, static fits, static guard, restoration gains, calibration KLs and e2e "
+        "training (forward and backward; teacher targets recomputed there with --targets recompute); "
         "block training and Adam on the CPU",
         std::string(fwd.device()).c_str());
 
@@ -216,19 +193,14 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   // 2. Statistics and static fits of every module (quantized path without ECs).
   std::vector<StaticFit> fits(L * kNumModules);
   {
-    std::vector<float> xf(S * T * D), xq;  // (S*T, dim)
-    run.embed(data.tokens.data(), S * T, xf.data());
-    xq = xf;
+    const std::unique_ptr<ForwardBackend::Acts> xf = fwd.embed(data.tokens.data(), S * T),  // (S*T, dim)
+        xq = fwd.copy_rows(*xf, 0, S * T);
     for (int64_t l = 0; l < L; ++l) {
-      SiteStats st[kNumSites];
-      layer_stats(run, l, S, T, xf, xq, nullptr, st);
+      const auto mo = fwd.layer_moments(l, *xf, *xq, S, T, nullptr, (1u << kNumSites) - 1);
       for (int s = 0; s < kNumSites; ++s) {
-        Whitening wh = whiten(st[s], opt.damp);
-        for (Module m : kAllModules) {
-          if (static_cast<int>(module_site(m)) != s) continue;
-          fits[module_index(l, m)] = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
-                                       net.module_in(m), st[s], wh, opt.max_rank, opt.static_mode);
-        }
+        const auto mods = site_modules(s, [&](Module) { return opt.max_rank; });
+        std::vector<StaticFit> f = fwd.fit_site(*mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
+        for (size_t i = 0; i < mods.size(); ++i) fits[module_index(l, mods[i].first)] = std::move(f[i]);
       }
     }
   }
@@ -316,17 +288,14 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   std::vector<int64_t> rank_of(L * kNumModules, 0);
   for (const PlacementEntry& e : placement) rank_of[module_index(e.layer, e.module)] = e.rank;
   if (opt.sequential_static && !placement.empty()) {
-    std::vector<float> xf(S * T * D), xq;
-    run.embed(data.tokens.data(), S * T, xf.data());
-    xq = xf;
-    auto fit_site = [&](int64_t l, int s, const SiteStats& st) {
-      Whitening wh = whiten(st, opt.damp);
-      for (Module m : kAllModules) {
-        if (static_cast<int>(module_site(m)) != s || !rank_of[module_index(l, m)]) continue;
-        StaticFit f = fit_static(net.fp[l].W[m].data(), net.q[l].W[m].data(), net.module_out(m),
-                                 net.module_in(m), st, wh, rank_of[module_index(l, m)], opt.static_mode);
-        res.static_ecs[module_index(l, m)] = ec_from_fit(f, rank_of[module_index(l, m)], false);
-      }
+    const std::unique_ptr<ForwardBackend::Acts> xf = fwd.embed(data.tokens.data(), S * T),  // (S*T, dim)
+        xq = fwd.copy_rows(*xf, 0, S * T);
+    auto fit_site = [&](int64_t l, int s, const ForwardBackend::Moments& mo) {
+      const auto mods = site_modules(s, [&](Module m) { return rank_of[module_index(l, m)]; });
+      if (mods.empty()) return;
+      const std::vector<StaticFit> f = fwd.fit_site(mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
+      for (size_t i = 0; i < mods.size(); ++i)
+        res.static_ecs[module_index(l, mods[i].first)] = ec_from_fit(f[i], mods[i].second, false);
     };
     for (int64_t l = 0; l < L; ++l) {
       unsigned used_sites = 0;
@@ -338,23 +307,20 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
         // example) O is not also fitted to the attention drift that Q/K/V's ECs remove.
         for (int s = 0; s < kNumSites; ++s) {
           if (!(used_sites & (1u << s))) continue;
-          std::vector<float> xf_s = xf, xq_s = xq;
-          SiteStats st[kNumSites];
-          layer_stats(run, l, S, T, xf_s, xq_s, &res.static_ecs, st, 1u << s);
-          fit_site(l, s, st[s]);
+          const auto xf_s = fwd.copy_rows(*xf, 0, S * T), xq_s = fwd.copy_rows(*xq, 0, S * T);
+          fit_site(l, s, *fwd.layer_moments(l, *xf_s, *xq_s, S, T, &res.static_ecs, 1u << s));
         }
       } else if (used_sites) {
         // One pass without this layer's ECs for all of its sites (the earlier scheme).
-        std::vector<float> xf_s = xf, xq_s = xq;
-        SiteStats st[kNumSites];
-        layer_stats(run, l, S, T, xf_s, xq_s, &res.static_ecs, st, used_sites);
+        const auto xf_s = fwd.copy_rows(*xf, 0, S * T), xq_s = fwd.copy_rows(*xq, 0, S * T);
+        const auto mo = fwd.layer_moments(l, *xf_s, *xq_s, S, T, &res.static_ecs, used_sites);
         for (int s = 0; s < kNumSites; ++s)
-          if (used_sites & (1u << s)) fit_site(l, s, st[s]);
+          if (used_sites & (1u << s)) fit_site(l, s, *mo);
       }
       // Both streams leave this layer; the quantized one through the ECs just fitted.
       for (int64_t w = 0; w < S; ++w) {
-        run.layer_forward(fp_view(net, l), l, &xf[w * T * D], 1, T, nullptr);
-        run.layer_forward(q_view(net, l, &res.static_ecs), l, &xq[w * T * D], 1, T, nullptr);
+        fwd.layer_forward(fp_view(net, l), l, *xf, w * T, 1, T);
+        fwd.layer_forward(q_view(net, l, &res.static_ecs), l, *xq, w * T, 1, T);
       }
     }
   } else {
@@ -377,7 +343,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     const int64_t h0 = S, h1 = std::min(nw, S + opt.guard_windows);
     if (h1 > h0) {
       std::vector<std::optional<ECParams>> none(L * kNumModules), scaled;
-      double best = mean_nll(run, data, none, h0, h1), alpha = 0;
+      double best = mean_nll(fwd, data, none, h0, h1), alpha = 0;
       nlohmann::json gj = nlohmann::json::array();
       gj.push_back({{"alpha", 0.0}, {"nll", best}});
       for (double a : {0.25, 0.5, 0.75, 1.0}) {
@@ -385,7 +351,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
         for (auto& e : scaled)
           if (e)
             for (float& v : e->B) v = static_cast<float>(v * a);
-        const double nll = mean_nll(run, data, scaled, h0, h1);
+        const double nll = mean_nll(fwd, data, scaled, h0, h1);
         gj.push_back({{"alpha", a}, {"nll", nll}});
         if (nll < best) {
           best = nll;

@@ -116,20 +116,24 @@ double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& t
   return mean_kl(CpuForward(run), data, targets, ecs, windows);
 }
 
-double mean_nll(const Runner& run, const CalibData& data,
+double mean_nll(const ForwardBackend& fwd, const CalibData& data,
                 const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1) {
-  const int64_t V = run.net().cfg.vocab_size, T = data.ctx;
+  const Network& net = fwd.net();
+  const int64_t T = data.ctx;
   w1 = std::min(w1, data.windows);
   SPEAR_CHECK(w0 >= 0 && w1 > w0 && T > 1, "mean_nll: empty window range");
-  std::vector<float> logits(T * V);  // (T, V), log-probabilities in place
   double nll = 0;
   for (int64_t w = w0; w < w1; ++w) {
-    const int32_t* tok = data.window(w);
-    run.forward(tok, 1, T, true, &ecs, logits.data());
-    log_softmax_rows(logits.data(), T, V, logits.data());
-    for (int64_t t = 0; t + 1 < T; ++t) nll -= logits[t * V + tok[t + 1]];
+    std::unique_ptr<ForwardBackend::Acts> x = fwd.embed(data.window(w), T);  // (T, dim)
+    for (int64_t l = 0; l < net.cfg.num_layers; ++l) fwd.layer_forward(q_view(net, l, &ecs), l, *x, 0, 1, T);
+    nll += fwd.window_nll(*x, 0, T, data.window(w));
   }
   return nll / static_cast<double>((w1 - w0) * (T - 1));
+}
+
+double mean_nll(const Runner& run, const CalibData& data,
+                const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1) {
+  return mean_nll(CpuForward(run), data, ecs, w0, w1);
 }
 
 nlohmann::json train_e2e(GradBackend& grad, const CalibData& data, const TeacherTargets& targets,

@@ -68,7 +68,10 @@ double mean_kl(const Runner& run, const CalibData& data, const TeacherTargets& t
                const std::vector<std::optional<ECParams>>& ecs, int64_t windows);
 
 // Mean next-token NLL (nats) of the real text over windows [w0, w1), T − 1 predictions
-// per window, quantized path with the ECs in place.
+// per window, quantized path with the ECs in place. On any forward backend; the Runner
+// overload is CpuForward's.
+double mean_nll(const ForwardBackend& fwd, const CalibData& data,
+                const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1);
 double mean_nll(const Runner& run, const CalibData& data,
                 const std::vector<std::optional<ECParams>>& ecs, int64_t w0, int64_t w1);
 

@@ -16,6 +16,7 @@
 #include "compensate/calib_data.h"
 #include "compensate/grad_backend.h"
 #include "compensate/network.h"
+#include "compensate/static_control.h"
 #include "compensate/teacher_targets.h"
 
 namespace spear {
@@ -54,6 +55,31 @@ class ForwardBackend {
   // Σ over the T rows [row0, row0 + T) of x (final hidden states, before the final norm) of
   // KL(P_fp ‖ softmax(head(norm(x)))) against t (TopK targets: the top-K KL).
   virtual double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const = 0;
+  // −Σ_{t < T−1} log softmax(head(norm(x_t)))[tokens[t+1]] over the T rows [row0, row0 + T)
+  // of x (final hidden states): the window's next-token NLL; tokens (T) host.
+  virtual double window_nll(const Acts& x, int64_t row0, int64_t T, const int32_t* tokens) const = 0;
+
+  // The static control's statistics (calibrate): second moments of one layer's site inputs,
+  // held where the backend computes. Bit s of `sites` is Site s.
+  class Moments {
+   public:
+    virtual ~Moments() = default;
+    unsigned sites = 0;
+    int64_t tokens = 0;
+  };
+  // Runs the full-precision layer `layer` on xf and the quantized one (with ecs; nullptr:
+  // none) on xq, in place, window by window (nw windows of T rows from row 0), and returns
+  // the sums of x_q x_qᵀ, x_fp x_qᵀ, x_fp x_fpᵀ over all rows at each site in `sites`.
+  virtual std::unique_ptr<Moments> layer_moments(int64_t layer, Acts& xf, Acts& xq, int64_t nw, int64_t T,
+                                                 const std::vector<std::optional<ECParams>>* ecs,
+                                                 unsigned sites) const = 0;
+  // The static fits (fit_static, whitening with `damp` shared by the site) of the modules
+  // `mods` of `layer`, all at site `s` of `mo`, each up to its max rank; the Network's fp
+  // and q weights. In the order of mods.
+  virtual std::vector<StaticFit> fit_site(const Moments& mo, int64_t layer, Site s,
+                                          const std::vector<std::pair<Module, int64_t>>& mods, double damp,
+                                          StaticMode mode) const = 0;
+
   // The e2e objective's gradient on this backend (train_e2e); it keeps a reference to the
   // backend, which must outlive it.
   virtual std::unique_ptr<GradBackend> gradients() const = 0;
@@ -75,6 +101,13 @@ class CpuForward final : public ForwardBackend {
   std::unique_ptr<WindowTargets> window_targets(const CalibData& data, const TeacherTargets& targets,
                                                 int64_t w) const override;
   double window_kl(const Acts& x, int64_t row0, int64_t T, const WindowTargets& t) const override;
+  double window_nll(const Acts& x, int64_t row0, int64_t T, const int32_t* tokens) const override;
+  std::unique_ptr<Moments> layer_moments(int64_t layer, Acts& xf, Acts& xq, int64_t nw, int64_t T,
+                                         const std::vector<std::optional<ECParams>>* ecs,
+                                         unsigned sites) const override;
+  std::vector<StaticFit> fit_site(const Moments& mo, int64_t layer, Site s,
+                                  const std::vector<std::pair<Module, int64_t>>& mods, double damp,
+                                  StaticMode mode) const override;
   std::unique_ptr<GradBackend> gradients() const override { return std::make_unique<CpuGrad>(run_); }
 
  private:

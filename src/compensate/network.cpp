@@ -18,6 +18,14 @@ const char* site_name(Site s) {
   return n[static_cast<int>(s)];
 }
 
+int64_t site_width(const ModelConfig& c, Site s) {
+  switch (s) {
+    case Site::AttnOut: return c.q_dim();
+    case Site::DownIn: return c.intermediate_size;
+    default: return c.hidden_size;
+  }
+}
+
 // ---- weights ------------------------------------------------------------------
 
 Network Network::from_weights(const LlamaWeights& w) {

@@ -27,6 +27,8 @@ using Site = ModuleInput;  // model/module.h
 inline constexpr int kNumSites = kNumModuleInputs;
 inline Site module_site(Module m) { return module_input(m); }
 const char* site_name(Site s);
+// The width of a site's inputs: q_dim (AttnOut), intermediate_size (DownIn), else hidden_size.
+int64_t site_width(const ModelConfig& c, Site s);
 
 struct FrozenLayer {
   std::vector<float> attn_norm, ffn_norm;  // (dim)

@@ -175,17 +175,35 @@ StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, co
       for (int64_t j = 0; j < out; ++j) Ur[j * rmax + k] = Ut[k * out + j] * sg;
     }
   }
-  // A = S^½ Vᵀ R^-½ (r, in); B = U S^½ (out, r) = (U S) S^-½.
+  // Aw = Vᵀ R^-½ (r, in), then A and B from it and U S.
   std::vector<double> Aw(rmax * in);
   cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rmax, in, in, 1.0, Vr.data(), in,
               wh.R_inv_half.data(), in, 0.0, Aw.data(), in);
+  finish_static_fit(f, Aw, Ur);
+  return f;
+}
+
+void finish_static_fit(StaticFit& f, std::vector<double>& Aw, std::vector<double>& US) {
+  const int64_t rmax = f.max_rank, in = f.in, out = f.out;
+  SPEAR_CHECK(static_cast<int64_t>(Aw.size()) == rmax * in && static_cast<int64_t>(US.size()) == out * rmax,
+              "static control: factor sizes do not match the fit");
   for (int64_t k = 0; k < rmax; ++k) {
+    // The sign of a direction is the eigensolver's choice (LAPACK and cuSOLVER differ);
+    // fix it so that the largest |entry| of A's row is positive. (A_k, B_k) -> (−A_k, −B_k)
+    // leaves B·A, and training from it, unchanged up to that sign.
+    int64_t jmax = 0;
+    for (int64_t j = 1; j < in; ++j)
+      if (std::abs(Aw[k * in + j]) > std::abs(Aw[k * in + jmax])) jmax = j;
+    if (Aw[k * in + jmax] < 0) {
+      for (int64_t j = 0; j < in; ++j) Aw[k * in + j] = -Aw[k * in + j];
+      for (int64_t j = 0; j < out; ++j) US[j * rmax + k] = -US[j * rmax + k];
+    }
+    // A = S^½ Vᵀ R^-½ (r, in); B = U S^½ (out, r) = (U S) S^-½.
     const double sg = std::sqrt(std::sqrt(f.sigma2[k]));  // σ^½
     for (int64_t j = 0; j < in; ++j) f.A[k * in + j] = static_cast<float>(Aw[k * in + j] * sg);
     for (int64_t j = 0; j < out; ++j)
-      f.B[j * rmax + k] = static_cast<float>(sg > 0 ? Ur[j * rmax + k] / sg : 0.0);
+      f.B[j * rmax + k] = static_cast<float>(sg > 0 ? US[j * rmax + k] / sg : 0.0);
   }
-  return f;
 }
 
 ECParams ec_from_fit(const StaticFit& f, int64_t r, bool gated) {

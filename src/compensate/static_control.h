@@ -68,6 +68,12 @@ struct StaticFit {
 StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, const SiteStats& s,
                      const Whitening& wh, int64_t max_rank, StaticMode mode);
 
+// The last step of fit_static, shared with the GPU fit (calib_gpu/gpu_static.h): f sized,
+// with its sigma2 set; Aw (max_rank, in) = V_rᵀ R^-½ (V's columns unit vectors), US (out,
+// max_rank) = U_r S_r. Fixes each direction's sign (the largest |entry| of A's row is
+// positive; Aw and US are flipped in place) and sets A = S^½ Aw, B = US S^-½.
+void finish_static_fit(StaticFit& f, std::vector<double>& Aw, std::vector<double>& US);
+
 // The first r directions as an EC (gate at its neutral point G = 0, c = 0).
 ECParams ec_from_fit(const StaticFit& f, int64_t r, bool gated);
 

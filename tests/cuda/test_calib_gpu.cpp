@@ -351,5 +351,99 @@ TEST(CalibGpu, ForeignWeightsAndMixedViews) {
   cudaFree(xd);
 }
 
+// B·A (out, in) of the first r directions of a fit, in double.
+std::vector<double> product(const StaticFit& f, int64_t r) {
+  std::vector<double> c(f.out * f.in, 0.0);  // (out, in)
+  for (int64_t i = 0; i < f.out; ++i)
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t j = 0; j < f.in; ++j)
+        c[i * f.in + j] += static_cast<double>(f.B[i * f.max_rank + k]) * f.A[k * f.in + j];
+  return c;
+}
+
+double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
+  double d2 = 0, b2 = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d2 += (a[i] - b[i]) * (a[i] - b[i]);
+    b2 += b[i] * b[i];
+  }
+  return std::sqrt(d2 / std::max(b2, 1e-300));
+}
+
+// The static control's statistics and fits (layer_moments, fit_site) on the GPU against
+// the CPU backend: every site and module of two layers (the second from the streams the
+// first left, with random ECs on the quantized path), both modes. Eigenvectors are unique
+// only up to sign and, at a near-degenerate σ², up to a rotation within their span, so the
+// comparison is of σ², the target energy and the product B·A at ranks where σ² has a gap;
+// the first direction's A row where it is isolated (the sign convention of finish_static_fit).
+TEST(CalibGpu, StaticFitsMatchCpu) {
+  REQUIRE_GPU();
+  const Network& n = stories_net();
+  Runner cpu(n);
+  GpuRunner gpu(n);
+  const CpuForward cf(cpu);
+  const int64_t nw = 3, T = 64;
+  const std::vector<int32_t> tok = random_tokens(nw * T, n.cfg.vocab_size, 81);
+  const auto ecs = random_ecs(n, Gate::Full, 83);
+  auto xf_c = cf.embed(tok.data(), nw * T), xq_c = cf.copy_rows(*xf_c, 0, nw * T);
+  auto xf_g = gpu.embed(tok.data(), nw * T), xq_g = gpu.copy_rows(*xf_g, 0, nw * T);
+  const unsigned all = (1u << kNumSites) - 1;
+  int compared = 0;
+  for (int64_t l = 0; l < 2; ++l) {
+    const auto* e = l == 0 ? nullptr : &ecs;
+    const auto mc = cf.layer_moments(l, *xf_c, *xq_c, nw, T, e, all);
+    const auto mg = gpu.layer_moments(l, *xf_g, *xq_g, nw, T, e, all);
+    EXPECT_EQ(mg->tokens, nw * T);
+    for (int s = 0; s < kNumSites; ++s) {
+      std::vector<std::pair<Module, int64_t>> mods;
+      for (Module m : kAllModules)
+        if (static_cast<int>(module_site(m)) == s) mods.push_back({m, 6});
+      for (StaticMode mode : {StaticMode::Qera, StaticMode::Rrr}) {
+        const auto fc = cf.fit_site(*mc, l, static_cast<Site>(s), mods, 0.01, mode);
+        const auto fg = gpu.fit_site(*mg, l, static_cast<Site>(s), mods, 0.01, mode);
+        ASSERT_EQ(fg.size(), mods.size());
+        for (size_t i = 0; i < mods.size(); ++i) {
+          const std::string what = "layer " + std::to_string(l) + " " + std::string(module_name(mods[i].first)) +
+                                   " " + std::string(static_mode_name(mode));
+          const StaticFit &c = fc[i], &g = fg[i];
+          ASSERT_EQ(g.max_rank, c.max_rank) << what;
+          ASSERT_GT(c.target_energy, 0.0) << what;
+          EXPECT_NEAR(g.target_energy, c.target_energy, 1e-4 * c.target_energy) << what;
+          for (int64_t k = 0; k < c.max_rank; ++k)
+            EXPECT_NEAR(g.sigma2[k], c.sigma2[k], 1e-4 * c.sigma2[0]) << what << ": sigma2 " << k;
+          // Ranks r whose last σ² is separated from the next (relative gap 1%).
+          for (int64_t r = 1; r < c.max_rank; ++r) {
+            if (c.sigma2[r - 1] - c.sigma2[r] < 1e-2 * c.sigma2[0]) continue;
+            EXPECT_LT(rel_l2(product(g, r), product(c, r)), 1e-3) << what << ": B·A at rank " << r;
+            ++compared;
+          }
+          if (c.max_rank > 1 && c.sigma2[0] - c.sigma2[1] > 1e-2 * c.sigma2[0]) {
+            double d = 0, a = 0;
+            for (int64_t j = 0; j < c.in; ++j) {
+              d = std::max(d, static_cast<double>(std::abs(g.A[j] - c.A[j])));
+              a = std::max(a, static_cast<double>(std::abs(c.A[j])));
+            }
+            EXPECT_LT(d, 1e-3 * a) << what << ": A's first row (sign included)";
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(compared, 20) << "too few ranks with a σ² gap to compare";
+  // window_nll and mean_nll (the static guard) on the GPU.
+  CalibData d;
+  d.windows = nw;
+  d.ctx = T;
+  d.tokens = tok;
+  const int64_t L = n.cfg.num_layers;
+  const std::vector<std::optional<ECParams>> none(L * kNumModules);
+  for (const auto* e : {&none, &ecs}) {
+    const double nc = mean_nll(cf, d, *e, 0, nw), ng = mean_nll(gpu, d, *e, 0, nw);
+    EXPECT_GT(nc, 0.0);
+    EXPECT_NEAR(ng, nc, 1e-5 * nc) << (e == &ecs ? "with ECs" : "w4");
+    EXPECT_EQ(nc, mean_nll(cpu, d, *e, 0, nw)) << "the Runner overload is the CPU backend's";
+  }
+}
+
 }  // namespace
 }  // namespace spear
