@@ -219,6 +219,11 @@ TEST(Cli, DeviceCudaFailsCleanlyWithoutAGpu) {
   CliRun bad = run_cli("ppl --model " + model + " --data " + data + " --device tpu");
   EXPECT_NE(bad.status, 0);
   EXPECT_LT(bad.status, 128);
+  // The static control on the GPU only with the GPU backend: refused before anything loads.
+  CliRun mixed = run_cli("calibrate --model " + model + " --quantized " + model + " --calib " + data +
+                         " --out /nonexistent/x.spear --static-device cuda");
+  EXPECT_EQ(mixed.status, 1) << mixed.err;
+  EXPECT_NE(mixed.err.find("--static-device cuda needs --device cuda"), std::string::npos) << mixed.err;
 }
 
 TEST(Cli, DumpDiffsAgainstReferenceHiddenStates) {

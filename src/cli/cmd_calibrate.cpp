@@ -27,7 +27,7 @@ void register_calibrate(CLI::App& app) {
     std::string static_mode{static_mode_name(c.static_mode)};
     std::string static_refit{static_refit_name(c.static_refit)};
     std::string gate{gate_kind_name(c.gate)};
-    std::string device = "cpu";
+    std::string device = "cpu", static_device = "cpu";
     bool no_gate = false, quiet = false;
   };
   auto o = std::make_shared<Opts>();
@@ -74,10 +74,15 @@ void register_calibrate(CLI::App& app) {
   cmd->add_option("--static-out", o->static_out, "Also write the static control (same placement) here");
   cmd->add_option("--report-json", o->report, "Write the calibration report (timings, losses) here");
   cmd->add_option("--device", o->device,
-                  "cpu, or cuda: the static control's statistics and fits (float64), its guard, "
-                  "the restoration gains, calibration KLs, --targets recompute's teacher targets "
-                  "and the e2e training's forward and backward run on the GPU (fp32 forward; Adam "
-                  "on the host); --objective block stays on the CPU")
+                  "cpu, or cuda: the restoration gains, calibration KLs, --targets recompute's "
+                  "teacher targets and the e2e training's forward and backward run on the GPU in "
+                  "fp32 (Adam on the host); the static control as --static-device says; "
+                  "--objective block stays on the CPU")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--static-device", o->static_device,
+                  "cpu, or cuda (with --device cuda): the static control's statistics, float64 "
+                  "fits and guard on the GPU (new: not yet run on a GPU, hence not the default)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_flag("--quiet,-q", o->quiet, "No progress on stderr");
@@ -85,6 +90,9 @@ void register_calibrate(CLI::App& app) {
     parse_targets();
     // First, so that a missing GPU is said before anything is loaded.
     o->c.forward = calib_forward_factory(parse_device(o->device));
+    SPEAR_CHECK(o->static_device == "cpu" || o->device == "cuda",
+                "calibrate: --static-device cuda needs --device cuda");
+    o->c.static_on_device = o->static_device == "cuda";
     o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
     o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
     o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);

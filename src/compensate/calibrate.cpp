@@ -122,7 +122,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   net.set_quantized(quantized.weights);
   Runner run(net);
   const ModelConfig& c = net.cfg;
-  const int64_t L = c.num_layers, D = c.hidden_size, T = data.ctx, nw = data.windows;
+  const int64_t L = c.num_layers, T = data.ctx, nw = data.windows;
   SPEAR_CHECK(T <= c.max_position_embeddings, "calibrate: --calib-ctx exceeds the model's context");
   nlohmann::json rep;
   const int64_t qbytes = quantized.quant_model_bytes();
@@ -138,12 +138,15 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   std::unique_ptr<ForwardBackend> dev = opt.forward ? opt.forward(net) : nullptr;
   const CpuForward cpu_fwd(run);
   const ForwardBackend& fwd = dev ? *dev : static_cast<const ForwardBackend&>(cpu_fwd);
+  // The static control's backend (statistics, fits, guard).
+  const ForwardBackend& sfwd = dev && opt.static_on_device ? *dev : static_cast<const ForwardBackend&>(cpu_fwd);
   rep["device"] = std::string(fwd.device());
+  rep["static_device"] = std::string(sfwd.device());
   if (dev)
-    log("device %s: statistics, static fits, static guard, restoration gains, calibration KLs and e2e "
-        "training (forward and backward; teacher targets recomputed there with --targets recompute); "
-        "block training and Adam on the CPU",
-        std::string(fwd.device()).c_str());
+    log("device %s: restoration gains, calibration KLs and e2e training (forward and backward; teacher "
+        "targets recomputed there with --targets recompute)%s; block training and Adam on the CPU",
+        std::string(fwd.device()).c_str(),
+        &sfwd == dev.get() ? ", statistics, static fits and the static guard" : "; the static control on the CPU");
 
   // 1. Targets: the full-precision next-token distributions of every window.
   const TeacherTargets targets(run, data, opt.targets);
@@ -193,13 +196,13 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   // 2. Statistics and static fits of every module (quantized path without ECs).
   std::vector<StaticFit> fits(L * kNumModules);
   {
-    const std::unique_ptr<ForwardBackend::Acts> xf = fwd.embed(data.tokens.data(), S * T),  // (S*T, dim)
-        xq = fwd.copy_rows(*xf, 0, S * T);
+    const std::unique_ptr<ForwardBackend::Acts> xf = sfwd.embed(data.tokens.data(), S * T),  // (S*T, dim)
+        xq = sfwd.copy_rows(*xf, 0, S * T);
     for (int64_t l = 0; l < L; ++l) {
-      const auto mo = fwd.layer_moments(l, *xf, *xq, S, T, nullptr, (1u << kNumSites) - 1);
+      const auto mo = sfwd.layer_moments(l, *xf, *xq, S, T, nullptr, (1u << kNumSites) - 1);
       for (int s = 0; s < kNumSites; ++s) {
         const auto mods = site_modules(s, [&](Module) { return opt.max_rank; });
-        std::vector<StaticFit> f = fwd.fit_site(*mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
+        std::vector<StaticFit> f = sfwd.fit_site(*mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
         for (size_t i = 0; i < mods.size(); ++i) fits[module_index(l, mods[i].first)] = std::move(f[i]);
       }
     }
@@ -288,12 +291,12 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   std::vector<int64_t> rank_of(L * kNumModules, 0);
   for (const PlacementEntry& e : placement) rank_of[module_index(e.layer, e.module)] = e.rank;
   if (opt.sequential_static && !placement.empty()) {
-    const std::unique_ptr<ForwardBackend::Acts> xf = fwd.embed(data.tokens.data(), S * T),  // (S*T, dim)
-        xq = fwd.copy_rows(*xf, 0, S * T);
+    const std::unique_ptr<ForwardBackend::Acts> xf = sfwd.embed(data.tokens.data(), S * T),  // (S*T, dim)
+        xq = sfwd.copy_rows(*xf, 0, S * T);
     auto fit_site = [&](int64_t l, int s, const ForwardBackend::Moments& mo) {
       const auto mods = site_modules(s, [&](Module m) { return rank_of[module_index(l, m)]; });
       if (mods.empty()) return;
-      const std::vector<StaticFit> f = fwd.fit_site(mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
+      const std::vector<StaticFit> f = sfwd.fit_site(mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
       for (size_t i = 0; i < mods.size(); ++i)
         res.static_ecs[module_index(l, mods[i].first)] = ec_from_fit(f[i], mods[i].second, false);
     };
@@ -307,20 +310,20 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
         // example) O is not also fitted to the attention drift that Q/K/V's ECs remove.
         for (int s = 0; s < kNumSites; ++s) {
           if (!(used_sites & (1u << s))) continue;
-          const auto xf_s = fwd.copy_rows(*xf, 0, S * T), xq_s = fwd.copy_rows(*xq, 0, S * T);
-          fit_site(l, s, *fwd.layer_moments(l, *xf_s, *xq_s, S, T, &res.static_ecs, 1u << s));
+          const auto xf_s = sfwd.copy_rows(*xf, 0, S * T), xq_s = sfwd.copy_rows(*xq, 0, S * T);
+          fit_site(l, s, *sfwd.layer_moments(l, *xf_s, *xq_s, S, T, &res.static_ecs, 1u << s));
         }
       } else if (used_sites) {
         // One pass without this layer's ECs for all of its sites (the earlier scheme).
-        const auto xf_s = fwd.copy_rows(*xf, 0, S * T), xq_s = fwd.copy_rows(*xq, 0, S * T);
-        const auto mo = fwd.layer_moments(l, *xf_s, *xq_s, S, T, &res.static_ecs, used_sites);
+        const auto xf_s = sfwd.copy_rows(*xf, 0, S * T), xq_s = sfwd.copy_rows(*xq, 0, S * T);
+        const auto mo = sfwd.layer_moments(l, *xf_s, *xq_s, S, T, &res.static_ecs, used_sites);
         for (int s = 0; s < kNumSites; ++s)
           if (used_sites & (1u << s)) fit_site(l, s, *mo);
       }
       // Both streams leave this layer; the quantized one through the ECs just fitted.
       for (int64_t w = 0; w < S; ++w) {
-        fwd.layer_forward(fp_view(net, l), l, *xf, w * T, 1, T);
-        fwd.layer_forward(q_view(net, l, &res.static_ecs), l, *xq, w * T, 1, T);
+        sfwd.layer_forward(fp_view(net, l), l, *xf, w * T, 1, T);
+        sfwd.layer_forward(q_view(net, l, &res.static_ecs), l, *xq, w * T, 1, T);
       }
     }
   } else {
@@ -343,7 +346,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     const int64_t h0 = S, h1 = std::min(nw, S + opt.guard_windows);
     if (h1 > h0) {
       std::vector<std::optional<ECParams>> none(L * kNumModules), scaled;
-      double best = mean_nll(fwd, data, none, h0, h1), alpha = 0;
+      double best = mean_nll(sfwd, data, none, h0, h1), alpha = 0;
       nlohmann::json gj = nlohmann::json::array();
       gj.push_back({{"alpha", 0.0}, {"nll", best}});
       for (double a : {0.25, 0.5, 0.75, 1.0}) {
@@ -351,7 +354,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
         for (auto& e : scaled)
           if (e)
             for (float& v : e->B) v = static_cast<float>(v * a);
-        const double nll = mean_nll(fwd, data, scaled, h0, h1);
+        const double nll = mean_nll(sfwd, data, scaled, h0, h1);
         gj.push_back({{"alpha", a}, {"nll", nll}});
         if (nll < best) {
           best = nll;

@@ -94,9 +94,13 @@ struct CalibrateOptions {
   std::vector<std::optional<ECParams>> init_ecs;
   // Where the restoration gains, the reported calibration KLs, (Recompute) the teacher
   // targets they compare to and the e2e training's forward and backward run (its
-  // gradients(): Adam stays on the host). Empty: the CPU (Runner). The statistics, static
-  // fits, the guard's NLL and block training stay on the CPU.
+  // gradients(): Adam stays on the host). Empty: the CPU (Runner). Block training stays on
+  // the CPU.
   ForwardFactory forward;
+  // With `forward`: the static control (statistics, static fits, the guard's NLL) runs on
+  // that backend too (layer_moments, fit_site, window_nll); false: on the CPU. Opt-in while
+  // the GPU's version has not run on a GPU.
+  bool static_on_device = false;
   bool verbose = true;
 };
 

@@ -504,6 +504,69 @@ TEST(CalibGpuBackward, CalibrateTrainsOnTheGpuLikeTheCpu) {
   EXPECT_LT(kg, rg.report["calib_kl_w4"].get<double>());
 }
 
+// calibrate() with the static control on the GPU too (static_on_device), at the CPU run's
+// placement: the statistics, both static fits (the sequential refit through earlier ECs
+// included) and the guard there give the CPU run's static control within float rounding.
+TEST(CalibGpuBackward, StaticControlOnTheGpuLikeTheCpu) {
+  REQUIRE_GPU();
+  const std::string model = std::string(SPEAR_SOURCE_DIR) + "/models/stories260K-hf";
+  QuantizeOptions qo;
+  qo.verbose = false;
+  const SpearArtifact w4 = quantize_model(model, qo);
+  const CalibData d = random_data(w4.weights.config, 8, 64, 73);
+  auto product = [](const ECParams& p) {
+    std::vector<float> ba(p.out * p.in, 0.0f);  // (out, in) B·A
+    for (int64_t o = 0; o < p.out; ++o)
+      for (int64_t k = 0; k < p.rank; ++k)
+        for (int64_t j = 0; j < p.in; ++j) ba[o * p.in + j] += p.B[o * p.rank + k] * p.A[k * p.in + j];
+    return ba;
+  };
+  for (StaticMode mode : {StaticMode::Qera, StaticMode::Rrr})
+    for (int64_t guard : {0, 2}) {
+      CalibrateOptions o;
+      o.budget = 0.05;
+      o.stat_windows = 4;
+      o.guard_windows = guard;
+      o.probe_windows = 1;
+      o.report_windows = 2;
+      o.objective = CalibObjective::Static;
+      o.static_mode = mode;
+      o.verbose = false;
+      const CalibrateResult rc = calibrate(model, w4, d, o);
+      ASSERT_GT(rc.placement.size(), 0u);
+      o.fixed_placement = rc.placement;  // the gains differ by float rounding: no ties to break
+      o.forward = calib_gpu::gpu_forward_factory();
+      o.static_on_device = true;
+      const CalibrateResult rg = calibrate(model, w4, d, o);
+      const std::string what = std::string(static_mode_name(mode)) + ", guard windows " + std::to_string(guard);
+      EXPECT_EQ(rg.report["static_device"], "cuda") << what;
+      EXPECT_EQ(rc.report["static_device"], "cpu") << what;
+      const double kc = rc.report["calib_kl_static"].get<double>(), kg = rg.report["calib_kl_static"].get<double>();
+      EXPECT_NEAR(kg, kc, 1e-3 * kc) << what << ": calibration KL of the static control";
+      if (guard) {
+        ASSERT_TRUE(rc.report["static_guard"].is_object()) << what;
+        EXPECT_EQ(rg.report["static_guard"]["alpha"], rc.report["static_guard"]["alpha"]) << what;
+        const auto& nc = rc.report["static_guard"]["nll"];
+        const auto& ng = rg.report["static_guard"]["nll"];
+        ASSERT_EQ(ng.size(), nc.size()) << what;
+        for (size_t k = 0; k < nc.size(); ++k)
+          EXPECT_NEAR(ng[k]["nll"].get<double>(), nc[k]["nll"].get<double>(), 1e-5 * nc[k]["nll"].get<double>())
+              << what << ": guard NLL at alpha " << nc[k]["alpha"];
+        continue;
+      }
+      // The closed forms: B·A of each EC (the fit at its rank; A and B alone are unique only
+      // where every σ² of the rank is isolated), each rounded to fp16 at the end on both sides.
+      ASSERT_EQ(rg.static_ecs.size(), rc.static_ecs.size());
+      for (size_t i = 0; i < rc.static_ecs.size(); ++i) {
+        ASSERT_EQ(rg.static_ecs[i].has_value(), rc.static_ecs[i].has_value()) << what << ": EC " << i;
+        if (!rc.static_ecs[i]) continue;
+        ASSERT_EQ(rg.static_ecs[i]->rank, rc.static_ecs[i]->rank);
+        expect_close(product(*rg.static_ecs[i]), product(*rc.static_ecs[i]), 1e-2,
+                     what + ": B·A of EC " + std::to_string(i));
+      }
+    }
+}
+
 // `spear calibrate --device cuda` through the CLI: the report says the e2e training ran
 // on the GPU, and the trained KL is below the quantized model's.
 TEST(CalibGpuBackward, CliCalibrateDeviceCudaTrainsOnTheGpu) {
