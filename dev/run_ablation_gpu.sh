@@ -32,7 +32,7 @@ calib() {  # LABEL BUDGET ARGS...
   local label=$1 b=$2; shift 2
   if (( SECONDS > DEADLINE )); then echo "skip $label (deadline)"; return 1; fi
   local t0=$SECONDS
-  $B/spear calibrate --device cuda --model $MIX --quantized $W/w4.spear --calib $V --budget $b \
+  $B/spear calibrate --device cuda --static-device cuda --model $MIX --quantized $W/w4.spear --calib $V --budget $b \
     --report-json "$OUT/$label.report.json" --out $W/$label.spear "$@" >"$OUT/$label.log" 2>&1
   local rc=$?
   echo "calibrate $label rc=$rc in $((SECONDS - t0)) s"

@@ -31,7 +31,7 @@ tests)
 mixlm)
   $B/spear quantize --model $MIX --out /tmp/mix-w4.spear >/dev/null 2>&1
   for dev in cpu cuda; do
-    /usr/bin/time -f "calibrate $dev %e s, peak %M KB" $B/spear calibrate --device $dev --model $MIX \
+    /usr/bin/time -f "calibrate $dev %e s, peak %M KB" $B/spear calibrate --device $dev $([ $dev = cuda ] && echo --static-device cuda) --model $MIX \
       --quantized /tmp/mix-w4.spear --calib $D/wiki.test.tokens --calib-offset 200000 --calib-windows 40 \
       --objective static --budget 0.02 --report-json "$OUT/calib-mixlm-$dev.json" --out /tmp/mix-ec-$dev.spear \
       >"$OUT/calib-mixlm-$dev.log" 2>&1
@@ -43,7 +43,7 @@ mixlm)
   $B/spear make-checkpoint --config llama-3.2-1b --out /tmp/ck1b >"$OUT/make1b.log" 2>&1
   $B/spear quantize --model /tmp/ck1b --out /tmp/1b-w4.spear >"$OUT/quantize1b.log" 2>&1
   echo "1b checkpoint and W4: rc=$?"
-  /usr/bin/time -f "calibrate 1b cuda %e s, peak %M KB" timeout ${CALIB_TIMEOUT:-330} $B/spear calibrate --device cuda \
+  /usr/bin/time -f "calibrate 1b cuda %e s, peak %M KB" timeout ${CALIB_TIMEOUT:-330} $B/spear calibrate --device cuda --static-device cuda \
     --model /tmp/ck1b --quantized /tmp/1b-w4.spear --calib $D/wiki.test.tokens --calib-windows 256 \
     --epochs 3 --budget 0.02 --report-json "$OUT/calib-1b.json" --out /tmp/1b-ec.spear \
     >"$OUT/calib-1b.log" 2>&1

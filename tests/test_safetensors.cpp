@@ -500,3 +500,48 @@ TEST(Safetensors, LoadsShardedMixlm) {
   for (float x : v) ASSERT_TRUE(std::isfinite(x));
   RecordProperty("embed_to_f32_ms", std::to_string(ms));
 }
+
+namespace {
+// This process's resident set (bytes), from /proc/self/statm.
+long long resident_bytes() {
+  std::ifstream f("/proc/self/statm");
+  long long size = 0, resident = 0;
+  f >> size >> resident;
+  return resident * static_cast<long long>(::sysconf(_SC_PAGESIZE));
+}
+}  // namespace
+
+// TensorStore::release (what quantize and the loaders call once a tensor's bytes are read)
+// drops the mapped pages from the resident set, and the bytes read back unchanged after it;
+// a range outside every shard is left alone.
+TEST(Safetensors, ReleaseDropsMappedPagesAndKeepsTheBytes) {
+  TempDir d;
+  const std::string path = d / "big.safetensors";
+  const int64_t n = int64_t{16} << 20;  // 16M floats: 64 MiB
+  {
+    std::vector<float> x(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(i % 1009) - 504.0f;
+    spear::write_safetensors(path, {{"w", DType::F32, {n}, x.data()}}, {{"format", "pt"}});
+  }
+  const spear::TensorStore store = spear::TensorStore::open(path);
+  const spear::TensorView& t = store.get("w");
+  auto checksum = [&] {
+    double s = 0;
+    const float* p = reinterpret_cast<const float*>(t.data);
+    for (int64_t i = 0; i < n; i += 97) s += p[i] * static_cast<double>(i % 7 + 1);
+    volatile uint8_t touch = 0;
+    for (size_t i = 0; i < t.nbytes; i += 4096) touch = touch + t.data[i];  // every page
+    return s;
+  };
+  const long long r0 = resident_bytes();
+  const double s0 = checksum();
+  const long long r1 = resident_bytes();
+  EXPECT_GT(r1 - r0, 48ll << 20) << "reading the tensor should fault its pages in";
+  std::vector<float> outside(1024, 1.0f);
+  store.release(outside.data(), outside.size() * sizeof(float));  // not in a shard: untouched
+  EXPECT_EQ(outside[17], 1.0f);
+  store.release(t.data, t.nbytes);
+  const long long r2 = resident_bytes();
+  EXPECT_GT(r1 - r2, 48ll << 20) << "release should drop the pages";
+  EXPECT_EQ(checksum(), s0) << "the bytes after release";
+}

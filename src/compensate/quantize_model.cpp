@@ -48,11 +48,13 @@ SpearArtifact quantize_model(const std::string& dir, const QuantizeOptions& opt)
     mw.dense = WeightTensor{};
   };
   if (opt.method == QuantMethod::Rtn) {
-    // One module widened to float32 at a time: host memory stays near the mapped file.
+    // One module widened to float32 at a time, its mapped pages dropped once read: host
+    // memory is the codes so far plus a module, not the checkpoint.
     for (int64_t l = 0; l < c.num_layers; ++l)
       for (Module m : kAllModules) {
         const ModuleShape s = module_shape(c, m);
         const std::vector<float> W = a.at(l, m).dense.to_f32();
+        a.at(l, m).dense.release();
         set_quantized(l, m, quantize_rtn(W.data(), s.out, s.in, opt.scheme));
       }
   } else {

@@ -274,8 +274,10 @@ void MappedFile::release(const void* p, size_t n) const {
   if (hi > lo && lo >= base && hi <= base + size_) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
-void SafetensorsFile::release(const TensorView& t) const {
-  if (file_) file_->release(t.data, t.nbytes);
+void SafetensorsFile::release(const TensorView& t) const { release(t.data, t.nbytes); }
+
+void SafetensorsFile::release(const void* p, size_t n) const {
+  if (file_) file_->release(p, n);
 }
 
 MappedFile::~MappedFile() {
@@ -541,6 +543,10 @@ std::vector<std::string> TensorStore::names() const {
   out.reserve(by_name_.size());
   for (const auto& kv : by_name_) out.push_back(kv.first);
   return out;
+}
+
+void TensorStore::release(const void* p, size_t n) const {
+  for (const auto& f : files_) f->release(p, n);  // each shard keeps to its own range
 }
 
 size_t TensorStore::mapped_bytes() const {

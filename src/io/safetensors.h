@@ -78,6 +78,8 @@ class SafetensorsFile {
   // Drops a tensor's pages from memory once its bytes were copied (MappedFile::release);
   // nothing for a parse()d buffer.
   void release(const TensorView& t) const;
+  // The same for any bytes [p, p + n) of the mapping (those outside it are left alone).
+  void release(const void* p, size_t n) const;
 
  private:
   std::unique_ptr<MappedFile> file_;
@@ -107,6 +109,9 @@ class TensorStore {
   std::vector<std::string> names() const;                // sorted
   size_t mapped_bytes() const;                           // sum of file sizes
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+  // Drops the whole pages of [p, p + n) that lie in one of the mapped shards
+  // (MappedFile::release); bytes outside every shard are left alone.
+  void release(const void* p, size_t n) const;
 
  private:
   std::string source_;  // the path given to open(), for error messages

@@ -177,9 +177,16 @@ std::string model_dir_hash(const std::string& dir) {
   std::sort(st.begin(), st.end());
   files.insert(files.end(), st.begin(), st.end());
   Sha256 h;
+  // Chunk by chunk, each chunk's pages dropped once hashed: a checkpoint is hashed without
+  // holding it in memory.
+  constexpr size_t kChunk = size_t{64} << 20;
   for (const std::string& f : files) {
     MappedFile m(f);
-    h.update(m.data(), m.size());
+    for (size_t off = 0; off < m.size(); off += kChunk) {
+      const size_t n = std::min(kChunk, m.size() - off);
+      h.update(m.data() + off, n);
+      m.release(m.data() + off, n);
+    }
   }
   return h.hex();
 }

@@ -27,7 +27,9 @@ LlamaWeights load_hf_weights(const std::string& dir) {
     SPEAR_CHECK(store->has(name), dir + ": missing tensor '" + name + "'");
     const TensorView& t = store->get(name);
     used.insert(name);
-    return WeightTensor::view(t.dtype, t.shape, t.data, store);
+    WeightTensor v = WeightTensor::view(t.dtype, t.shape, t.data, store);
+    v.mapping = store.get();
+    return v;
   };
   w.layers.resize(cfg.num_layers);
   for (const auto& t : unquantized_tensors(w)) *t.tensor = get(t.name);

@@ -57,6 +57,10 @@ WeightTensor WeightTensor::view(DType dtype, std::vector<int64_t> shape, const u
 
 int64_t WeightTensor::numel() const { return numel_of(shape); }
 
+void WeightTensor::release() const {
+  if (mapping && data) mapping->release(data, nbytes);
+}
+
 void WeightTensor::to_f32(float* out) const {
   TensorView v;
   v.dtype = dtype;

@@ -22,6 +22,8 @@
 
 namespace spear {
 
+class TensorStore;  // io/safetensors.h
+
 // A host tensor: dtype, shape and bytes, either owned or a view into memory that `owner`
 // keeps alive (a mapped checkpoint). Copies share the bytes.
 struct WeightTensor {
@@ -30,6 +32,8 @@ struct WeightTensor {
   const uint8_t* data = nullptr;
   size_t nbytes = 0;
   std::shared_ptr<const void> owner;
+  // The mapped checkpoint `data` views, when it is one (kept alive by `owner`), for release().
+  const TensorStore* mapping = nullptr;
 
   static WeightTensor owned(DType dtype, std::vector<int64_t> shape, std::vector<uint8_t> bytes);
   static WeightTensor from_f32(std::vector<int64_t> shape, std::vector<float> values);
@@ -42,6 +46,10 @@ struct WeightTensor {
   // Widens F32/F16/BF16 to float32 (exact); throws for other dtypes.
   std::vector<float> to_f32() const;
   void to_f32(float* out) const;  // out has numel() floats
+  // A view of a mapped checkpoint: drops its whole pages from this process's memory (read
+  // again, they fault back in from the file), for bytes read once and not needed again
+  // soon. Nothing for owned bytes.
+  void release() const;
 };
 
 // One linear module: full precision (`dense`), or packed quantized codes (`quant`) with
