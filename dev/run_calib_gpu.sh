@@ -8,7 +8,7 @@
 #        artifact (GPU engine);
 # 1b:    spear calibrate --device cuda on a random Llama-3.2-1B-shaped checkpoint (real shapes)
 #        at issue 12's target setting (256 windows of 512 tokens, 3 epochs, 2% budget): the
-#        stage timings of the report.
+#        stage timings of the report (STATIC_DEVICE=cpu: the static control on the host).
 set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
 B=$PWD/build-bin; D=$B/data
@@ -41,9 +41,9 @@ mixlm)
   done ;;
 1b)
   $B/spear make-checkpoint --config llama-3.2-1b --out /tmp/ck1b >"$OUT/make1b.log" 2>&1
-  $B/spear quantize --model /tmp/ck1b --out /tmp/1b-w4.spear >"$OUT/quantize1b.log" 2>&1
-  echo "1b checkpoint and W4: rc=$?"
-  /usr/bin/time -f "calibrate 1b cuda %e s, peak %M KB" timeout ${CALIB_TIMEOUT:-330} $B/spear calibrate --device cuda --static-device cuda \
+  /usr/bin/time -f "quantize 1b %e s, peak %M KB" $B/spear quantize --model /tmp/ck1b --out /tmp/1b-w4.spear >"$OUT/quantize1b.log" 2>&1
+  echo "1b checkpoint and W4: rc=$?; $(tail -1 "$OUT/quantize1b.log")"
+  /usr/bin/time -f "calibrate 1b cuda %e s, peak %M KB" timeout ${CALIB_TIMEOUT:-330} $B/spear calibrate --device cuda --static-device ${STATIC_DEVICE:-cuda} \
     --model /tmp/ck1b --quantized /tmp/1b-w4.spear --calib $D/wiki.test.tokens --calib-windows 256 \
     --epochs 3 --budget 0.02 --report-json "$OUT/calib-1b.json" --out /tmp/1b-ec.spear \
     >"$OUT/calib-1b.log" 2>&1

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/linalg.h"
 #include "model/linear.h"
 #include "quant/gptq.h"
 #include "quant/quantized_linear_layer.h"
@@ -96,6 +97,75 @@ TEST(Gptq, DiagonalHessianGivesRtn) {
     EXPECT_EQ(q.scales, r.scales);
     EXPECT_EQ(q.zeros, r.zeros);
   }
+}
+
+// The factor GPTQ runs on, U with H⁻¹ = Uᵀ U, from one Cholesky and one triangular inverse
+// (the reversed-order identity in linalg.cpp): against the float64 product and against the
+// inverse-then-Cholesky route it replaced.
+TEST(Gptq, InverseCholeskyIsTheFactorOfTheInverse) {
+  std::mt19937_64 g(4);
+  const int64_t n = 2000, K = 150;
+  std::vector<double> H = hessian(correlated_inputs(n, K, g), n, K);
+  for (int64_t i = 0; i < K; ++i) H[i * K + i] += 1e-2;
+  std::vector<double> U = H, V = H;
+  inverse_cholesky_upper(U, K);
+  spd_inverse(V, K);
+  cholesky_upper(V, K);
+  double worst = 0, worst_v = 0;
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) {
+      if (j < i) EXPECT_EQ(U[i * K + j], 0.0);
+      if (i == j) EXPECT_GT(U[i * K + i], 0.0);
+      // (Uᵀ U H)_ij = δ_ij
+      double p = 0;
+      for (int64_t a = 0; a < K; ++a) {
+        double ut_u = 0;
+        for (int64_t b = 0; b <= std::min(i, a); ++b) ut_u += U[b * K + i] * U[b * K + a];
+        p += ut_u * H[a * K + j];
+      }
+      worst = std::max(worst, std::abs(p - (i == j ? 1.0 : 0.0)));
+      worst_v = std::max(worst_v, std::abs(U[i * K + j] - V[i * K + j]) / std::abs(V[i * K + i]));
+    }
+  EXPECT_LT(worst, 1e-8);
+  EXPECT_LT(worst_v, 1e-9);
+  std::vector<double> bad(K * K, 0.0);
+  bad[0] = -1;
+  EXPECT_THROW(inverse_cholesky_upper(bad, K), Error);
+}
+
+// One factor shared by the modules of a site gives each of them the codes of its own
+// factorisation; inputs that were always zero (H row and column 0) dequantize to 0.
+TEST(Gptq, SharedFactorGivesTheSameCodes) {
+  std::mt19937_64 g(5);
+  const int64_t N = 24, K = 128, n = 1024;
+  std::vector<float> x = correlated_inputs(n, K, g);
+  for (int64_t t = 0; t < n; ++t) x[t * K + 7] = x[t * K + 90] = 0;  // two dead inputs
+  std::vector<double> H = hessian(x, n, K);
+  for (bool act : {false, true})
+    for (int64_t group : {int64_t{-1}, int64_t{32}}) {
+      QuantScheme s;
+      s.group = group;
+      GptqOptions o;
+      o.act_order = act;
+      o.block = 48;  // blocks that do not line up with the groups
+      const GptqFactor f = gptq_factor(H, K, o);
+      EXPECT_TRUE(f.dead[7] && f.dead[90] && !f.dead[8]);
+      for (int m = 0; m < 2; ++m) {
+        std::vector<float> W = randn(N * K, g, 0.05f);
+        QuantizedMatrix a = quantize_gptq(W.data(), N, K, s, H, o), b = quantize_gptq(W.data(), N, K, s, f, o);
+        EXPECT_EQ(a.codes, b.codes) << "act_order " << act << " group " << group;
+        EXPECT_EQ(a.scales, b.scales);
+        EXPECT_EQ(a.zeros, b.zeros);
+        const std::vector<float> Q = dequantize(b);
+        for (int64_t r = 0; r < N; ++r) {
+          EXPECT_EQ(Q[r * K + 7], 0.0f);
+          EXPECT_EQ(Q[r * K + 90], 0.0f);
+        }
+      }
+    }
+  GptqOptions other;
+  EXPECT_THROW(quantize_gptq(randn(N * 64, g, 0.1f).data(), N, 64, QuantScheme{}, gptq_factor(H, K, other), other),
+               Error);
 }
 
 TEST(Gptq, RejectsBadInput) {

@@ -70,12 +70,14 @@ void Network::set_quantized(const LlamaWeights& w) {
 int64_t Network::module_out(Module m) const { return module_shape(cfg, m).out; }
 int64_t Network::module_in(Module m) const { return module_shape(cfg, m).in; }
 
-LayerView fp_view(const Network& n, int64_t l) {
+LayerView layer_view(const FrozenLayer& f) {
   LayerView v;
-  v.norms = &n.fp[l];
-  for (Module m : kAllModules) v.W[m] = n.fp[l].W[m].data();
+  v.norms = &f;
+  for (Module m : kAllModules) v.W[m] = f.W[m].data();
   return v;
 }
+
+LayerView fp_view(const Network& n, int64_t l) { return layer_view(n.fp[l]); }
 
 LayerView q_view(const Network& n, int64_t l, const std::vector<std::optional<ECParams>>* ecs) {
   SPEAR_CHECK(!n.q.empty(), "quantized weights not set");

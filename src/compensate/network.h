@@ -61,6 +61,8 @@ struct LayerView {
   PerModule<const float*> W;           // (out, in)
   PerModule<const ECParams*> ec;       // nullptr = no EC
 };
+// The weights of one FrozenLayer (no ECs).
+LayerView layer_view(const FrozenLayer& f);
 LayerView fp_view(const Network& n, int64_t l);
 LayerView q_view(const Network& n, int64_t l, const std::vector<std::optional<ECParams>>* ecs);
 

@@ -34,6 +34,7 @@ void SiteStats::reset(int64_t n) {
 }
 
 void SiteStats::add(const float* xf, const float* xq, int64_t rows) {
+  const BlasThreadsScope blas;
   std::vector<float> g(in * in);  // (in, in) one window's sum, float (rows ≤ a few thousand)
   auto acc = [&](const float* a, const float* b, std::vector<double>& dst) {
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, in, in, rows, 1.0f, a, in, b, in, 0.0f,
@@ -58,6 +59,7 @@ void SiteStats::add(const float* xf, const float* xq, int64_t rows) {
 }
 
 Whitening whiten(const SiteStats& s, double damp) {
+  const BlasThreadsScope blas;
   SPEAR_CHECK(s.tokens > 0, "static control: no calibration tokens");
   const int64_t n = s.in;
   std::vector<double> R(n * n);  // (in, in) E[x_q x_qᵀ]
@@ -95,6 +97,7 @@ double StaticFit::captured(int64_t r) const {
 
 StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, const SiteStats& s,
                      const Whitening& wh, int64_t max_rank, StaticMode mode) {
+  const BlasThreadsScope blas;
   SPEAR_CHECK(s.in == in && wh.in == in, "static control: site width does not match the module");
   const double N = static_cast<double>(s.tokens);
   std::vector<double> Wd(W, W + out * in), Qd(Q, Q + out * in), dW(out * in);  // (out, in)
