@@ -22,17 +22,13 @@
 #include "model/llama.h"
 #include "quant/quantized_linear_layer.h"
 #include "quant/rtn.h"
+#include "random_network.h"
 #include "runtime/calib_device.h"
 
 namespace spear {
 namespace {
 
-std::vector<float> randn(size_t n, std::mt19937_64& g, float scale) {
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(g);
-  return v;
-}
+using test::randn;
 
 ModelConfig tiny_config() {
   ModelConfig c;
@@ -50,35 +46,7 @@ ModelConfig tiny_config() {
 }
 
 // A random network whose quantized path is 3-bit RTN of its weights.
-Network random_network(uint64_t seed) {
-  std::mt19937_64 g(seed);
-  Network n;
-  n.cfg = tiny_config();
-  const ModelConfig& c = n.cfg;
-  n.embed = randn(c.vocab_size * c.hidden_size, g, 1.0f);
-  n.head = randn(c.vocab_size * c.hidden_size, g, 0.5f);
-  n.final_norm = randn(c.hidden_size, g, 0.1f);
-  for (float& v : n.final_norm) v += 1.0f;
-  n.fp.resize(c.num_layers);
-  n.q.resize(c.num_layers);
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    n.fp[l].attn_norm = randn(c.hidden_size, g, 0.1f);
-    n.fp[l].ffn_norm = randn(c.hidden_size, g, 0.1f);
-    for (float& v : n.fp[l].attn_norm) v += 1.0f;
-    for (float& v : n.fp[l].ffn_norm) v += 1.0f;
-    n.q[l].attn_norm = n.fp[l].attn_norm;
-    n.q[l].ffn_norm = n.fp[l].ffn_norm;
-    for (Module m : kAllModules) {
-      const int64_t out = n.module_out(m), in = n.module_in(m);
-      n.fp[l].W[m] = randn(out * in, g, 1.0f / std::sqrt(static_cast<float>(in)));
-      QuantScheme s;
-      s.bits = 3;
-      n.q[l].W[m] =
-          dequantize(quantize_rtn(n.fp[l].W[m].data(), out, in, s));
-    }
-  }
-  return n;
-}
+Network random_network(uint64_t seed) { return test::random_network(tiny_config(), seed, 0.5f); }
 
 ECParams random_ec(int64_t in, int64_t out, int64_t r, bool gated, std::mt19937_64& g) {
   ECParams p;

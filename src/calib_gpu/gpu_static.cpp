@@ -137,15 +137,8 @@ StaticFit GpuStatic::fit(const float* W, const float* Q, int64_t out, int64_t in
     dgemm(false, false, out, in, in, 1.0, dW, in, wh.R_half.d(), in, 0.0, M, in);  // M = ΔW R^½
     energy = dot(M, M, n);
   }
-  const int64_t rmax = std::min({max_rank, out, in});
-  StaticFit f;
-  f.in = in;
-  f.out = out;
-  f.max_rank = rmax;
-  f.target_energy = std::max(energy, 0.0);
-  f.sigma2.assign(rmax, 0.0);
-  f.A.assign(rmax * in, 0.0f);
-  f.B.assign(out * rmax, 0.0f);
+  StaticFit f = StaticFit::sized(out, in, max_rank, energy);
+  const int64_t rmax = f.max_rank;
   if (rmax <= 0) return f;
   // The top rmax eigenvectors of the smaller Gram matrix (rows of G after eig, ascending:
   // the last rmax rows, reversed) as in fit_static.

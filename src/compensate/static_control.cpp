@@ -88,6 +88,18 @@ Whitening whiten(const SiteStats& s, double damp) {
   return wh;
 }
 
+StaticFit StaticFit::sized(int64_t out, int64_t in, int64_t max_rank, double energy) {
+  StaticFit f;
+  f.in = in;
+  f.out = out;
+  f.max_rank = std::max<int64_t>(0, std::min({max_rank, out, in}));
+  f.target_energy = std::max(energy, 0.0);
+  f.sigma2.assign(f.max_rank, 0.0);
+  f.A.assign(f.max_rank * in, 0.0f);
+  f.B.assign(out * f.max_rank, 0.0f);
+  return f;
+}
+
 double StaticFit::captured(int64_t r) const {
   if (target_energy <= 0) return 0;
   double s = 0;
@@ -134,15 +146,8 @@ StaticFit fit_static(const float* W, const float* Q, int64_t out, int64_t in, co
     mul(dW, wh.R_half, 1.0, 0.0, M);
     energy = trace_abt(M, M);  // ‖ΔW R^½‖²: the σ² below sum to it at full rank
   }
-  const int64_t rmax = std::min({max_rank, out, in});
-  StaticFit f;
-  f.in = in;
-  f.out = out;
-  f.max_rank = rmax;
-  f.target_energy = std::max(energy, 0.0);
-  f.sigma2.assign(rmax, 0.0);
-  f.A.assign(rmax * in, 0.0f);
-  f.B.assign(out * rmax, 0.0f);
+  StaticFit f = StaticFit::sized(out, in, max_rank, energy);
+  const int64_t rmax = f.max_rank;
   if (rmax <= 0) return f;
   std::vector<double> Ur(out * rmax), Vr(rmax * in);  // U_r S_r (out, r), V_rᵀ (r, in)
   if (in <= out) {

@@ -62,6 +62,9 @@ struct StaticFit {
   std::vector<float> B;         // (out, max_rank)
   // Share of the target energy removed by the first r directions.
   double captured(int64_t r) const;
+  // A fit of (out, in) with max_rank = min(max_rank, out, in) and target_energy =
+  // max(energy, 0), its sigma2, A and B zero-filled to size.
+  static StaticFit sized(int64_t out, int64_t in, int64_t max_rank, double energy);
 };
 
 // W, Q: (out, in) full-precision and dequantized weights.

@@ -24,6 +24,7 @@
 #include "compensate/teacher_targets.h"
 #include "core/error.h"
 #include "cuda/gpu_test_util.h"
+#include "random_network.h"
 #include "test_paths.h"
 
 namespace spear {
@@ -53,12 +54,7 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
   return t;
 }
 
-std::vector<float> randn(int64_t n, std::mt19937_64& g, float sd) {
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);  // (n)
-  for (auto& x : v) x = d(g);
-  return v;
-}
+using test::randn;
 
 enum class Gate { None, Diag, Full };
 

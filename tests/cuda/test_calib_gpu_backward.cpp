@@ -33,6 +33,7 @@
 #include "compensate/teacher_targets.h"
 #include "cuda/gpu_test_util.h"
 #include "quant/rtn.h"
+#include "random_network.h"
 #include "test_paths.h"
 
 namespace spear {
@@ -41,12 +42,7 @@ namespace {
 using calib_gpu::GpuGrad;
 using calib_gpu::GpuRunner;
 
-std::vector<float> randn(size_t n, std::mt19937_64& g, float sd) {
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);  // (n)
-  for (float& x : v) x = d(g);
-  return v;
-}
+using test::randn;
 
 ModelConfig tiny_config() {
   ModelConfig c;
@@ -64,34 +60,7 @@ ModelConfig tiny_config() {
 
 // A random network whose quantized path is 3-bit RTN of its weights (as test_compensate's).
 const Network& tiny_net() {
-  static const Network* net = [] {
-    std::mt19937_64 g(1234);
-    auto* n = new Network;
-    n->cfg = tiny_config();
-    const ModelConfig& c = n->cfg;
-    n->embed = randn(c.vocab_size * c.hidden_size, g, 1.0f);
-    n->head = randn(c.vocab_size * c.hidden_size, g, 0.3f);
-    n->final_norm = randn(c.hidden_size, g, 0.1f);
-    for (float& v : n->final_norm) v += 1.0f;
-    n->fp.resize(c.num_layers);
-    n->q.resize(c.num_layers);
-    for (int64_t l = 0; l < c.num_layers; ++l) {
-      n->fp[l].attn_norm = randn(c.hidden_size, g, 0.1f);
-      n->fp[l].ffn_norm = randn(c.hidden_size, g, 0.1f);
-      for (float& v : n->fp[l].attn_norm) v += 1.0f;
-      for (float& v : n->fp[l].ffn_norm) v += 1.0f;
-      n->q[l].attn_norm = n->fp[l].attn_norm;
-      n->q[l].ffn_norm = n->fp[l].ffn_norm;
-      for (Module m : kAllModules) {
-        const int64_t out = n->module_out(m), in = n->module_in(m);
-        n->fp[l].W[m] = randn(out * in, g, 1.0f / std::sqrt(static_cast<float>(in)));
-        QuantScheme s;
-        s.bits = 3;
-        n->q[l].W[m] = dequantize(quantize_rtn(n->fp[l].W[m].data(), out, in, s));
-      }
-    }
-    return n;
-  }();
+  static const Network* net = new Network(test::random_network(tiny_config(), 1234, 0.3f));
   return *net;
 }
 
