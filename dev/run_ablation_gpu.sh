@@ -6,9 +6,12 @@
 # tokens, 32 statistics windows, 3 epochs), scored on the whole wiki.test.raw with the GPU engine
 # (spear ppl --device cuda: the GPU engine has no --ref-model; the calibration KLs are in the reports).
 # Per budget: the defaults (searches the placement; its report's placement is then fixed for
-# every other row of that budget) and their static control (--static-out: static QERA with the
-# guard), e2e ungated, e2e diagonal gate, static RRR, static QERA without the guard. Rows stop being started after DEADLINE_S seconds.
-# ROWS=defaults runs only the first row of each budget.
+# every other row of that budget) and their static control (--static-out: the guarded RRR
+# closed form refitted layer by layer, training's start), e2e ungated, e2e diagonal gate, e2e
+# from the QERA/site start, static QERA (site refit, guarded; --objective static's default),
+# the same without the guard, static RRR with the site refit. Rows stop being started after DEADLINE_S seconds.
+# ROWS=defaults runs only the first row of each budget; CALIB_TIMEOUT (300 s) bounds each
+# calibration; STATIC_DEVICE=cpu keeps the static control on the host.
 # One JSON line per row in $OUT/ablation.jsonl; calibration reports and logs beside it.
 set -o pipefail
 OUT=${OUT:-/tmp/spear-out}; mkdir -p "$OUT"
@@ -33,22 +36,25 @@ calib() {  # LABEL BUDGET ARGS...
   local label=$1 b=$2; shift 2
   if (( SECONDS > DEADLINE )); then echo "skip $label (deadline)"; return 1; fi
   local t0=$SECONDS
-  $B/spear calibrate --device cuda --static-device cuda --model $MIX --quantized $W/w4.spear --calib $V --budget $b \
+  /usr/bin/time -f "%e s, peak host %M KB" -o "$OUT/$label.time" timeout ${CALIB_TIMEOUT:-300} \
+    $B/spear calibrate --device cuda --static-device ${STATIC_DEVICE:-cuda} --model $MIX --quantized $W/w4.spear --calib $V --budget $b \
     --report-json "$OUT/$label.report.json" --out $W/$label.spear "$@" >"$OUT/$label.log" 2>&1
   local rc=$?
-  echo "calibrate $label rc=$rc in $((SECONDS - t0)) s"
+  echo "calibrate $label rc=$rc in $((SECONDS - t0)) s ($(cat "$OUT/$label.time" 2>/dev/null | tail -1)): $(tail -1 "$OUT/$label.log")"
   [ $rc = 0 ] && score "$label" $W/$label.spear
 }
 for b in $BUDGETS; do
-  calib default-$b $b --static-out $W/static-qera-$b.spear || continue
-  score static-qera-$b $W/static-qera-$b.spear
+  calib default-$b $b --static-out $W/static-rrr-layer-$b.spear || continue
+  score static-rrr-layer-$b $W/static-rrr-layer-$b.spear
   [ "${ROWS:-all}" = defaults ] && continue
   python3 -c "import json,sys; json.dump(json.load(open(sys.argv[1]))['placement'], open(sys.argv[2],'w'))" \
     "$OUT/default-$b.report.json" $W/placement-$b.json
   P="--placement $W/placement-$b.json"
   calib e2e-none-$b $b $P --gate none
   calib e2e-diag-$b $b $P --gate diag
-  calib static-rrr-$b $b $P --objective static --static-mode rrr
-  calib static-qera-noguard-$b $b $P --objective static --static-mode qera --guard-windows 0
+  calib e2e-from-qera-site-$b $b $P --static-mode qera --static-refit site
+  calib static-qera-$b $b $P --objective static
+  calib static-qera-noguard-$b $b $P --objective static --guard-windows 0
+  calib static-rrr-site-$b $b $P --objective static --static-mode rrr
 done
 echo "ablation done in $SECONDS s"

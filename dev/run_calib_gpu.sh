@@ -25,7 +25,7 @@ MIX=$D/models/mixlm-19m
 for mode in "$@"; do case $mode in
 tests)
   nvidia-smi --query-gpu=name,memory.used --format=csv | tee "$OUT/gpu.txt"
-  timeout 240 $B/spear_cuda_tests --gtest_filter='CalibGpu*' >"$OUT/calib_gpu_tests.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-240} $B/spear_cuda_tests --gtest_filter='CalibGpu*' >"$OUT/calib_gpu_tests.log" 2>&1
   echo "CalibGpu tests rc=$?"
   grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|\[  FAILED" "$OUT/calib_gpu_tests.log" | head -30 ;;
 mixlm)

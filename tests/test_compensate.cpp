@@ -636,6 +636,30 @@ TEST(Compensate, OptionEnumsRoundTripTheirSpellings) {
   EXPECT_NE(message(parse_gate_kind, "tanh").find("full, diag, none"), std::string::npos);
 }
 
+// The static control's defaults follow the objective (calibrate.h): training starts from
+// rrr refitted layer by layer, --objective static answers with qera refitted site by site;
+// a value given explicitly wins either way.
+TEST(Compensate, StaticControlDefaultsFollowTheObjective) {
+  CalibrateOptions o;
+  for (CalibObjective obj : {CalibObjective::E2e, CalibObjective::Block}) {
+    o.objective = obj;
+    EXPECT_EQ(o.resolved_static_mode(), StaticMode::Rrr);
+    EXPECT_EQ(o.resolved_static_refit(), StaticRefit::Layer);
+  }
+  o.objective = CalibObjective::Static;
+  EXPECT_EQ(o.resolved_static_mode(), StaticMode::Qera);
+  EXPECT_EQ(o.resolved_static_refit(), StaticRefit::Site);
+  o.static_mode = StaticMode::Rrr;
+  o.static_refit = StaticRefit::Layer;
+  EXPECT_EQ(o.resolved_static_mode(), StaticMode::Rrr);
+  EXPECT_EQ(o.resolved_static_refit(), StaticRefit::Layer);
+  o.objective = CalibObjective::E2e;
+  o.static_mode = StaticMode::Qera;
+  o.static_refit = StaticRefit::Site;
+  EXPECT_EQ(o.resolved_static_mode(), StaticMode::Qera);
+  EXPECT_EQ(o.resolved_static_refit(), StaticRefit::Site);
+}
+
 // --device of calibrate / diagnose: cpu is the Runner itself (no backend object); cuda
 // without a usable GPU (or in a build without CUDA) is an error that says so.
 TEST(CalibDevice, CpuIsTheRunnerAndCudaWithoutAGpuIsAClearError) {

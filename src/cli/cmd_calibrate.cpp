@@ -24,8 +24,7 @@ void register_calibrate(CLI::App& app) {
     CalibrateOptions c;
     // The flags' spellings, parsed into c in the callback; defaults from CalibrateOptions.
     std::string objective{calib_objective_name(c.objective)};
-    std::string static_mode{static_mode_name(c.static_mode)};
-    std::string static_refit{static_refit_name(c.static_refit)};
+    std::string static_mode, static_refit;  // empty: by objective (CalibrateOptions)
     std::string gate{gate_kind_name(c.gate)};
     std::string device = "cpu", static_device = "cpu";
     bool no_gate = false, quiet = false;
@@ -40,11 +39,11 @@ void register_calibrate(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--objective", o->objective, "static | block | e2e")->capture_default_str();
   cmd->add_option("--static-mode", o->static_mode,
-                  "Static control: qera (QERA closed form, target dW x_q) | rrr (target W x_fp - Q x_q)")
-      ->capture_default_str();
+                  "Static control: qera (QERA closed form, target dW x_q) | rrr (target W x_fp - Q x_q); "
+                  "default rrr as the start of training (e2e, block), qera for --objective static");
   cmd->add_option("--static-refit", o->static_refit,
-                  "Static refit at the placement: site (site after site in each layer) | layer")
-      ->capture_default_str();
+                  "Static refit at the placement: site (site after site in each layer) | layer; "
+                  "default layer as the start of training, site for --objective static");
   cmd->add_option("--gate", o->gate,
                   "Gate of the trained ECs: full (r x r G) | diag (diagonal G) | none (gamma = 1)")
       ->capture_default_str();
@@ -94,8 +93,10 @@ void register_calibrate(CLI::App& app) {
                 "calibrate: --static-device cuda needs --device cuda");
     o->c.static_on_device = o->static_device == "cuda";
     o->c.objective = parse_flag("calibrate: --objective", o->objective, parse_calib_objective);
-    o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
-    o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);
+    if (!o->static_mode.empty())
+      o->c.static_mode = parse_flag("calibrate: --static-mode", o->static_mode, parse_static_mode);
+    if (!o->static_refit.empty())
+      o->c.static_refit = parse_flag("calibrate: --static-refit", o->static_refit, parse_static_refit);
     o->c.gate = parse_flag("calibrate: --gate", o->gate, parse_gate_kind);
     SPEAR_CHECK(!o->no_gate || o->c.gate == GateKind::None || o->gate == gate_kind_name(GateKind::Full),
                 "calibrate: --no-gate contradicts --gate " + o->gate);

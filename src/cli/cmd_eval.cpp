@@ -31,8 +31,7 @@ void register_eval(CLI::App& app) {
     // The flags' spellings, parsed into enums in the callback; defaults from the options.
     std::string base{quant_method_name(QuantizeOptions{}.method)};
     std::string objective{calib_objective_name(c.objective)};
-    std::string static_mode{static_mode_name(c.static_mode)};
-    std::string static_refit{static_refit_name(c.static_refit)};
+    std::string static_mode, static_refit;  // empty: by objective (CalibrateOptions)
     std::string gate{gate_kind_name(c.gate)};
     GptqOptions gptq;
     bool quiet = false;
@@ -63,8 +62,8 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--report-windows", o->c.report_windows, "Windows for the calibration KLs reported")
       ->capture_default_str();
   cmd->add_option("--damp", o->c.damp, "Whitening damping of the static control")->capture_default_str();
-  cmd->add_option("--static-mode", o->static_mode, "qera | rrr")->capture_default_str();
-  cmd->add_option("--static-refit", o->static_refit, "site | layer")->capture_default_str();
+  cmd->add_option("--static-mode", o->static_mode, "qera | rrr (default: rrr for e2e/block, qera for static)");
+  cmd->add_option("--static-refit", o->static_refit, "site | layer (default: layer for e2e/block, site for static)");
   cmd->add_option("--gate", o->gate, "Gate of the spear rows: full | diag | none")->capture_default_str();
   cmd->add_option("--probe-windows", o->c.probe_windows, "Windows for restoration gains")->capture_default_str();
   cmd->add_option("--json", o->json, "Write the report as JSON here");
@@ -76,8 +75,10 @@ void register_eval(CLI::App& app) {
     namespace fs = std::filesystem;
     const QuantMethod base_method = parse_flag("eval: --base", o->base, parse_quant_method);
     o->c.objective = parse_flag("eval: --objective", o->objective, parse_calib_objective);
-    o->c.static_mode = parse_flag("eval: --static-mode", o->static_mode, parse_static_mode);
-    o->c.static_refit = parse_flag("eval: --static-refit", o->static_refit, parse_static_refit);
+    if (!o->static_mode.empty())
+      o->c.static_mode = parse_flag("eval: --static-mode", o->static_mode, parse_static_mode);
+    if (!o->static_refit.empty())
+      o->c.static_refit = parse_flag("eval: --static-refit", o->static_refit, parse_static_refit);
     o->c.gate = parse_flag("eval: --gate", o->gate, parse_gate_kind);
     const std::vector<std::string> methods = split_list(o->methods);
     std::vector<double> budgets;

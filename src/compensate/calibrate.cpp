@@ -56,6 +56,14 @@ std::string_view static_refit_name(StaticRefit r) {
   throw Error("calibrate: invalid StaticRefit " + std::to_string(static_cast<int>(r)));
 }
 
+StaticMode CalibrateOptions::resolved_static_mode() const {
+  return static_mode.value_or(objective == CalibObjective::Static ? StaticMode::Qera : StaticMode::Rrr);
+}
+
+StaticRefit CalibrateOptions::resolved_static_refit() const {
+  return static_refit.value_or(objective == CalibObjective::Static ? StaticRefit::Site : StaticRefit::Layer);
+}
+
 StaticRefit parse_static_refit(std::string_view s) {
   for (StaticRefit r : {StaticRefit::Site, StaticRefit::Layer})
     if (s == static_refit_name(r)) return r;
@@ -202,7 +210,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       const auto mo = sfwd.layer_moments(l, *xf, *xq, S, T, nullptr, (1u << kNumSites) - 1);
       for (int s = 0; s < kNumSites; ++s) {
         const auto mods = site_modules(s, [&](Module) { return opt.max_rank; });
-        std::vector<StaticFit> f = sfwd.fit_site(*mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
+        std::vector<StaticFit> f = sfwd.fit_site(*mo, l, static_cast<Site>(s), mods, opt.damp, opt.resolved_static_mode());
         for (size_t i = 0; i < mods.size(); ++i) fits[module_index(l, mods[i].first)] = std::move(f[i]);
       }
     }
@@ -296,7 +304,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
     auto fit_site = [&](int64_t l, int s, const ForwardBackend::Moments& mo) {
       const auto mods = site_modules(s, [&](Module m) { return rank_of[module_index(l, m)]; });
       if (mods.empty()) return;
-      const std::vector<StaticFit> f = sfwd.fit_site(mo, l, static_cast<Site>(s), mods, opt.damp, opt.static_mode);
+      const std::vector<StaticFit> f = sfwd.fit_site(mo, l, static_cast<Site>(s), mods, opt.damp, opt.resolved_static_mode());
       for (size_t i = 0; i < mods.size(); ++i)
         res.static_ecs[module_index(l, mods[i].first)] = ec_from_fit(f[i], mods[i].second, false);
     };
@@ -304,7 +312,7 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
       unsigned used_sites = 0;
       for (Module m : kAllModules)
         if (rank_of[module_index(l, m)]) used_sites |= 1u << static_cast<int>(module_site(m));
-      if (used_sites && opt.static_refit == StaticRefit::Site) {
+      if (used_sites && opt.resolved_static_refit() == StaticRefit::Site) {
         // Site after site in forward order: each site's statistics come from a pass that
         // already carries the ECs fitted at the earlier sites of this layer, so that (for
         // example) O is not also fitted to the attention drift that Q/K/V's ECs remove.
@@ -421,10 +429,10 @@ CalibrateResult calibrate(const std::string& dir, const SpearArtifact& quantized
   rep["ec_bytes"] = ec_bytes;
   rep["quant_model_bytes"] = qbytes;
   rep["settings"] = {{"objective", objective},
-                     {"static_mode", std::string(static_mode_name(opt.static_mode))},
+                     {"static_mode", std::string(static_mode_name(opt.resolved_static_mode()))},
                      {"gated", gated},
                      {"gate", std::string(gate_kind_name(opt.gate))},
-                     {"static_refit", std::string(static_refit_name(opt.static_refit))},
+                     {"static_refit", std::string(static_refit_name(opt.resolved_static_refit()))},
                      {"max_rank", opt.max_rank},
                      {"damp", opt.damp},           {"probe_windows", P},
                      {"epochs", opt.epochs},       {"batch", opt.batch},
