@@ -71,9 +71,10 @@ struct CalibrateOptions {
   CalibObjective objective = CalibObjective::E2e;
   // The static control's closed form and refit; unset = by objective (docs/RESULTS.md
   // section 2): as the start of training (e2e, block) rrr refitted layer by layer, the start
-  // that trains to the best recovery on the whole test file (84.8% at 2% against 76.3% for
-  // rrr/site and 75.3% for qera/site); as the answer itself (static) qera refitted site by
-  // site, the closed form that harms least (section 0).
+  // that trains to the best recovery on the whole test file at 1-2% (84.8% at 2% against
+  // 76.3% for rrr/site and 75.3% for qera/site; at 5% qera/site is better, 91.1% against
+  // 82.4%); as the answer itself (static) qera refitted site by site, the closed form that
+  // harms least (section 0).
   std::optional<StaticMode> static_mode;
   std::optional<StaticRefit> static_refit;
   StaticMode resolved_static_mode() const;
